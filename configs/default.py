@@ -1,0 +1,38 @@
+"""Default run: a small full-3D video DiT on the embedded synthetic shapes, on CPU in minutes.
+
+  python train.py --config configs/default.py --workdir runs/default
+  python sample.py --workdir runs/default --shapes 8x32x32,8x24x40 --out runs/default/videos
+
+Expected: the loss falls from about 2.0 to about 0.4 and the sampled videos show coloured
+shapes moving across the frames. Variants: --config configs/default.py:factorized, or any field
+as --config.model.block=factorized.
+"""
+
+from vdit_jax.config import get_base_config
+
+
+def get_config(arg: str | None = None):
+  c = get_base_config()
+  c.data.frames = (8, 8)
+  c.data.side = (32, 32)
+  c.data.aspect_ratios = (0.75, 1.0, 1.33)
+  c.data.seq_len = 1024
+  c.data.batch_rows = 4
+  c.data.max_segments = 4
+  c.model.patch = (1, 4, 4)
+  c.model.width = 128
+  c.model.depth = 4
+  c.model.num_heads = 4
+  c.model.head_dim = 32
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 100
+  c.train.steps = 1500
+  c.train.log_every = 25
+  c.train.ckpt_every = 500
+  c.sample.shapes = "8x32x32,8x28x36,8x36x28"
+  c.sample.steps = 30
+  c.sample.cfg = 3.0
+  if arg:
+    c.model.block = arg
+  c.lock()
+  return c

@@ -1,0 +1,26 @@
+"""Trains a video DiT from a config file.
+
+  python train.py --config configs/default.py --workdir runs/default [--config.train.steps=100]
+
+Rerunning the same command resumes from the newest checkpoint in the workdir.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from vdit_jax import trainer
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "config file",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, samples)",
+                               required=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  trainer.train(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

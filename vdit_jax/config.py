@@ -1,0 +1,167 @@
+"""Every config field of vdit-jax, declared once, with what it means.
+
+Other configs start from ``get_base_config()`` and change values only; the config is locked, so a
+misspelt override (``--config.model.widht=8``) fails at once instead of being ignored.
+"""
+
+import ml_collections
+
+from vdit_jax import tokens
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # seeds init, data order, noise and dropout
+
+  # ---- data: what a training batch is made of ----
+  d = c.data = ml_collections.ConfigDict()
+  d.source = "synthetic_shapes"  # synthetic_shapes (embedded); more sources come with the data issue
+  d.channels = 3  # C of the videos (3 for pixels, the VAE's latent channels for latents)
+  d.frames = (8, 8)  # (min, max) frames per video, rounded down to the temporal patch
+  d.side = (32, 32)  # (min, max) sqrt(H*W) in pixels; H and W follow from the aspect ratio
+  d.aspect_ratios = (1.0,)  # W/H ratios to draw from
+  d.num_objects = (1, 1)  # (min, max) moving shapes per video; the first one sets the label
+  d.object_size = (0.25, 0.45)  # (min, max) shape size as a fraction of the shorter side
+  d.speed = (0.03, 0.08)  # (min, max) pixels per frame as a fraction of the side it moves along
+  d.num_videos = 1_000_000  # size of the (procedural) source; indices are drawn from it
+  d.batch_rows = 4  # B: packed rows per global batch
+  d.seq_len = 512  # L: tokens per row
+  d.max_segments = 4  # S: videos per row at most
+  d.label_dropout = 0.1  # fraction of videos trained with the null label (for guidance)
+  d.worker_count = 0  # grain worker processes (0 = in the main process)
+  d.prefetch = 2  # batches buffered per worker
+
+  # ---- model ----
+  m = c.model = ml_collections.ConfigDict()
+  m.patch = (1, 4, 4)  # (pt, ph, pw)
+  m.width = 128  # D
+  m.depth = 4  # transformer blocks
+  m.num_heads = 4  # H
+  m.head_dim = 32  # K
+  m.mlp_ratio = 4.0  # MLP hidden = mlp_ratio * D
+  m.block = "full3d"  # full3d | factorized
+  m.attention_backend = "dense"  # dense (the reference); faster backends come with the attention issue
+  m.qk_norm = True  # RMS-normalise queries and keys (stabilises attention logits)
+  m.rope_theta = 10000.0  # base of the 3D rotary frequencies
+  m.num_classes = 18  # labels are 0..num_classes-1; num_classes itself is the null label
+  m.dtype = "float32"  # compute dtype (bfloat16 for mixed precision); params stay float32
+  m.remat = False  # rematerialise each block in the backward pass
+
+  # ---- diffusion (rectified flow) ----
+  f = c.diffusion = ml_collections.ConfigDict()
+  f.t_mean = 0.0  # logit-normal location of the training t
+  f.t_std = 1.0  # logit-normal scale
+  f.shift_base_tokens = 256  # token count at which the timestep shift is 1
+  f.shift_power = 0.5  # shift = (tokens / shift_base_tokens) ** shift_power
+  f.loss_weighting = "video"  # video: mean per video then over videos; token: mean over all tokens
+
+  # ---- optimisation ----
+  o = c.optim = ml_collections.ConfigDict()
+  o.lr = 1e-3  # peak learning rate
+  o.warmup_steps = 100  # linear warmup
+  o.min_lr_ratio = 0.1  # cosine decays to lr * min_lr_ratio at the last step
+  o.weight_decay = 0.0  # AdamW decoupled weight decay
+  o.b1 = 0.9
+  o.b2 = 0.99
+  o.grad_clip = 1.0  # global-norm clipping (0 = off)
+  o.ema_decay = 0.999  # EMA of params, used for sampling (0 = EMA equals params)
+
+  # ---- the run ----
+  t = c.train = ml_collections.ConfigDict()
+  t.steps = 1000  # total optimisation steps
+  t.log_every = 20  # steps between metric lines
+  t.ckpt_every = 250  # steps between checkpoints (a final one is always written)
+  t.keep_ckpts = 2  # checkpoints kept in workdir
+  t.sample_every = 0  # steps between sample videos written to workdir (0 = only at the end)
+  t.progress = True  # progress bar on the terminal
+
+  # ---- the device mesh ----
+  h = c.mesh = ml_collections.ConfigDict()
+  h.data = -1  # data-parallel axis size (-1 = all remaining devices)
+  h.fsdp = 1  # parameter-sharding axis size
+  h.tensor = 1  # tensor-parallel axis size
+  # logical axis name -> mesh axes; the only place that says how things are sharded
+  h.rules = (
+      ("batch", ("data", "fsdp")),
+      ("embed", "fsdp"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("kv", None),
+      ("length", None),
+      ("token", None),
+      ("vocab", None),
+  )
+
+  # ---- sampling ----
+  s = c.sample = ml_collections.ConfigDict()
+  s.shapes = "8x32x32,8x32x48"  # TxHxW of the videos sampled during/after training
+  s.labels = ""  # comma-separated labels, one per shape (empty = 0, 1, 2, ...)
+  s.steps = 30  # Euler steps
+  s.cfg = 3.0  # classifier-free guidance scale (1 = no guidance)
+  s.fps = 8  # frames per second of written videos
+
+  return c
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks a config for mistakes that would otherwise surface mid-compile or mid-run."""
+  m, d = config.model, config.data
+  blocks = ("full3d", "factorized")
+  if m.block not in blocks:
+    raise ValueError(f"model.block={m.block!r} is unknown: use one of {blocks}")
+  if len(m.patch) != 3 or any(int(p) < 1 for p in m.patch):
+    raise ValueError(f"model.patch={tuple(m.patch)} must be three positive sizes (pt, ph, pw)")
+  if m.head_dim % 2:
+    raise ValueError(f"model.head_dim={m.head_dim} must be even (rotary pairs)")
+  if m.dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"model.dtype={m.dtype!r}: use float32 or bfloat16")
+  for name in ("frames", "side", "num_objects", "object_size", "speed"):
+    lo, hi = d[name]
+    if lo > hi or lo <= 0:
+      raise ValueError(f"data.{name}={tuple(d[name])} must be (min, max) with 0 < min <= max")
+  pt, ph, pw = m.patch
+  if d.frames[0] < pt:
+    raise ValueError(f"data.frames={tuple(d.frames)} is shorter than the temporal patch {pt}: "
+                     f"use frames >= {pt}")
+  biggest = max(tokens.num_tokens(tokens.grid_shape(
+      tokens.video_size(d.frames[1], d.side[1], a, m.patch), m.patch)) for a in d.aspect_ratios)
+  if biggest > d.seq_len:
+    raise ValueError(f"data.seq_len={d.seq_len} is too short for the largest video the data "
+                     f"config allows ({biggest} tokens): raise data.seq_len to "
+                     f"{-(-biggest // 128) * 128} or lower data.side/data.frames")
+  if d.batch_rows % max(1, _data_parallel(config)):
+    raise ValueError(f"data.batch_rows={d.batch_rows} must divide over the data-parallel mesh "
+                     f"axes (data x fsdp = {_data_parallel(config)})")
+  if not 0.0 <= d.label_dropout <= 1.0:
+    raise ValueError(f"data.label_dropout={d.label_dropout} must be in [0, 1]")
+  if config.optim.lr <= 0 or config.train.steps < 1:
+    raise ValueError(f"optim.lr={config.optim.lr} and train.steps={config.train.steps} must be "
+                     "positive")
+
+
+def _data_parallel(config) -> int:
+  sizes = [config.mesh.data, config.mesh.fsdp]
+  return 1 if -1 in sizes else sizes[0] * sizes[1]
+
+
+def from_dict(raw: dict) -> ml_collections.ConfigDict:
+  """A locked config equal to a saved one, built on the base so every field keeps its type."""
+  config = get_base_config()
+  _merge(config, raw, "")
+  config.lock()
+  return config
+
+
+def _merge(dst: ml_collections.ConfigDict, src: dict, prefix: str) -> None:
+  for key, value in src.items():
+    if key not in dst:
+      raise ValueError(f"saved config has field {prefix}{key} that this version does not "
+                       "know: use the vdit-jax version that wrote it")
+    if isinstance(dst[key], ml_collections.ConfigDict):
+      _merge(dst[key], value, f"{prefix}{key}.")
+    else:
+      dst[key] = _to_tuples(value) if isinstance(dst[key], tuple) else value
+
+
+def _to_tuples(x):
+  return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x

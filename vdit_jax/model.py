@@ -1,0 +1,279 @@
+"""The video DiT (Flax NNX) on packed token rows.
+
+Inputs follow the token contract: ``tokens [B, L, P]``, ``segment_ids [B, L]``, ``coords [B, L, 3]``
+and per-video ``t [B, S]`` and ``label [B, S]``. Everything per video (timestep, label) is embedded
+per slot and reaches tokens by a gather with ``segment_ids``, so one video's output never depends
+on what else shares its row.
+
+Block types:
+- ``full3d``: one attention sublayer with the ``full`` pattern, then the MLP;
+- ``factorized``: a ``spatial`` sublayer, then a ``temporal`` sublayer, then the MLP.
+Both keep the same parameter names for what they share (``attn``, ``mlp``, ``ada``), so ablations
+compare like with like; ``factorized`` adds ``attn_t``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vdit_jax import attention as attn_lib
+from vdit_jax.sharding import constrain
+
+BLOCK_PATTERNS = {
+    "full3d": ("full",),
+    "factorized": ("spatial", "temporal"),
+}
+
+_ACT = ("batch", "length", "embed")
+
+
+def _init(logical: tuple[str | None, ...], init=nnx.initializers.xavier_uniform()):
+  return nnx.with_partitioning(init, logical)
+
+
+_ZEROS = nnx.initializers.zeros_init()
+
+
+def _dtype(name: str):
+  try:
+    return jnp.dtype(name)
+  except TypeError as e:
+    raise ValueError(f"model.dtype={name!r} is not a dtype: use float32 or bfloat16") from e
+
+
+# ----------------------------------------------------------------------------- 3D RoPE
+
+
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+  """Rotary frequency pairs per axis (t, h, w); together they cover the whole head dim."""
+  if head_dim % 2:
+    raise ValueError(f"model.head_dim={head_dim} must be even for rotary embeddings")
+  pairs = head_dim // 2
+  t = pairs // 3
+  h = (pairs - t) // 2
+  return t, h, pairs - t - h
+
+
+def rope_angles(coords_BL3: jax.Array, head_dim: int, theta: float) -> jax.Array:
+  """Rotation angles ``[B, L, K/2]``: each axis's coordinate times its own frequency ladder."""
+  parts = []
+  for axis, n in enumerate(rope_split(head_dim)):
+    if n == 0:
+      continue
+    freqs = theta ** (-jnp.arange(n, dtype=jnp.float32) / n)
+    parts.append(coords_BL3[..., axis:axis + 1].astype(jnp.float32) * freqs)
+  return jnp.concatenate(parts, axis=-1)
+
+
+def apply_rope(x_BLHK: jax.Array, cos_BL1k: jax.Array, sin_BL1k: jax.Array) -> jax.Array:
+  half = x_BLHK.shape[-1] // 2
+  x1, x2 = x_BLHK[..., :half], x_BLHK[..., half:]
+  cos, sin = cos_BL1k.astype(x_BLHK.dtype), sin_BL1k.astype(x_BLHK.dtype)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, dim: int, *, rngs: nnx.Rngs):
+    del rngs
+    self.scale = nnx.Param(_init(("kv",), nnx.initializers.ones_init())(jax.random.key(0), (dim,)))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + 1e-6)
+    return (y * self.scale[...]).astype(x.dtype)
+
+
+def layer_norm(x: jax.Array) -> jax.Array:
+  """Affine-free LayerNorm (adaLN supplies scale and shift), statistics in f32."""
+  x32 = x.astype(jnp.float32)
+  mean = jnp.mean(x32, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+  return ((x32 - mean) * jax.lax.rsqrt(var + 1e-6)).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention with fused QKV, optional QK-norm and 3D RoPE."""
+
+  def __init__(self, width: int, num_heads: int, head_dim: int, qk_norm: bool, dtype,
+               *, rngs: nnx.Rngs):
+    self.dtype = dtype
+    init = nnx.initializers.variance_scaling(1.0, "fan_in", "uniform", in_axis=0,
+                                             out_axis=(1, 2, 3))
+    self.qkv = nnx.Param(_init(("embed", None, "heads", "kv"), init)(
+        rngs.params(), (width, 3, num_heads, head_dim)))
+    out_init = nnx.initializers.variance_scaling(1.0, "fan_in", "uniform", in_axis=(0, 1),
+                                                 out_axis=2)
+    self.out = nnx.Param(_init(("heads", "kv", "embed"), out_init)(
+        rngs.params(), (num_heads, head_dim, width)))
+    self.q_norm = RMSNorm(head_dim, rngs=rngs) if qk_norm else None
+    self.k_norm = RMSNorm(head_dim, rngs=rngs) if qk_norm else None
+
+  def __call__(self, x_BLD: jax.Array, pattern: str, ctx: attn_lib.AttentionContext,
+               cos: jax.Array, sin: jax.Array) -> jax.Array:
+    qkv = jnp.einsum("bld,dthk->blthk", x_BLD, self.qkv[...].astype(self.dtype))
+    q_BLHK, k_BLHK, v_BLHK = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if self.q_norm is not None:
+      q_BLHK, k_BLHK = self.q_norm(q_BLHK), self.k_norm(k_BLHK)
+    q_BLHK, k_BLHK = apply_rope(q_BLHK, cos, sin), apply_rope(k_BLHK, cos, sin)
+    o_BLHK = ctx.attend(pattern, q_BLHK, k_BLHK, v_BLHK)
+    return jnp.einsum("blhk,hkd->bld", o_BLHK, self.out[...].astype(self.dtype))
+
+
+class Mlp(nnx.Module):
+  def __init__(self, width: int, hidden: int, dtype, *, rngs: nnx.Rngs):
+    self.fc1 = nnx.Linear(width, hidden, kernel_init=_init(("embed", "mlp")),
+                          bias_init=_init(("mlp",), _ZEROS), dtype=dtype, rngs=rngs)
+    self.fc2 = nnx.Linear(hidden, width, kernel_init=_init(("mlp", "embed")),
+                          bias_init=_init(("embed",), _ZEROS), dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+
+
+def gather_per_token(x_BSF: jax.Array, segment_ids_BL: jax.Array) -> jax.Array:
+  """Per-video values ``[B, S, F]`` -> per-token ``[B, L, F]`` (padding takes slot 0's)."""
+  idx_BL = jnp.clip(segment_ids_BL - 1, 0, x_BSF.shape[1] - 1)
+  return jnp.take_along_axis(x_BSF, idx_BL[:, :, None], axis=1)
+
+
+class Block(nnx.Module):
+  """A DiT block: adaLN-Zero-modulated attention sublayer(s) and MLP."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    dtype = _dtype(cfg.dtype)
+    D = cfg.width
+    self.patterns = BLOCK_PATTERNS[cfg.block]
+    self.attn = Attention(D, cfg.num_heads, cfg.head_dim, cfg.qk_norm, dtype, rngs=rngs)
+    self.attn_t = (Attention(D, cfg.num_heads, cfg.head_dim, cfg.qk_norm, dtype, rngs=rngs)
+                   if len(self.patterns) == 2 else None)
+    self.mlp = Mlp(D, int(cfg.mlp_ratio * D), dtype, rngs=rngs)
+    # (shift, scale, gate) per sublayer; zero-init so every block starts as the identity.
+    self.num_mods = 3 * (len(self.patterns) + 1)
+    self.ada = nnx.Linear(D, self.num_mods * D, kernel_init=_init(("embed", "mlp"), _ZEROS),
+                          bias_init=_init(("mlp",), _ZEROS), rngs=rngs)
+
+  def __call__(self, x_BLD, c_BSD, segment_ids_BL, ctx, cos, sin):
+    mods_BSF = self.ada(jax.nn.silu(c_BSD))
+    mods = jnp.split(gather_per_token(mods_BSF, segment_ids_BL).astype(x_BLD.dtype),
+                     self.num_mods, axis=-1)
+    attns = [self.attn] + ([self.attn_t] if self.attn_t is not None else [])
+    for i, (pattern, layer) in enumerate(zip(self.patterns, attns)):
+      shift, scale, gate = mods[3 * i:3 * i + 3]
+      h = layer_norm(x_BLD) * (1 + scale) + shift
+      x_BLD = x_BLD + gate * layer(h, pattern, ctx, cos, sin)
+    shift, scale, gate = mods[-3:]
+    x_BLD = x_BLD + gate * self.mlp(layer_norm(x_BLD) * (1 + scale) + shift)
+    return constrain(x_BLD, _ACT)
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal features of ``t`` in [0, 1] (scaled by 1000 so the low frequencies matter)."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = (t.astype(jnp.float32) * 1000.0)[..., None] * freqs
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class VideoDiT(nnx.Module):
+  """Denoiser ``v = f(x_t, t, label)`` on packed rows of spatiotemporal patch tokens."""
+
+  def __init__(self, cfg, token_size: int, *, rngs: nnx.Rngs):
+    """``cfg`` is ``config.model``; ``token_size`` is P = pt*ph*pw*C."""
+    if cfg.block not in BLOCK_PATTERNS:
+      raise ValueError(f"model.block={cfg.block!r} is unknown: use one of "
+                       f"{sorted(BLOCK_PATTERNS)}")
+    if cfg.attention_backend not in attn_lib.BACKENDS:
+      raise ValueError(f"model.attention_backend={cfg.attention_backend!r} is unknown: use "
+                       f"one of {attn_lib.BACKENDS}")
+    D = cfg.width
+    self.cfg = cfg
+    self.dtype = _dtype(cfg.dtype)
+    self.token_size = token_size
+    self.embed = nnx.Linear(token_size, D, kernel_init=_init(("token", "embed")),
+                            bias_init=_init(("embed",), _ZEROS), dtype=self.dtype, rngs=rngs)
+    self.t_freq_dim = 256
+    self.t_mlp1 = nnx.Linear(self.t_freq_dim, D, kernel_init=_init((None, "embed")),
+                             bias_init=_init(("embed",), _ZEROS), rngs=rngs)
+    self.t_mlp2 = nnx.Linear(D, D, kernel_init=_init(("embed", "mlp")),
+                             bias_init=_init(("mlp",), _ZEROS), rngs=rngs)
+    # num_classes + 1 rows: the last one is the null label used for guidance.
+    self.label_embed = nnx.Embed(cfg.num_classes + 1, D,
+                                 embedding_init=_init(("vocab", "embed"),
+                                                      nnx.initializers.normal(0.02)),
+                                 rngs=rngs)
+    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
+    self.final_ada = nnx.Linear(D, 2 * D, kernel_init=_init(("embed", "mlp"), _ZEROS),
+                                bias_init=_init(("mlp",), _ZEROS), rngs=rngs)
+    self.final = nnx.Linear(D, token_size, kernel_init=_init(("embed", "token"), _ZEROS),
+                            bias_init=_init(("token",), _ZEROS), dtype=self.dtype, rngs=rngs)
+
+  @property
+  def patterns(self) -> tuple[str, ...]:
+    return BLOCK_PATTERNS[self.cfg.block]
+
+  def __call__(self, tokens_BLP: jax.Array, t_BS: jax.Array, label_BS: jax.Array,
+               segment_ids_BL: jax.Array, coords_BL3: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    x_BLD = constrain(self.embed(tokens_BLP.astype(self.dtype)), _ACT)
+    c_BSD = self.t_mlp2(jax.nn.silu(self.t_mlp1(timestep_embedding(t_BS, self.t_freq_dim))))
+    c_BSD = c_BSD + self.label_embed(label_BS)
+    angles = rope_angles(coords_BL3, cfg.head_dim, cfg.rope_theta)[:, :, None, :]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    ctx = attn_lib.AttentionContext(cfg.attention_backend, segment_ids_BL, coords_BL3,
+                                    self.patterns)
+
+    def run_block(block, x, c):
+      return block(x, c, segment_ids_BL, ctx, cos, sin)
+
+    if cfg.remat:
+      run_block = nnx.remat(run_block)
+    for block in self.blocks:
+      x_BLD = run_block(block, x_BLD, c_BSD)
+    shift, scale = jnp.split(
+        gather_per_token(self.final_ada(jax.nn.silu(c_BSD)), segment_ids_BL).astype(x_BLD.dtype),
+        2, axis=-1)
+    out_BLP = self.final(layer_norm(x_BLD) * (1 + scale) + shift)
+    return out_BLP.astype(jnp.float32)
+
+
+def count_params(model: nnx.Module) -> int:
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def forward_flops(cfg, seg_grids, seq_len: int, token_size: int) -> float:
+  """Analytic forward FLOPs (2 per multiply-add) of one packed row.
+
+  Dense matmuls are counted over all L tokens (padding is computed too); attention over the
+  pattern's allowed pairs of each real video, so the count stays honest for sparse backends.
+  """
+  D, H, K = cfg.width, cfg.num_heads, cfg.head_dim
+  hidden = int(cfg.mlp_ratio * D)
+  patterns = BLOCK_PATTERNS[cfg.block]
+  per_token = len(patterns) * (D * 3 * H * K + H * K * D) + 2 * D * hidden
+  linear = 2 * seq_len * per_token * cfg.depth
+  pairs = sum(attn_lib.pattern_pairs(p, tuple(g)) for g in seg_grids for p in patterns
+              if math.prod(int(v) for v in g) > 0)
+  attn = 4 * H * K * pairs * cfg.depth
+  io = 2 * seq_len * token_size * D * 2
+  return float(linear + attn + io)
+
+
+def build_model(config, seed: int | None = None) -> VideoDiT:
+  """The model of a full config, parameters on the default device (shard them afterwards).
+
+  Parameters carry logical axis names as metadata; ``sharding.param_shardings`` turns them into
+  mesh shardings, so creation itself needs no mesh.
+  """
+  from vdit_jax import tokens  # local: keeps the model importable without the token helpers
+
+  token_size = tokens.token_dim(config.model.patch, config.data.channels)
+  with nnx.use_eager_sharding(False):
+    return VideoDiT(config.model, token_size,
+                    rngs=nnx.Rngs(config.seed if seed is None else seed))

@@ -1,0 +1,401 @@
+"""Training: ``train(config, workdir)`` and the pure, module-level ``train_step``.
+
+The train state is a plain pytree ``{params, ema, opt, step, key}`` whose leaves carry their
+logical axis names (NNX metadata), so its shardings come from the config's rules table and it
+checkpoints as it is. ``train_step`` is jitted once per run with explicit shardings and donated
+state; the batch shapes are static per config, so it compiles exactly once.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from vdit_jax import checkpoint as ckpt_lib
+from vdit_jax import config as config_lib
+from vdit_jax import diffusion
+from vdit_jax import model as model_lib
+from vdit_jax import sharding as shard_lib
+from vdit_jax import tokens as tokens_lib
+
+State = dict[str, Any]
+
+# Batch keys and their logical axes; the leading axis is always the batch.
+BATCH_AXES = {
+    "tokens": ("batch", "length", None),
+    "segment_ids": ("batch", "length"),
+    "coords": ("batch", "length", None),
+    "seg_grid": ("batch", None, None),
+    "seg_label": ("batch", None),
+}
+
+
+# ----------------------------------------------------------------------------- optimiser
+
+
+def lr_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  warmup = max(1, min(cfg.warmup_steps, total_steps))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1), end_value=cfg.lr * cfg.min_lr_ratio)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  o = config.optim
+  parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
+  # Decay matrices only: norms' scales and biases are not weights to shrink.
+  decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
+  parts.append(optax.adamw(lr_schedule(o, config.train.steps), b1=o.b1, b2=o.b2,
+                           weight_decay=o.weight_decay, mask=decay_mask))
+  return optax.chain(*parts)
+
+
+def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
+  """EMA decay with warm-up: the average forgets its random init within the first steps."""
+  s = step.astype(jnp.float32)
+  return jnp.minimum(decay, (1.0 + s) / (10.0 + s))
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def init_state(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, State]:
+  """Model graph and a fresh train state (unsharded; use ``create_sharded_state`` in runs)."""
+  model = model_lib.build_model(config)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  if jax.tree.leaves(rest):
+    raise TypeError("the model holds non-Param variables; the train state handles only Params")
+  tx = make_optimizer(config)
+  return graphdef, {
+      "params": params,
+      "ema": jax.tree.map(jnp.copy, params),
+      "opt": tx.init(params),
+      "step": jnp.zeros((), jnp.int32),
+      "key": jax.random.key_data(jax.random.key(config.seed)),
+  }
+
+
+def state_specs(state: State, rules) -> Any:
+  """PartitionSpec per leaf, from the logical names each Variable carries."""
+  def spec(x):
+    if isinstance(x, nnx.Variable):
+      return shard_lib.logical_to_spec(x.get_metadata().get("out_sharding"), rules)
+    return P()
+  return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def create_sharded_state(config, mesh) -> tuple[nnx.GraphDef, State, Any]:
+  """Initialises the state directly into its shardings (no full copy on one device)."""
+  graphdef, abstract = jax.eval_shape(lambda: init_state(config))
+  specs = state_specs(abstract, config.mesh.rules)
+  shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+  state = jax.jit(lambda: init_state(config)[1], out_shardings=shardings)()
+  return graphdef, state, shardings
+
+
+def abstract_state(config, mesh) -> tuple[nnx.GraphDef, State, Any]:
+  """ShapeDtypeStructs with shardings: the restore target (nothing is allocated)."""
+  graphdef, abstract = jax.eval_shape(lambda: init_state(config))
+  shardings = jax.tree.map(lambda s: NamedSharding(mesh, s),
+                           state_specs(abstract, config.mesh.rules))
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract, shardings)
+  return graphdef, target, shardings
+
+
+def batch_shardings(mesh, rules) -> dict[str, NamedSharding]:
+  return {k: NamedSharding(mesh, shard_lib.logical_to_spec(v, rules))
+          for k, v in BATCH_AXES.items()}
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def loss_fn(params, graphdef, batch, key, config) -> tuple[jax.Array, dict]:
+  """Rectified-flow loss of one packed batch; randomness from ``key`` only."""
+  k_t, k_eps = jax.random.split(key)
+  seg = batch["segment_ids"]
+  t_BS = diffusion.sample_t(k_t, batch["seg_grid"], config.diffusion)
+  x0 = batch["tokens"]
+  eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
+  x_t = diffusion.add_noise(x0, eps, diffusion.per_token(t_BS, seg))
+  model = nnx.merge(graphdef, params)
+  v = model(x_t, t_BS, batch["seg_label"], seg, batch["coords"])
+  err = v - diffusion.velocity_target(x0, eps)
+  loss = diffusion.masked_loss(err, seg, batch["seg_grid"].shape[1],
+                               config.diffusion.loss_weighting)
+  return loss, {"loss": loss}
+
+
+def train_step(state: State, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
+               tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+               ) -> tuple[State, dict[str, jax.Array]]:
+  """One optimisation step. Pure: jit it with shardings and ``donate_argnums=0``."""
+  key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), state["step"])
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (_, metrics), grads = grad_fn(state["params"], graphdef, batch, key, config)
+  updates, opt = tx.update(grads, state["opt"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  decay = ema_decay_at(state["step"], config.optim.ema_decay)
+  ema = jax.tree.map(lambda e, p: e * decay + p * (1.0 - decay), state["ema"], params)
+  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["lr"] = lr_schedule(config.optim, config.train.steps)(state["step"])
+  new_state = {"params": params, "ema": ema, "opt": opt, "step": state["step"] + 1,
+               "key": state["key"]}
+  return new_state, metrics
+
+
+def jit_train_step(config, graphdef, state_shardings, mesh):
+  tx = make_optimizer(config)
+  step_fn = functools.partial(train_step, graphdef=graphdef, tx=tx, config=config)
+  return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings(mesh, config.mesh.rules)),
+                 out_shardings=(state_shardings, None), donate_argnums=0)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Fails on a bad config before anything is compiled or written."""
+  config_lib.validate(config)
+
+
+def write_run_info(config, workdir: str) -> None:
+  """Resolved config, package versions and git revision: the run is reproducible from workdir."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json(indent=2))
+  try:
+    rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    rev = ""
+  versions = {"python": platform.python_version(), "git_revision": rev,
+              "argv": sys.argv, "devices": [str(d) for d in jax.devices()]}
+  for pkg in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy"):
+    try:
+      from importlib.metadata import version
+      versions[pkg] = version(pkg)
+    except Exception:  # noqa: BLE001 - a missing version is not worth failing a run
+      versions[pkg] = None
+  with open(os.path.join(workdir, "run_info.json"), "w") as f:
+    json.dump(versions, f, indent=2)
+
+
+class MetricWriter:
+  """JSONL + TensorBoard on process 0; other processes write nothing."""
+
+  def __init__(self, workdir: str, enabled: bool):
+    self.enabled = enabled
+    self._tb = None
+    if enabled:
+      self._f = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      try:
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+      except ImportError:
+        self._tb = None
+
+  def write(self, step: int, metrics: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    self._f.write(json.dumps({"step": step, **metrics}) + "\n")
+    self._f.flush()
+    if self._tb is not None:
+      for k, v in metrics.items():
+        self._tb.add_scalar(k, v, step)
+
+  def close(self) -> None:
+    if self.enabled:
+      self._f.close()
+      if self._tb is not None:
+        self._tb.close()
+
+
+class _StopFlag:
+  """Turns SIGTERM into a checkpoint at the next step boundary instead of lost work."""
+
+  def __init__(self):
+    self.stop = False
+    self._old = None
+
+  def __enter__(self):
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self._old = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.stop = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> State:
+  """Trains ``config`` in ``workdir``, resuming from its newest checkpoint if there is one."""
+  from data import pipeline  # scripts' side of the arrow: only train() needs the data package
+
+  validate(config)
+  is_main = jax.process_index() == 0
+  if is_main:
+    write_run_info(config, workdir)
+  mesh = shard_lib.make_mesh(config.mesh)
+  rules = config.mesh.rules
+  mngr = ckpt_lib.manager(workdir, keep=config.train.keep_ckpts)
+  with jax.set_mesh(mesh), shard_lib.axis_rules(rules):
+    latest = mngr.latest_step()
+    if latest is None:
+      graphdef, state, shardings = create_sharded_state(config, mesh)
+      data_state = None
+    else:
+      graphdef, target, shardings = abstract_state(config, mesh)
+      state, data_state, _ = ckpt_lib.restore(mngr, latest, target)
+    start = int(jax.device_get(state["step"]))
+    step_fn = jit_train_step(config, graphdef, shardings, mesh)
+
+    it = pipeline.make_train_iterator(config, start_step=start,
+                                      process_index=jax.process_index(),
+                                      process_count=jax.process_count())
+    if data_state:
+      it.set_state(data_state)
+    b_shardings = batch_shardings(mesh, rules)
+    writer = MetricWriter(workdir, is_main)
+    flops_per_step = None
+    peak = None
+    total = config.train.steps
+    bar = _progress(start, total, config.train.progress and is_main)
+    t_last, tok_acc, real_acc, steps_acc = time.perf_counter(), 0, 0, 0
+    with _StopFlag() as stop:
+      for step in range(start, total):
+        host_batch = next(it)
+        batch = _device_batch(host_batch, b_shardings)
+        if flops_per_step is None:
+          flops_per_step = step_flops(config, host_batch)
+        state, metrics = step_fn(state, batch)
+        tok_acc += host_batch["segment_ids"].size
+        real_acc += int((host_batch["segment_ids"] > 0).sum())
+        steps_acc += 1
+        done = step + 1
+        if done % config.train.log_every == 0 or done == total:
+          m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          dt = time.perf_counter() - t_last
+          if peak is None:
+            peak = measured_peak_flops()
+          m.update(step_time=dt / steps_acc, tokens_per_s=tok_acc / dt,
+                   useful_tokens_per_s=real_acc / dt, packing=real_acc / max(tok_acc, 1),
+                   mfu=flops_per_step * steps_acc / dt / peak,
+                   compiles=_cache_size(step_fn))
+          if not math.isfinite(m["loss"]):
+            raise FloatingPointError(f"loss is {m['loss']} at step {done}: lower optim.lr or "
+                                     "set optim.grad_clip; the last checkpoint is intact")
+          writer.write(done, m)
+          bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}",
+                          mfu=f"{m['mfu']:.2f}")
+          t_last, tok_acc, real_acc, steps_acc = time.perf_counter(), 0, 0, 0
+        bar.update(1)
+        if done % config.train.ckpt_every == 0 or done == total or stop.stop:
+          ckpt_lib.save(mngr, done, state, it.get_state(), config)
+        if config.train.sample_every and done % config.train.sample_every == 0 and done < total:
+          _write_samples(config, workdir, graphdef, state, done, is_main)
+        if stop.stop:
+          print(f"SIGTERM: saved step {done} in {workdir}; rerun the same command to resume",
+                file=sys.stderr)
+          break
+    bar.close()
+    mngr.wait_until_finished()
+    writer.close()
+    if not stop.stop and (start < total or not os.path.isdir(_samples_dir(workdir, total))):
+      _write_samples(config, workdir, graphdef, state, int(jax.device_get(state["step"])),
+                     is_main)
+  mngr.close()
+  return state
+
+
+def _device_batch(host_batch: dict[str, np.ndarray], shardings) -> dict[str, jax.Array]:
+  return {k: jax.make_array_from_process_local_data(shardings[k], host_batch[k])
+          for k in BATCH_AXES}
+
+
+def _cache_size(fn) -> int:
+  try:
+    return int(fn._cache_size())
+  except AttributeError:
+    return -1
+
+
+def _progress(start: int, total: int, enabled: bool):
+  from tqdm import tqdm
+  return tqdm(total=total, initial=start, disable=not enabled, dynamic_ncols=True,
+              desc="train", file=sys.stderr)
+
+
+def _samples_dir(workdir: str, step: int) -> str:
+  return os.path.join(workdir, "samples", f"step_{step:07d}")
+
+
+def _write_samples(config, workdir, graphdef, state, step, is_main) -> None:
+  from vdit_jax import sampler, video_io
+  model = nnx.merge(graphdef, jax.device_get(state["ema"]))
+  shapes = sampler.parse_shapes(config.sample.shapes)
+  labels = sampler.parse_labels(config.sample.labels, len(shapes), config.model.num_classes)
+  videos = sampler.sample(model, config, shapes, labels, cfg_scale=config.sample.cfg,
+                          num_steps=config.sample.steps, seed=config.seed)
+  if is_main:
+    out = _samples_dir(workdir, step)
+    for i, (video, label) in enumerate(zip(videos, labels)):
+      video_io.write_video(os.path.join(out, f"{i:02d}_label{label}"), video, config.sample.fps)
+
+
+# ----------------------------------------------------------------------------- throughput
+
+
+def step_flops(config, host_batch: dict[str, np.ndarray]) -> float:
+  """Analytic FLOPs of one train step (forward + backward = 3x forward)."""
+  token_size = host_batch["tokens"].shape[-1]
+  L = host_batch["tokens"].shape[1]
+  fwd = sum(model_lib.forward_flops(config.model, [g for g in grids if np.prod(g) > 0], L,
+                                    token_size)
+            for grids in host_batch["seg_grid"])
+  return 3.0 * fwd * jax.process_count()
+
+
+@functools.cache
+def measured_peak_flops() -> float:
+  """Matmul FLOP/s of this machine's devices: CPU peak is measured, accelerators from a table."""
+  dev = jax.devices()[0]
+  table = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
+           "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
+  for name, flops in table.items():
+    if dev.device_kind.startswith(name):
+      return flops * jax.device_count()
+  n = 2048
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(3):
+    t0 = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  # Host devices share the same cores: the CPU peak is one device's, whatever the mesh.
+  return 2.0 * n**3 / best
