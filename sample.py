@@ -9,7 +9,7 @@ All requested shapes are packed into one call. Labels are ints or names such as 
 
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory to restore from", required=True)
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: newest)")
@@ -25,6 +25,7 @@ _FPS = flags.DEFINE_integer("fps", 8, "frames per second of the written videos")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
   from data import synthetic_shapes
   from vdit_jax import sampler, tokens, video_io
 

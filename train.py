@@ -5,7 +5,7 @@
 Rerunning the same command resumes from the newest checkpoint in the workdir.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from vdit_jax import trainer
@@ -19,6 +19,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, met
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   trainer.train(_CONFIG.value, _WORKDIR.value)
 
 

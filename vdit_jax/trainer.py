@@ -176,16 +176,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
   config_lib.validate(config)
 
 
+@functools.cache
+def git_revision() -> str:
+  # Called before jax starts its threads: forking later draws a (harmless) warning from jax.
+  try:
+    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__)),
+                          timeout=10).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return ""
+
+
 def write_run_info(config, workdir: str) -> None:
   """Resolved config, package versions and git revision: the run is reproducible from workdir."""
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json(indent=2))
-  try:
-    rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip()
-  except (OSError, subprocess.SubprocessError):
-    rev = ""
+  rev = git_revision()
   versions = {"python": platform.python_version(), "git_revision": rev,
               "argv": sys.argv, "devices": [str(d) for d in jax.devices()]}
   for pkg in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy"):
@@ -256,6 +263,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> State:
   from data import pipeline  # scripts' side of the arrow: only train() needs the data package
 
   validate(config)
+  git_revision()
   is_main = jax.process_index() == 0
   if is_main:
     write_run_info(config, workdir)
@@ -273,11 +281,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> State:
     start = int(jax.device_get(state["step"]))
     step_fn = jit_train_step(config, graphdef, shardings, mesh)
 
-    it = pipeline.make_train_iterator(config, start_step=start,
-                                      process_index=jax.process_index(),
+    # The iterator always counts from step 0; a restored state moves it to where the run was.
+    it = pipeline.make_train_iterator(config, start_step=0, process_index=jax.process_index(),
                                       process_count=jax.process_count())
     if data_state:
       it.set_state(data_state)
+    elif start:
+      raise ValueError(f"checkpoint step {start} in {workdir} has no data iterator state: it "
+                       "cannot resume the same stream of batches")
     b_shardings = batch_shardings(mesh, rules)
     writer = MetricWriter(workdir, is_main)
     flops_per_step = None

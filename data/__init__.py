@@ -1,0 +1,1 @@
+"""Host-side data: sources, packing and grain pipelines (plain numpy, never jax)."""
