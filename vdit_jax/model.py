@@ -138,9 +138,14 @@ class Mlp(nnx.Module):
 
 
 def gather_per_token(x_BSF: jax.Array, segment_ids_BL: jax.Array) -> jax.Array:
-  """Per-video values ``[B, S, F]`` -> per-token ``[B, L, F]`` (padding takes slot 0's)."""
-  idx_BL = jnp.clip(segment_ids_BL - 1, 0, x_BSF.shape[1] - 1)
-  return jnp.take_along_axis(x_BSF, idx_BL[:, :, None], axis=1)
+  """Per-video values ``[B, S, F]`` -> per-token ``[B, L, F]``; padding gets zeros.
+
+  A one-hot matmul rather than a gather: S is small, and its gradient is a matmul too, where a
+  gather's is a scatter-add (slow on CPU).
+  """
+  S = x_BSF.shape[1]
+  onehot_BLS = (segment_ids_BL[:, :, None] == jnp.arange(1, S + 1)).astype(x_BSF.dtype)
+  return jnp.einsum("bls,bsf->blf", onehot_BLS, x_BSF)
 
 
 class Block(nnx.Module):

@@ -114,8 +114,11 @@ def abstract_state(config, mesh) -> tuple[nnx.GraphDef, State, Any]:
   graphdef, abstract = jax.eval_shape(lambda: init_state(config))
   shardings = jax.tree.map(lambda s: NamedSharding(mesh, s),
                            state_specs(abstract, config.mesh.rules))
-  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        abstract, shardings)
+  # ``shardings`` is a prefix of ``abstract`` (one sharding per Variable, whose value is a child
+  # node), so map over it and reach into each Variable to keep its wrapper and metadata.
+  target = jax.tree.map(
+      lambda s, x: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), x),
+      shardings, abstract)
   return graphdef, target, shardings
 
 
@@ -154,7 +157,7 @@ def train_step(state: State, batch: dict[str, jax.Array], *, graphdef: nnx.Graph
   params = optax.apply_updates(state["params"], updates)
   decay = ema_decay_at(state["step"], config.optim.ema_decay)
   ema = jax.tree.map(lambda e, p: e * decay + p * (1.0 - decay), state["ema"], params)
-  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["grad_norm"] = optax.tree.norm(grads)
   metrics["lr"] = lr_schedule(config.optim, config.train.steps)(state["step"])
   new_state = {"params": params, "ema": ema, "opt": opt, "step": state["step"] + 1,
                "key": state["key"]}
@@ -174,6 +177,14 @@ def jit_train_step(config, graphdef, state_shardings, mesh):
 def validate(config: ml_collections.ConfigDict) -> None:
   """Fails on a bad config before anything is compiled or written."""
   config_lib.validate(config)
+  # config_lib cannot resolve a -1 mesh axis (it knows no device count); here we can.
+  sizes = dict(zip(shard_lib.MESH_AXES, shard_lib.mesh_shape(
+      {a: config.mesh[a] for a in shard_lib.MESH_AXES}, jax.device_count())))
+  dp = sizes["data"] * sizes["fsdp"]
+  if config.data.batch_rows % dp:
+    raise ValueError(f"data.batch_rows={config.data.batch_rows} must divide over the "
+                     f"data-parallel mesh axes (data x fsdp = {dp} on {jax.device_count()} "
+                     f"devices): use a multiple of {dp} or set mesh.data/mesh.fsdp")
 
 
 @functools.cache

@@ -1,0 +1,207 @@
+"""Rectified flow: noising identities, the timestep shift, the loss, and the samplers."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from vdit_jax import diffusion
+from vdit_jax import tokens as tok
+
+
+def diffusion_cfg(**kw):
+  c = ml_collections.ConfigDict(dict(t_mean=0.0, t_std=1.0, shift_base_tokens=256,
+                                     shift_power=0.5, loss_weighting="video"))
+  c.update(kw)
+  return c
+
+
+def packed(grids_per_row, L, S, P=3, seed=0):
+  rng = np.random.default_rng(seed)
+  rows = [[{"tokens": rng.standard_normal((tok.num_tokens(g), P)).astype(np.float32),
+            "grid": g} for g in row] for row in grids_per_row]
+  return tok.pack_rows(rows, L, S, P)
+
+
+def test_add_noise_endpoints_and_velocity_identities():
+  rng = np.random.default_rng(0)
+  x0 = jnp.asarray(rng.standard_normal((2, 16, 5)), jnp.float32)
+  eps = jnp.asarray(rng.standard_normal((2, 16, 5)), jnp.float32)
+  ones = jnp.ones((2, 16))
+  assert np.array_equal(diffusion.add_noise(x0, eps, 0 * ones), x0)
+  assert np.array_equal(diffusion.add_noise(x0, eps, ones), eps)
+  t = jnp.asarray(rng.uniform(size=(2, 16)), jnp.float32)
+  x_t = diffusion.add_noise(x0, eps, t)
+  v = diffusion.velocity_target(x0, eps)
+  np.testing.assert_allclose(x_t + (1 - t)[..., None] * v, eps, atol=1e-6)
+  np.testing.assert_allclose(x_t - t[..., None] * v, x0, atol=1e-6)
+  # t is per token: a token at t=0 next to one at t=1 each hit their own end point
+  mixed = jnp.asarray(np.tile([0.0, 1.0], 8)[None].repeat(2, 0), jnp.float32)
+  x_m = np.asarray(diffusion.add_noise(x0, eps, mixed))
+  assert np.array_equal(x_m[:, ::2], np.asarray(x0)[:, ::2])
+  assert np.array_equal(x_m[:, 1::2], np.asarray(eps)[:, 1::2])
+
+
+def test_shift_t_end_points_monotone_and_direction():
+  t = jnp.linspace(0.0, 1.0, 101)
+  for shift in (0.25, 0.5, 1.0, 2.0, 4.0):
+    s = np.asarray(diffusion.shift_t(t, jnp.float32(shift)))
+    assert s[0] == 0.0 and s[-1] == pytest.approx(1.0, abs=1e-7)
+    assert np.all(np.diff(s) > 0)
+    inner, t_in = s[1:-1], np.asarray(t)[1:-1]
+    if shift > 1:
+      assert np.all(inner > t_in)
+    elif shift < 1:
+      assert np.all(inner < t_in)
+    else:
+      np.testing.assert_allclose(s, t, atol=1e-7)
+  # a bigger shift is noisier everywhere
+  assert np.all(np.asarray(diffusion.shift_t(t[1:-1], 4.0)) >
+                np.asarray(diffusion.shift_t(t[1:-1], 2.0)))
+
+
+def test_video_shift_grows_with_token_count():
+  cfg = diffusion_cfg()
+  grids = jnp.asarray([[[1, 4, 4], [4, 8, 8], [8, 8, 8], [0, 0, 0]]], jnp.int32)
+  shift = np.asarray(diffusion.video_shift(grids, cfg))[0]
+  assert shift[2] == pytest.approx(np.sqrt(512 / 256))  # (tokens / base) ** power
+  assert shift[0] < shift[1] < shift[2] and np.isfinite(shift[3])
+
+
+def test_sample_t_in_open_unit_interval_and_larger_videos_noisier():
+  cfg = diffusion_cfg()
+  B = 512
+  small = jnp.broadcast_to(jnp.asarray([1, 2, 2], jnp.int32), (B, 2, 3))  # 4 tokens
+  large = jnp.broadcast_to(jnp.asarray([8, 8, 8], jnp.int32), (B, 2, 3))  # 512 tokens
+  key = jax.random.key(0)
+  t_small = np.asarray(diffusion.sample_t(key, small, cfg))
+  t_large = np.asarray(diffusion.sample_t(key, large, cfg))
+  for t in (t_small, t_large):
+    assert t.shape == (B, 2) and np.all((t > 0) & (t < 1))
+  # the same draws, shifted by token count: larger video, larger t, each and on average
+  assert np.all(t_large > t_small)
+  assert t_large.mean() > t_small.mean() + 0.1
+  # mixed in one batch, per slot
+  mixed = jnp.concatenate([small[:, :1], large[:, :1]], axis=1)
+  t_mixed = np.asarray(diffusion.sample_t(jax.random.key(1), mixed, cfg))
+  assert t_mixed[:, 1].mean() > t_mixed[:, 0].mean() + 0.1
+  # the draws are per slot, not shared
+  assert not np.allclose(t_mixed[:, 0], t_mixed[:, 1])
+
+
+def per_video_mse_np(err, seg, S):
+  """The 'video' weighting by hand: MSE per video, then the mean over present videos."""
+  means = []
+  for b in range(err.shape[0]):
+    for s in range(1, S + 1):
+      sel = seg[b] == s
+      if sel.any():
+        means.append(np.mean(err[b][sel] ** 2))
+  return float(np.mean(means))
+
+
+def test_masked_loss_video_and_token_weighting():
+  # row 0: videos of 4 and 12 tokens + padding; row 1: one video of 2 tokens + padding + empty slots
+  batch = packed([[(1, 2, 2), (3, 2, 2)], [(1, 1, 2)]], L=20, S=3, P=3)
+  seg = batch["segment_ids"]
+  rng = np.random.default_rng(1)
+  err = rng.standard_normal((2, 20, 3)).astype(np.float32)
+  err[1] *= 5.0  # the small video has a much larger error: weighting matters
+  err[seg == 0] = 1e3  # padding errors must be ignored
+  got_video = float(diffusion.masked_loss(jnp.asarray(err), jnp.asarray(seg), 3, "video"))
+  got_token = float(diffusion.masked_loss(jnp.asarray(err), jnp.asarray(seg), 3, "token"))
+  want_video = per_video_mse_np(err, seg, 3)
+  want_token = float(np.mean(err[seg > 0] ** 2))
+  assert got_video == pytest.approx(want_video, rel=1e-5)
+  assert got_token == pytest.approx(want_token, rel=1e-5)
+  assert abs(want_video - want_token) > 0.1 * want_token  # the two weightings differ here
+  with pytest.raises(ValueError, match="loss_weighting"):
+    diffusion.masked_loss(jnp.asarray(err), jnp.asarray(seg), 3, "pixel")
+
+
+def test_masked_loss_of_an_all_padding_batch_is_finite_zero():
+  seg = jnp.zeros((2, 8), jnp.int32)
+  err = jnp.ones((2, 8, 3))
+  for w in ("video", "token"):
+    assert float(diffusion.masked_loss(err, seg, 2, w)) == 0.0
+
+
+def test_per_token_gathers_each_videos_value():
+  seg = jnp.asarray([[1, 1, 2, 2, 2, 0], [3, 3, 1, 0, 0, 0]], jnp.int32)
+  x = jnp.asarray([[10.0, 20.0, 30.0], [40.0, 50.0, 60.0]])
+  got = np.asarray(diffusion.per_token(x, seg))
+  assert np.array_equal(got[0, :5], [10, 10, 20, 20, 20])
+  assert np.array_equal(got[1, :3], [60, 60, 40])
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def _sampling_case():
+  batch = packed([[(1, 2, 2), (2, 2, 1)], [(1, 1, 3)]], L=10, S=2, P=4, seed=2)
+  rng = np.random.default_rng(3)
+  x0 = jnp.asarray(rng.standard_normal((2, 10, 4)), jnp.float32)
+  eps = jnp.asarray(rng.standard_normal((2, 10, 4)), jnp.float32)
+  shift = jnp.asarray([[0.5, 3.0], [1.7, 1.0]], jnp.float32)  # a different shift per video
+  return jnp.asarray(batch["segment_ids"]), x0, eps, shift
+
+
+@pytest.mark.parametrize("num_steps", [1, 3, 8])
+def test_sample_euler_integrates_a_straight_path_exactly(num_steps):
+  seg, x0, eps, shift = _sampling_case()
+  out = diffusion.sample_euler(lambda x, t: eps - x0, eps, seg, shift, num_steps)
+  real = np.asarray(seg) > 0
+  np.testing.assert_allclose(np.asarray(out)[real], np.asarray(x0)[real], atol=1e-5)
+
+
+def test_sample_euler_follows_each_videos_shifted_grid():
+  """With v = t (per video), Euler's sum is sum_i t_i (t_{i+1} - t_i) on the shifted grid."""
+  seg, _, _, shift = _sampling_case()
+  n = 4
+  x1 = jnp.zeros((2, 10, 4))
+  seen = []
+
+  def velocity(x, t_BS):
+    seen.append(t_BS.shape)
+    return jnp.broadcast_to(diffusion.per_token(t_BS, seg)[..., None], x.shape)
+
+  out = np.asarray(diffusion.sample_euler(velocity, x1, seg, shift, n))
+  assert seen and all(s == shift.shape for s in seen)
+  shift_np = np.asarray(shift, np.float64)
+  u = 1.0 - np.arange(n + 1) / n
+  grid = shift_np[..., None] * u / (1 + (shift_np[..., None] - 1) * u)  # [B, S, n+1]
+  want_BS = np.sum(grid[..., :-1] * np.diff(grid, axis=-1), axis=-1)
+  seg_np = np.asarray(seg)
+  for b in range(2):
+    for s in range(2):
+      sel = seg_np[b] == s + 1
+      if sel.any():
+        np.testing.assert_allclose(out[b][sel], want_BS[b, s], rtol=1e-5)
+  # the per-video shift matters: videos 1 and 2 of row 0 end in different places
+  assert abs(want_BS[0, 0] - want_BS[0, 1]) > 1e-2
+
+
+def test_guided_combines_conditional_and_unconditional():
+  seg, x0, _, _ = _sampling_case()
+  coords = jnp.zeros(seg.shape + (3,), jnp.int32)
+  labels = jnp.asarray([[2, 5], [7, 9]], jnp.int32)
+  null = 9
+  calls = []
+
+  def model_fn(x, t, label, segment_ids, coords):
+    calls.append(x.shape[0])
+    lab = diffusion.per_token(label.astype(jnp.float32), segment_ids)
+    return 0.5 * x + (lab * 2.0 + t[:, :1])[..., None]
+
+  t = jnp.full((2, 2), 0.3)
+  v_c = model_fn(x0, t, labels, seg, coords)
+  v_u = model_fn(x0, t, jnp.full_like(labels, null), seg, coords)
+  calls.clear()
+  for scale in (0.0, 2.5, 4.0):
+    v = diffusion.guided(model_fn, labels, seg, coords, null, scale)(x0, t)
+    np.testing.assert_allclose(v, v_u + scale * (v_c - v_u), rtol=1e-5, atol=1e-5)
+  assert calls == [4, 4, 4]  # both halves in one batched call
+  v1 = diffusion.guided(model_fn, labels, seg, coords, null, 1.0)(x0, t)
+  np.testing.assert_allclose(v1, v_c, atol=1e-6)
+  assert not np.allclose(v_c, v_u)

@@ -1,0 +1,230 @@
+"""Model invariants: packed == alone, padding is inert, attention patterns, zero init."""
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tests import helpers
+from vdit_jax import attention as attn_lib
+from vdit_jax import model as model_lib
+from vdit_jax import tokens as tok
+
+BLOCKS = ("full3d", "factorized")
+
+# Three videos of different grids (12, 6 and 12 tokens) for a tiny model with patch (1, 4, 4).
+GRIDS = [(2, 2, 3), (1, 3, 2), (3, 2, 2)]
+L_PACKED = 40  # row 0: all three + 10 padding tokens; row 1: videos 2 and 0 + 16 padding
+L_ALONE = 12  # one video per row (video 1 has 6 padding tokens)
+S = 4  # slots per row; the last is always empty
+
+
+@functools.cache
+def _model(block: str) -> tuple[nnx.GraphDef, nnx.State, int]:
+  """The freshly initialised tiny model of a block type: graph, params, token size."""
+  model = model_lib.build_model(helpers.tiny_config(block), seed=0)
+  graphdef, params = nnx.split(model, nnx.Param)
+  return graphdef, params, model.token_size
+
+
+@functools.cache
+def _forward(block: str):
+  """One jitted forward per block type, shared by its tests (same shapes: one compile each)."""
+  graphdef = _model(block)[0]
+
+  def fwd(params, tokens, t, label, seg, coords):
+    return nnx.merge(graphdef, params)(tokens, t, label, seg, coords)
+  return jax.jit(fwd)
+
+
+@functools.cache
+def packed_case(block: str):
+  """The random model, the three videos, a packed batch of them and a batch of each alone."""
+  _, params, P = _model(block)
+  params = helpers.random_params_like(params, seed=1, scale=0.1)
+  rng = np.random.default_rng(0)
+  items = helpers.videos_for(GRIDS, (1, 4, 4), 3, rng)
+  t_video = np.array([0.2, 0.55, 0.9], np.float32)
+  label_video = np.array([3, 7, 18], np.int32)  # 18 is the null label of tiny (num_classes=18)
+  for i, item in enumerate(items):
+    item["t"], item["label"] = t_video[i], label_video[i]
+  fields = {"t": (np.float32, 0.5), "label": (np.int32, 18)}
+  order = [[0, 1, 2], [2, 0]]
+  packed = tok.pack_rows([[items[i] for i in row] for row in order], L_PACKED, S, P, fields)
+  alone = tok.pack_rows([[item] for item in items], L_ALONE, 1, P, fields)
+  return block, params, items, order, packed, alone
+
+
+def _run(block, params, batch):
+  fn = _forward(block)
+  return np.asarray(fn(params, jnp.asarray(batch["tokens"]), jnp.asarray(batch["seg_t"]),
+                       jnp.asarray(batch["seg_label"]), jnp.asarray(batch["segment_ids"]),
+                       jnp.asarray(batch["coords"])))
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+def test_packed_equals_alone(block):
+  _, params, items, order, packed, alone = packed_case(block)
+  out_packed = _run(block, params, packed)
+  out_alone = _run(block, params, alone)
+  scale = np.abs(out_alone).max()
+  assert scale > 0.1  # the random model's output is far from trivial
+  for v in range(len(items)):
+    ref = out_alone[v][alone["segment_ids"][v] == 1]
+    assert ref.shape == items[v]["tokens"].shape
+    for b, row in enumerate(order):
+      if v not in row:
+        continue
+      got = out_packed[b][packed["segment_ids"][b] == row.index(v) + 1]
+      np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0, err_msg=f"video {v}, row {b}")
+  # the comparison can fail: videos' outputs differ from each other, and a video run with another
+  # video's t gives a different output (so conditioning reaches tokens per video)
+  assert not np.allclose(out_alone[0][:12], out_alone[2][:12], atol=1e-3)
+  other_t = dict(alone, seg_t=alone["seg_t"][::-1].copy())
+  assert not np.allclose(_run(block, params, other_t)[0], out_alone[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+def test_padding_does_not_change_real_tokens(block):
+  _, params, _, _, packed, _ = packed_case(block)
+  out = _run(block, params, packed)
+  pad = packed["segment_ids"] == 0
+  rng = np.random.default_rng(1)
+  noisy = dict(packed)
+  noisy["tokens"] = packed["tokens"].copy()
+  noisy["tokens"][pad] = 100.0 * rng.standard_normal(noisy["tokens"][pad].shape)
+  noisy["coords"] = packed["coords"].copy()
+  noisy["coords"][pad] = rng.integers(0, 4, size=noisy["coords"][pad].shape)
+  # the empty slot's conditioning must not matter either
+  noisy["seg_t"] = packed["seg_t"].copy()
+  noisy["seg_t"][:, -1] = 0.01
+  noisy["seg_label"] = packed["seg_label"].copy()
+  noisy["seg_label"][:, -1] = 1
+  out_noisy = _run(block, params, noisy)
+  np.testing.assert_allclose(out_noisy[~pad], out[~pad], atol=1e-6, rtol=0)
+  assert not np.allclose(out_noisy[pad], out[pad])  # padding itself did see the change
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+def test_gradients_stay_inside_each_video(block):
+  """A loss on one video's outputs has zero gradient w.r.t. padding and the other videos."""
+  _, params, _, _, packed, _ = packed_case(block)
+  seg = jnp.asarray(packed["segment_ids"])
+  w = jnp.asarray(np.random.default_rng(2).standard_normal(packed["tokens"].shape), jnp.float32)
+  graphdef = _model(block)[0]
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def grads(video_slot, params, tokens, t):
+    def loss(tokens, t):
+      out = nnx.merge(graphdef, params)(tokens, t, jnp.asarray(packed["seg_label"]), seg,
+                                        jnp.asarray(packed["coords"]))
+      return jnp.sum(jnp.where((seg == video_slot)[..., None], out * w, 0.0))
+    return jax.grad(loss, argnums=(0, 1))(tokens, t)
+
+  tokens, t = jnp.asarray(packed["tokens"]), jnp.asarray(packed["seg_t"])
+  g_tok, g_t = (np.asarray(g) for g in grads(1, params, tokens, t))
+  own = packed["segment_ids"] == 1
+  assert np.abs(g_tok[own]).max() > 1e-3
+  assert np.all(g_tok[~own] == 0)  # padding and every other video
+  assert np.all(g_t[:, 1:] == 0) and np.all(g_t[:, 0] != 0)  # only slot 1's t matters
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+def test_fresh_model_outputs_exact_zeros(block):
+  _, params, _ = _model(block)
+  packed = packed_case(block)[4]
+  out = _run(block, params, packed)
+  assert out.shape == packed["tokens"].shape
+  assert np.all(out == 0.0)
+  # ... because of the zero-initialised final layers only: the rest is a real random init
+  hidden = [np.abs(np.asarray(p)).max() for path, p in jax.tree.leaves_with_path(params)
+            if "final" not in jax.tree_util.keystr(path)]
+  assert max(hidden) > 0.1
+
+
+def test_block_types_share_parameter_names():
+  names = {}
+  for block in BLOCKS:
+    params = _model(block)[1]
+    names[block] = {jax.tree_util.keystr(p) for p, _ in jax.tree.leaves_with_path(params)}
+  extra = names["factorized"] - names["full3d"]
+  assert names["full3d"] <= names["factorized"]
+  assert extra and all("attn_t" in n for n in extra)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def brute_force_mask(pattern, seg, coords):
+  """The predicate table of vdit_jax/attention.py, one (query, key) pair at a time."""
+  L = len(seg)
+  mask = np.zeros((L, L), bool)
+  for l, m in itertools.product(range(L), range(L)):
+    (tl, hl, wl), (tm, hm, wm) = coords[l], coords[m]
+    same_video = seg[l] == seg[m]
+    mask[l, m] = same_video and {"full": True, "spatial": tl == tm,
+                                 "temporal": (hl, wl) == (hm, wm)}[pattern]
+  return mask
+
+
+@pytest.mark.parametrize("pattern", attn_lib.PATTERNS)
+def test_pattern_mask_matches_the_predicate_table(pattern):
+  rng = np.random.default_rng(4)
+  items = helpers.videos_for([(2, 2, 3), (3, 1, 2)], (1, 1, 1), 1, rng)
+  batch = tok.pack_rows([items, items[::-1]], 24, 3, 1)
+  coords = batch["coords"].copy()
+  pad = batch["segment_ids"] == 0
+  coords[pad] = rng.integers(0, 3, size=coords[pad].shape)  # padding coords may be anything
+  got = np.asarray(attn_lib.pattern_mask(pattern, jnp.asarray(batch["segment_ids"]),
+                                         jnp.asarray(coords)))
+  for b in range(2):
+    want = brute_force_mask(pattern, batch["segment_ids"][b], coords[b])
+    assert np.array_equal(got[b], want)
+    assert np.all(got[b].any(axis=-1))  # no empty softmax row, padding included
+    real = ~pad[b]
+    assert not got[b][np.ix_(real, pad[b])].any()  # no real token sees padding
+
+
+def test_unknown_pattern_raises():
+  with pytest.raises(ValueError, match="unknown attention pattern"):
+    attn_lib.pattern_mask("diagonal", jnp.zeros((1, 4), jnp.int32), jnp.zeros((1, 4, 3), jnp.int32))
+
+
+def softmax_attention_np(q_NHK, k_NHK, v_NHK):
+  logits = np.einsum("lhk,mhk->hlm", q_NHK, k_NHK) / np.sqrt(q_NHK.shape[-1])
+  logits -= logits.max(axis=-1, keepdims=True)
+  p = np.exp(logits)
+  p /= p.sum(axis=-1, keepdims=True)
+  return np.einsum("hlm,mhk->lhk", p, v_NHK)
+
+
+def test_factorized_masks_equal_attention_by_reshape():
+  """spatial == attention within each frame, temporal == attention along each (h, w) track."""
+  gt, gh, gw, H, K = 3, 2, 4, 2, 8
+  N = gt * gh * gw
+  rng = np.random.default_rng(5)
+  q, k, v = (rng.standard_normal((1, N, H, K)).astype(np.float32) for _ in range(3))
+  seg = jnp.ones((1, N), jnp.int32)
+  coords = jnp.asarray(tok.grid_coords((gt, gh, gw)))[None]
+
+  def dense(pattern):
+    mask = attn_lib.pattern_mask(pattern, seg, coords)
+    return np.asarray(attn_lib.dense_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                                               mask))[0]
+
+  # t-major order: [T', H'W'] groups are frames
+  frames = lambda x: x[0].reshape(gt, gh * gw, H, K)
+  want_s = np.stack([softmax_attention_np(*(frames(x)[i] for x in (q, k, v)))
+                     for i in range(gt)]).reshape(N, H, K)
+  np.testing.assert_allclose(dense("spatial"), want_s, atol=1e-5)
+  # the transpose [H'W', T'] groups are the per-position tracks through time
+  tracks = lambda x: frames(x).transpose(1, 0, 2, 3)
+  want_t = np.stack([softmax_attention_np(*(tracks(x)[j] for x in (q, k, v)))
+                     for j in range(gh * gw)]).transpose(1, 0, 2, 3).reshape(N, H, K)
+  np.testing.assert_allclose(dense("temporal"), want_t, atol=1e-5)
+  np.testing.assert_allclose(dense("full"), softmax_attention_np(q[0], k[0], v[0]), atol=1e-5)
+  assert not np.allclose(want_s, want_t, atol=1e-3)  # the patterns really differ

@@ -1,0 +1,110 @@
+"""Sampling: sample.py end to end, early shape errors, EMA restore, packed == alone."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from tests import helpers
+from vdit_jax import sampler, video_io
+
+# sample.py runs in a subprocess; the fork happens before the child execs, so JAX's warning about
+# forking a multithreaded process does not apply.
+pytestmark = pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
+
+UPSCALE = 4  # video_io.write_video's default, which sample.py uses
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  return helpers.shared_runs(tmp_path_factory)["straight"]
+
+
+def run_sample(workdir, out, shapes, *extra):
+  env = dict(os.environ, JAX_LOG_COMPILES="1")
+  return subprocess.run(
+      [sys.executable, "sample.py", "--workdir", workdir, "--shapes", shapes, "--steps", "2",
+       "--out", str(out), *extra],
+      cwd=helpers.ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_sample_script_writes_mp4_and_gif(workdir, tmp_path):
+  out = tmp_path / "videos"
+  proc = run_sample(workdir, out, "2x8x8,4x8x12")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "_integrate" in proc.stderr  # the compile log works (see the bad-shape test)
+  printed = proc.stdout.split()
+  assert sorted(printed) == sorted(str(p) for p in out.iterdir())
+  for i, (t, h, w) in enumerate([(2, 8, 8), (4, 8, 12)]):
+    stem = out / f"step5_{i:02d}_{t}x{h}x{w}_label{i}"
+    for ext in ("mp4", "gif"):
+      frames = video_io.read_video(f"{stem}.{ext}")
+      assert frames.shape == (t, h * UPSCALE, w * UPSCALE, 3), (ext, frames.shape)
+      assert frames.dtype == np.uint8 and frames.std() > 0  # not one flat colour
+    # nearest-neighbour upscaling: each UPSCALE x UPSCALE block of the gif is one pixel
+    gif = video_io.read_video(f"{stem}.gif").astype(np.int32)
+    assert np.array_equal(gif, gif[:, ::UPSCALE, ::UPSCALE].repeat(UPSCALE, 1).repeat(UPSCALE, 2))
+
+
+def test_sample_script_rejects_a_bad_shape_before_compiling(workdir, tmp_path):
+  out = tmp_path / "videos"
+  proc = run_sample(workdir, out, "2x8x8,2x9x8")
+  assert proc.returncode != 0
+  assert "H=9" in proc.stderr and "8 or 12" in proc.stderr, proc.stderr[-3000:]
+  assert "_integrate" not in proc.stderr  # failed before the sampler compiled
+  assert not out.exists()
+
+
+def test_load_model_restores_the_ema_params(workdir):
+  state = helpers.restore_state(workdir, 5)
+  model, config, step = sampler.load_model(workdir)
+  assert step == 5 and config.train.steps == 5
+  got = jax.tree.leaves(nnx.state(model, nnx.Param))
+  ema, params = jax.tree.leaves(state["ema"]), jax.tree.leaves(state["params"])
+  assert len(got) == len(ema) == len(params)
+  for g, e in zip(got, ema):
+    assert np.array_equal(np.asarray(g), e)
+  assert any(not np.array_equal(e, p) for e, p in zip(ema, params))  # EMA != raw params here
+  model3, _, step3 = sampler.load_model(workdir, step=3)
+  assert step3 == 3
+  ema3 = jax.tree.leaves(helpers.restore_state(workdir, 3)["ema"])
+  for g, e in zip(jax.tree.leaves(nnx.state(model3, nnx.Param)), ema3):
+    assert np.array_equal(np.asarray(g), e)
+  with pytest.raises(ValueError, match=r"available steps \[3, 5\]"):
+    sampler.load_model(workdir, step=4)
+
+
+def test_load_model_without_checkpoint_says_train_first(tmp_path):
+  with pytest.raises(FileNotFoundError, match="train first"):
+    sampler.load_model(str(tmp_path))
+
+
+def test_packed_sampling_equals_sampling_alone(workdir):
+  """Shapes sampled together give the same videos as each sampled alone (same noise)."""
+  model, config, _ = sampler.load_model(workdir)
+  shapes = [(2, 8, 8), (4, 8, 12)]
+  together = sampler.sample(model, config, shapes, [3, 5], cfg_scale=3.0, num_steps=2, seed=7)
+  alone = sampler.sample(model, config, shapes[:1], [3], cfg_scale=3.0, num_steps=2, seed=7)
+  assert [v.shape for v in together] == [s + (config.data.channels,) for s in shapes]
+  np.testing.assert_allclose(together[0], alone[0], atol=1e-5)
+  other = sampler.sample(model, config, shapes[:1], [4], cfg_scale=3.0, num_steps=2, seed=7)
+  assert not np.allclose(other[0], alone[0], atol=1e-5)  # the label reaches the video
+
+
+def test_parse_shapes_and_labels_errors():
+  assert sampler.parse_shapes("2x8x8, 4x8x12") == [(2, 8, 8), (4, 8, 12)]
+  for bad in ("2x8", "2x8x-8", "axbxc", ""):
+    with pytest.raises(ValueError):
+      sampler.parse_shapes(bad)
+  assert sampler.parse_labels("", 3, 18) == [0, 1, 2]
+  assert sampler.parse_labels("4", 2, 18) == [4, 4]
+  with pytest.raises(ValueError, match="0..17"):
+    sampler.parse_labels("19", 1, 18)
+  with pytest.raises(ValueError, match="2 labels for 3 shapes"):
+    sampler.parse_labels("1,2", 3, 18)
+  with pytest.raises(ValueError, match="8 or 12"):
+    sampler.check_shapes([(2, 9, 8)], (1, 4, 4))

@@ -1,0 +1,155 @@
+"""Training: the step learns, a resumed run equals an uninterrupted one, bad configs fail early."""
+
+import functools
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from data import pipeline
+from tests import helpers
+from vdit_jax import config as config_lib
+from vdit_jax import sharding as shard_lib
+from vdit_jax import trainer
+
+
+def leaves(tree) -> dict[str, np.ndarray]:
+  return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree.leaves_with_path(tree)}
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  return helpers.shared_runs(tmp_path_factory)
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def test_train_step_overfits_one_batch():
+  steps = 60
+  config = helpers.tiny_config(**{"train.steps": steps, "optim.lr": 3e-3,
+                                  "optim.warmup_steps": 3, "optim.min_lr_ratio": 1.0,
+                                  "data.label_dropout": 0.0})
+  batch = {k: jnp.asarray(v) for k, v in pipeline.make_batch(config, step=0).items()}
+  graphdef, state = trainer.init_state(config)
+  step_fn = jax.jit(functools.partial(trainer.train_step, graphdef=graphdef,
+                                      tx=trainer.make_optimizer(config), config=config),
+                    donate_argnums=0)
+  losses = []
+  for _ in range(steps):
+    state, metrics = step_fn(state, batch)
+    losses.append(float(metrics["loss"]))
+  assert step_fn._cache_size() == 1  # compiled once
+  assert int(state["step"]) == steps
+  assert all(math.isfinite(x) for x in losses)
+  # t and noise are redrawn every step, so compare averages
+  first, last = np.mean(losses[:3]), np.mean(losses[-5:])
+  assert last < 0.7 * first, losses
+
+
+def test_lr_schedule_of_the_first_three_steps_does_not_depend_on_train_steps():
+  # What makes "3 steps, then resume to 5" comparable with a straight 5-step run.
+  o = helpers.run_config(5).optim
+  for s in range(3):
+    assert trainer.lr_schedule(o, 3)(s) == trainer.lr_schedule(o, 5)(s)
+
+
+# ----------------------------------------------------------------------------- train/resume
+
+
+def test_resumed_run_equals_uninterrupted_run(runs):
+  resumed = helpers.restore_state(runs["resumed"], 5)
+  straight = helpers.restore_state(runs["straight"], 5)
+  a, b = leaves(resumed), leaves(straight)
+  assert a.keys() == b.keys()
+  for k in ("params", "ema", "opt", "step", "key"):
+    assert any(path.startswith(f"['{k}']") for path in a), k
+  for path in a:
+    assert a[path].dtype == b[path].dtype, path
+    np.testing.assert_allclose(a[path], b[path], rtol=0, atol=1e-6, err_msg=path)
+  assert int(a["['step']"]) == 5
+  # the same batches in the same order: the logged losses agree step by step
+  ma, mb = read_metrics(runs["resumed"]), read_metrics(runs["straight"])
+  assert [m["step"] for m in ma] == [m["step"] for m in mb] == [1, 2, 3, 4, 5]
+  for x, y in zip(ma, mb):
+    for key in ("loss", "grad_norm", "lr"):
+      assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-7), (x["step"], key)
+  # and training did something in steps 4-5 (a resume that ignored them would be caught above)
+  at3 = leaves(helpers.restore_state(runs["resumed"], 3))
+  moved = [p for p in a if p.startswith("['params']") and not np.array_equal(a[p], at3[p])]
+  assert moved
+
+
+def test_checkpoint_holds_the_optimizer_state(runs):
+  state = leaves(helpers.restore_state(runs["resumed"], 3))
+  assert int(state["['step']"]) == 3
+  counts = {p: v for p, v in state.items() if p.startswith("['opt']") and p.endswith("count")}
+  mus = {p: v for p, v in state.items() if p.startswith("['opt']") and ".mu" in p}
+  nus = {p: v for p, v in state.items() if p.startswith("['opt']") and ".nu" in p}
+  assert counts and all(int(c) == 3 for c in counts.values()), counts
+  n_params = sum(p.startswith("['params']") for p in state)
+  assert len(mus) == len(nus) == n_params
+  # adaLN-Zero: after 3 steps (the first at lr 0) gradients have reached the output layers and
+  # the modulations, not yet the attention/MLP weights behind the zero gates
+  nonzero = {p for p, v in mus.items() if np.any(v != 0)}
+  assert any("['final']" in p for p in nonzero) and any("['ada']" in p for p in nonzero), nonzero
+  assert all(np.all(v >= 0) for v in nus.values())
+  assert {p.replace(".nu", ".mu", 1) for p, v in nus.items() if np.any(v > 0)} == nonzero
+  # the EMA is its own average, not a copy of the params
+  differ = [p for p in state if p.startswith("['params']")
+            and not np.array_equal(state[p], state[p.replace("['params']", "['ema']", 1)])]
+  assert differ
+
+
+def test_run_writes_metrics_config_and_samples(runs):
+  workdir = runs["straight"]
+  metrics = read_metrics(workdir)
+  for m in metrics:
+    for key in ("loss", "grad_norm", "lr", "tokens_per_s", "step_time"):
+      assert key in m and math.isfinite(m[key]), (key, m)
+    assert m["tokens_per_s"] > 0 and m["step_time"] > 0 and m["loss"] > 0
+    assert m["compiles"] == 1
+  with open(os.path.join(workdir, "config.json")) as f:
+    saved = config_lib.from_dict(json.load(f))
+  assert saved.to_dict() == helpers.run_config(5).to_dict()
+  with open(os.path.join(workdir, "run_info.json")) as f:
+    info = json.load(f)
+  assert info["jax"] == jax.__version__
+  samples = os.path.join(workdir, "samples", "step_0000005")
+  names = sorted(os.listdir(samples))
+  n_shapes = len(helpers.run_config(5).sample.shapes.split(","))
+  assert len([n for n in names if n.endswith(".mp4")]) == n_shapes
+  assert len([n for n in names if n.endswith(".gif")]) == n_shapes
+
+
+# ----------------------------------------------------------------------------- bad configs
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"model.block": "nope"}, "model.block"),
+    ({"data.seq_len": 16}, "seq_len"),
+    ({"data.batch_rows": 2, "mesh.data": -1, "mesh.fsdp": 1, "mesh.tensor": 1}, "batch_rows"),
+    ({"mesh.data": 3, "mesh.fsdp": 1, "mesh.tensor": 1}, "mesh"),
+    ({"model.dtype": "float64"}, "dtype"),
+])
+def test_bad_config_fails_before_anything_is_compiled_or_written(tmp_path, monkeypatch, fields,
+                                                                 message):
+  def reached(*args, **kwargs):
+    raise AssertionError("train() got past validation")
+  for name in ("create_sharded_state", "abstract_state", "jit_train_step"):
+    monkeypatch.setattr(trainer, name, reached)
+  monkeypatch.setattr(shard_lib, "make_mesh", reached)
+  monkeypatch.setattr(jax, "jit", reached)
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError, match=message):
+    trainer.train(helpers.run_config(3, **fields), str(workdir))
+  assert not workdir.exists()
