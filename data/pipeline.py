@@ -30,6 +30,7 @@ import grain
 
 from data import packing
 from data.synthetic_shapes import SyntheticShapes
+from vdit_jax import layout
 from vdit_jax import tokens as tok
 
 # Stop filling a batch after this many consecutive drawn videos fit in no row. Larger packs
@@ -71,6 +72,11 @@ class BatchMaker:
     self.label_dropout = float(d.label_dropout)
     self.patch = tuple(int(p) for p in config.model.patch)
     self.null_label = int(config.model.num_classes)
+    # blocksparse attention needs per-pattern block layouts; they are made here, on the host.
+    self.layout_patterns = (layout.BLOCK_PATTERNS[config.model.block]
+                            if config.model.attention_backend == "blocksparse" else ())
+    self.layout_grids = tok.largest_grids(d.frames[1], d.side[1], d.aspect_ratios, self.patch)
+    self.attention_block = int(config.model.attention_block)
     # Fail at start-up, not at the first unlucky step thousands of steps in.
     largest = self.source.largest_video()
     n = tok.num_tokens(tok.grid_shape(largest, self.patch))
@@ -104,8 +110,13 @@ class BatchMaker:
       for item, drop in zip(row, row_dropped):
         if drop:
           item["label"] = self.null_label
-    return packing.pack_videos(items, self.patch, self.seq_len, self.max_segments,
-                               self.channels, self.null_label)
+    batch = packing.pack_videos(items, self.patch, self.seq_len, self.max_segments,
+                                self.channels, self.null_label)
+    if self.layout_patterns:
+      batch["layouts"] = layout.batch_layouts(self.layout_patterns, batch["segment_ids"],
+                                              batch["coords"], self.layout_grids,
+                                              block=self.attention_block)
+    return batch
 
 
 def make_batch(config, step: int, process_index: int = 0,

@@ -315,3 +315,29 @@ def test_iterator_resumes_exactly_with_worker_processes():
   start = time.perf_counter()
   check_resume(tiny_config(worker_count=1))
   assert time.perf_counter() - start < 20, "worker start-up is unexpectedly slow"
+
+
+@pytest.mark.parametrize("block", ["full3d", "factorized"])
+def test_blocksparse_batches_carry_complete_static_layouts(block):
+  """With the blocksparse backend every batch carries one layout per pattern of the block type,
+  with the same shapes at every step (one compile), listing every allowed pair of the batch."""
+  from vdit_jax import layout
+
+  c = tiny_config()
+  c.model.block = block
+  c.model.attention_backend = "blocksparse"
+  shapes = None
+  for step in range(4):
+    batch = pipeline.make_batch(c, step)
+    patterns = layout.BLOCK_PATTERNS[block]
+    assert sorted(batch["layouts"]) == sorted(patterns)
+    step_shapes = {p: {k: v.shape for k, v in batch["layouts"][p].items()} for p in patterns}
+    assert shapes is None or step_shapes == shapes
+    shapes = step_shapes
+    seg, coords = batch["segment_ids"], batch["coords"]
+    for p in patterns:
+      lay = batch["layouts"][p]
+      size = seg.shape[1] // lay["kv_blocks"].shape[1]
+      assert layout.needed_kv_blocks(p, seg, coords, size, size) <= lay["kv_blocks"].shape[2]
+      assert np.array_equal(np.sort(lay["perm"], axis=1),
+                            np.broadcast_to(np.arange(seg.shape[1]), seg.shape))

@@ -6,7 +6,7 @@ misspelt override (``--config.model.widht=8``) fails at once instead of being ig
 
 import ml_collections
 
-from vdit_jax import tokens
+from vdit_jax import layout, tokens
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -40,7 +40,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.head_dim = 32  # K
   m.mlp_ratio = 4.0  # MLP hidden = mlp_ratio * D
   m.block = "full3d"  # full3d | factorized
-  m.attention_backend = "dense"  # dense (the reference); faster backends come with the attention issue
+  m.attention_backend = "dense"  # dense (reference, O(L^2)) | blocksparse (cost follows allowed pairs)
+  m.attention_block = 0  # blocksparse block size (0 = layout.default_block per pattern)
+  m.attention_kv_chunk = 0  # blocksparse: key blocks per online-softmax step (0 = all at once)
   m.qk_norm = True  # RMS-normalise queries and keys (stabilises attention logits)
   m.rope_theta = 10000.0  # base of the 3D rotary frequencies
   m.num_classes = 18  # labels are 0..num_classes-1; num_classes itself is the null label
@@ -106,9 +108,16 @@ def get_base_config() -> ml_collections.ConfigDict:
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks a config for mistakes that would otherwise surface mid-compile or mid-run."""
   m, d = config.model, config.data
-  blocks = ("full3d", "factorized")
-  if m.block not in blocks:
-    raise ValueError(f"model.block={m.block!r} is unknown: use one of {blocks}")
+  if m.block not in layout.BLOCK_PATTERNS:
+    raise ValueError(f"model.block={m.block!r} is unknown: use one of "
+                     f"{tuple(layout.BLOCK_PATTERNS)}")
+  backends = ("dense", "blocksparse")
+  if m.attention_backend not in backends:
+    raise ValueError(f"model.attention_backend={m.attention_backend!r} is unknown: use one of "
+                     f"{backends}")
+  if m.attention_block and d.seq_len % m.attention_block:
+    raise ValueError(f"data.seq_len={d.seq_len} is not a multiple of model.attention_block="
+                     f"{m.attention_block}: use a divisor of seq_len, or 0 for the default")
   if len(m.patch) != 3 or any(int(p) < 1 for p in m.patch):
     raise ValueError(f"model.patch={tuple(m.patch)} must be three positive sizes (pt, ph, pw)")
   if m.head_dim % 2:
@@ -123,8 +132,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if d.frames[0] < pt:
     raise ValueError(f"data.frames={tuple(d.frames)} is shorter than the temporal patch {pt}: "
                      f"use frames >= {pt}")
-  biggest = max(tokens.num_tokens(tokens.grid_shape(
-      tokens.video_size(d.frames[1], d.side[1], a, m.patch), m.patch)) for a in d.aspect_ratios)
+  biggest = max(tokens.num_tokens(g) for g in largest_grids(config))
   if biggest > d.seq_len:
     raise ValueError(f"data.seq_len={d.seq_len} is too short for the largest video the data "
                      f"config allows ({biggest} tokens): raise data.seq_len to "
@@ -137,6 +145,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.optim.lr <= 0 or config.train.steps < 1:
     raise ValueError(f"optim.lr={config.optim.lr} and train.steps={config.train.steps} must be "
                      "positive")
+
+
+def largest_grids(config: ml_collections.ConfigDict) -> list[tuple[int, int, int]]:
+  """Token grids of the largest videos the data config can draw, one per aspect ratio."""
+  d = config.data
+  return tokens.largest_grids(d.frames[1], d.side[1], d.aspect_ratios, config.model.patch)
 
 
 def _data_parallel(config) -> int:

@@ -8,6 +8,7 @@ more of its structure at a given t, so it needs more noise to be equally hard).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -90,21 +91,26 @@ def sample_euler(velocity: Callable[[jax.Array, jax.Array], jax.Array], noise_BL
 
 
 def guided(model_fn: Callable[..., jax.Array], label_BS: jax.Array, segment_ids_BL: jax.Array,
-           coords_BL3: jax.Array, null_label: int,
-           scale: float) -> Callable[[jax.Array, jax.Array], jax.Array]:
+           coords_BL3: jax.Array, null_label: int, scale: float,
+           layouts: Any = None) -> Callable[[jax.Array, jax.Array], jax.Array]:
   """Classifier-free guidance: ``v_u + scale (v_c - v_u)``, both halves in one batched call.
 
-  ``model_fn(x_BLP, t_BS, label_BS, segment_ids_BL, coords_BL3)`` is the denoiser.
+  ``model_fn(x_BLP, t_BS, label_BS, segment_ids_BL, coords_BL3[, layouts=...])`` is the
+  denoiser; ``layouts`` (rows first, like the rest of the batch) are passed on when given.
   """
+  def call(x, t, labels, seg, coords, lay):
+    if lay is None:
+      return model_fn(x, t, labels, seg, coords)
+    return model_fn(x, t, labels, seg, coords, layouts=lay)
+
   if scale == 1.0:
-    return lambda x, t: model_fn(x, t, label_BS, segment_ids_BL, coords_BL3)
-  seg2 = jnp.concatenate([segment_ids_BL, segment_ids_BL])
-  coords2 = jnp.concatenate([coords_BL3, coords_BL3])
+    return lambda x, t: call(x, t, label_BS, segment_ids_BL, coords_BL3, layouts)
+  twice = lambda tree: jax.tree.map(lambda a: jnp.concatenate([a, a]), tree)
+  seg2, coords2, layouts2 = twice(segment_ids_BL), twice(coords_BL3), twice(layouts)
   labels2 = jnp.concatenate([label_BS, jnp.full_like(label_BS, null_label)])
 
   def velocity(x_BLP, t_BS):
-    both = model_fn(jnp.concatenate([x_BLP, x_BLP]), jnp.concatenate([t_BS, t_BS]), labels2,
-                    seg2, coords2)
+    both = call(twice(x_BLP), twice(t_BS), labels2, seg2, coords2, layouts2)
     v_c, v_u = jnp.split(both, 2)
     return v_u + scale * (v_c - v_u)
 

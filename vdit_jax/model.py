@@ -21,12 +21,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vdit_jax import attention as attn_lib
+from vdit_jax import layout as layout_lib
 from vdit_jax.sharding import constrain
 
-BLOCK_PATTERNS = {
-    "full3d": ("full",),
-    "factorized": ("spatial", "temporal"),
-}
+BLOCK_PATTERNS = layout_lib.BLOCK_PATTERNS
 
 _ACT = ("batch", "length", "embed")
 
@@ -208,10 +206,12 @@ class VideoDiT(nnx.Module):
                              bias_init=_init(("embed",), _ZEROS), rngs=rngs)
     self.t_mlp2 = nnx.Linear(D, D, kernel_init=_init(("embed", "mlp")),
                              bias_init=_init(("mlp",), _ZEROS), rngs=rngs)
-    # num_classes + 1 rows: the last one is the null label used for guidance.
+    # num_classes + 1 rows: the last one is the null label used for guidance. Unit scale, like
+    # the timestep features' MLP output: a 0.02-scale table stays swamped by the timestep
+    # embedding for thousands of steps and the label is then all but ignored.
     self.label_embed = nnx.Embed(cfg.num_classes + 1, D,
                                  embedding_init=_init(("vocab", "embed"),
-                                                      nnx.initializers.normal(0.02)),
+                                                      nnx.initializers.normal(1.0)),
                                  rngs=rngs)
     self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
     self.final_ada = nnx.Linear(D, 2 * D, kernel_init=_init(("embed", "mlp"), _ZEROS),
@@ -224,7 +224,9 @@ class VideoDiT(nnx.Module):
     return BLOCK_PATTERNS[self.cfg.block]
 
   def __call__(self, tokens_BLP: jax.Array, t_BS: jax.Array, label_BS: jax.Array,
-               segment_ids_BL: jax.Array, coords_BL3: jax.Array) -> jax.Array:
+               segment_ids_BL: jax.Array, coords_BL3: jax.Array,
+               layouts: dict | None = None) -> jax.Array:
+    """``layouts``: per-pattern block layouts (``layout.batch_layouts``), for ``blocksparse``."""
     cfg = self.cfg
     x_BLD = constrain(self.embed(tokens_BLP.astype(self.dtype)), _ACT)
     c_BSD = self.t_mlp2(jax.nn.silu(self.t_mlp1(timestep_embedding(t_BS, self.t_freq_dim))))
@@ -232,7 +234,8 @@ class VideoDiT(nnx.Module):
     angles = rope_angles(coords_BL3, cfg.head_dim, cfg.rope_theta)[:, :, None, :]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     ctx = attn_lib.AttentionContext(cfg.attention_backend, segment_ids_BL, coords_BL3,
-                                    self.patterns)
+                                    self.patterns, layouts=layouts,
+                                    kv_chunk=cfg.attention_kv_chunk or None)
 
     def run_block(block, x, c):
       return block(x, c, segment_ids_BL, ctx, cos, sin)

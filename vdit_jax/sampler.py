@@ -16,6 +16,7 @@ from flax import nnx
 
 from vdit_jax import checkpoint as ckpt_lib
 from vdit_jax import diffusion
+from vdit_jax import layout as layout_lib
 from vdit_jax import model as model_lib
 from vdit_jax import tokens as tokens_lib
 
@@ -73,25 +74,33 @@ def sample(model: model_lib.VideoDiT, config: ml_collections.ConfigDict,
   grids = check_shapes(shapes, patch)
   P = tokens_lib.token_dim(patch, C)
   n_total = sum(math.prod(g) for g in grids)
-  L = -(-n_total // _ROW_QUANTUM) * _ROW_QUANTUM
+  quantum = max(_ROW_QUANTUM, int(config.model.attention_block))
+  L = -(-n_total // quantum) * quantum
   rng = np.random.default_rng(seed)
   items = [{"tokens": rng.standard_normal((math.prod(g), P)).astype(np.float32), "grid": g,
             "label": lab} for g, lab in zip(grids, labels)]
   batch = tokens_lib.pack_rows([items], L, len(items), P,
                                seg_fields={"label": (np.int32, config.model.num_classes)})
+  layouts = None
+  if config.model.attention_backend == "blocksparse":
+    # Sized for exactly this row: sampling compiles per call anyway.
+    layouts = layout_lib.batch_layouts(layout_lib.BLOCK_PATTERNS[config.model.block],
+                                       batch["segment_ids"], batch["coords"], grids,
+                                       block=config.model.attention_block, exact=True)
   shift = diffusion.video_shift(jnp.asarray(batch["seg_grid"]), config.diffusion)
   out = _integrate(model, jnp.asarray(batch["tokens"]), jnp.asarray(batch["segment_ids"]),
                    jnp.asarray(batch["coords"]), jnp.asarray(batch["seg_label"]), shift,
-                   config.model.num_classes, float(cfg_scale), int(num_steps))
+                   layouts, config.model.num_classes, float(cfg_scale), int(num_steps))
   out = np.asarray(jax.device_get(out))
   row = tokens_lib.unpack_row(out[0], batch["segment_ids"][0], batch["seg_grid"][0])
   return [tokens_lib.unpatchify_np(toks, g, patch, C) for toks, g in zip(row, grids)]
 
 
-@nnx.jit(static_argnums=(6, 7, 8))
-def _integrate(model, noise, segment_ids, coords, labels, shift, null_label, cfg_scale,
+@nnx.jit(static_argnums=(7, 8, 9))
+def _integrate(model, noise, segment_ids, coords, labels, shift, layouts, null_label, cfg_scale,
                num_steps):
-  velocity = diffusion.guided(model, labels, segment_ids, coords, null_label, cfg_scale)
+  velocity = diffusion.guided(model, labels, segment_ids, coords, null_label, cfg_scale,
+                              layouts=layouts)
   return diffusion.sample_euler(velocity, noise, segment_ids, shift, num_steps)
 
 

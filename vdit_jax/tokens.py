@@ -66,6 +66,15 @@ def video_size(frames: int, side: float, aspect: float, patch: Sequence[int]) ->
           max(pw, int(math.floor(w / pw + 0.5)) * pw))
 
 
+def largest_grids(max_frames: int, max_side: float, aspect_ratios: Sequence[float],
+                  patch: Sequence[int]) -> list[Grid]:
+  """Token grid of the largest video per aspect ratio that a data config can draw.
+
+  Sizes grow with frames and side, so these bound every group size (video, frame, track).
+  """
+  return [grid_shape(video_size(max_frames, max_side, a, patch), patch) for a in aspect_ratios]
+
+
 def token_dim(patch: Sequence[int], channels: int) -> int:
   return int(np.prod(patch)) * int(channels)
 

@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from vdit_jax import checkpoint as ckpt_lib
 from vdit_jax import config as config_lib
 from vdit_jax import diffusion
+from vdit_jax import layout as layout_lib
 from vdit_jax import model as model_lib
 from vdit_jax import sharding as shard_lib
 from vdit_jax import tokens as tokens_lib
@@ -122,9 +123,16 @@ def abstract_state(config, mesh) -> tuple[nnx.GraphDef, State, Any]:
   return graphdef, target, shardings
 
 
-def batch_shardings(mesh, rules) -> dict[str, NamedSharding]:
-  return {k: NamedSharding(mesh, shard_lib.logical_to_spec(v, rules))
-          for k, v in BATCH_AXES.items()}
+def batch_shardings(config, mesh) -> dict[str, Any]:
+  """Shardings of every batch entry (a pytree like the batch), split over rows."""
+  rules = config.mesh.rules
+  out: dict[str, Any] = {k: NamedSharding(mesh, shard_lib.logical_to_spec(v, rules))
+                         for k, v in BATCH_AXES.items()}
+  if config.model.attention_backend == "blocksparse":
+    rows = NamedSharding(mesh, shard_lib.logical_to_spec(("batch",), rules))
+    out["layouts"] = {p: {k: rows for k in layout_lib.LAYOUT_KEYS}
+                      for p in layout_lib.BLOCK_PATTERNS[config.model.block]}
+  return out
 
 
 # ----------------------------------------------------------------------------- the step
@@ -139,7 +147,7 @@ def loss_fn(params, graphdef, batch, key, config) -> tuple[jax.Array, dict]:
   eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
   x_t = diffusion.add_noise(x0, eps, diffusion.per_token(t_BS, seg))
   model = nnx.merge(graphdef, params)
-  v = model(x_t, t_BS, batch["seg_label"], seg, batch["coords"])
+  v = model(x_t, t_BS, batch["seg_label"], seg, batch["coords"], layouts=batch.get("layouts"))
   err = v - diffusion.velocity_target(x0, eps)
   loss = diffusion.masked_loss(err, seg, batch["seg_grid"].shape[1],
                                config.diffusion.loss_weighting)
@@ -167,7 +175,7 @@ def train_step(state: State, batch: dict[str, jax.Array], *, graphdef: nnx.Graph
 def jit_train_step(config, graphdef, state_shardings, mesh):
   tx = make_optimizer(config)
   step_fn = functools.partial(train_step, graphdef=graphdef, tx=tx, config=config)
-  return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings(mesh, config.mesh.rules)),
+  return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings(config, mesh)),
                  out_shardings=(state_shardings, None), donate_argnums=0)
 
 
@@ -300,13 +308,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> State:
     elif start:
       raise ValueError(f"checkpoint step {start} in {workdir} has no data iterator state: it "
                        "cannot resume the same stream of batches")
-    b_shardings = batch_shardings(mesh, rules)
+    b_shardings = batch_shardings(config, mesh)
     writer = MetricWriter(workdir, is_main)
     flops_per_step = None
     peak = None
     total = config.train.steps
     bar = _progress(start, total, config.train.progress and is_main)
     t_last, tok_acc, real_acc, steps_acc = time.perf_counter(), 0, 0, 0
+    warned_recompile = False
     with _StopFlag() as stop:
       for step in range(start, total):
         host_batch = next(it)
@@ -331,6 +340,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> State:
             raise FloatingPointError(f"loss is {m['loss']} at step {done}: lower optim.lr or "
                                      "set optim.grad_clip; the last checkpoint is intact")
           writer.write(done, m)
+          if m["compiles"] > 1 and not warned_recompile:
+            warned_recompile = True
+            print(f"warning: the train step compiled {m['compiles']} times by step {done}; batch "
+                  "shapes or dtypes changed between steps (each compile costs seconds to "
+                  "minutes)", file=sys.stderr)
           bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}",
                           mfu=f"{m['mfu']:.2f}")
           t_last, tok_acc, real_acc, steps_acc = time.perf_counter(), 0, 0, 0
@@ -353,9 +367,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> State:
   return state
 
 
-def _device_batch(host_batch: dict[str, np.ndarray], shardings) -> dict[str, jax.Array]:
-  return {k: jax.make_array_from_process_local_data(shardings[k], host_batch[k])
-          for k in BATCH_AXES}
+def _device_batch(host_batch: dict[str, Any], shardings) -> dict[str, Any]:
+  """This process's rows -> global arrays; entries the step does not use are left on the host."""
+  return jax.tree.map(jax.make_array_from_process_local_data, shardings,
+                      {k: host_batch[k] for k in shardings})
 
 
 def _cache_size(fn) -> int:

@@ -1,0 +1,190 @@
+"""Train-step speed of the reference config P0, side by side in one process.
+
+P0: 4 blocks, width 256, 4 heads x 64, MLP 1024; two videos of 8x32x32 with 4 channels and
+patch (1, 2, 2), i.e. 2048 tokens each, one per row; fp32; forward + backward.
+
+  python bench/step.py [--quick] [--repeats 5]
+
+Prints seconds per forward+backward for full3d and factorized, a plain einsum DiT written the
+obvious way (the "plain JAX" reference, measured here in the same run), achieved GFLOP/s from
+the analytic FLOP count, and the fraction of this machine's measured f32 matmul peak. The peers'
+times quoted by the project brief (measured on this kind of 2-core machine, not re-measured
+here) are the goals of the target lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from vdit_jax import config as config_lib  # noqa: E402
+from vdit_jax import layout, trainer, tokens  # noqa: E402
+from vdit_jax import model as model_lib  # noqa: E402
+
+# Seconds per fp32 forward+backward at P0, from the project brief (2-core CPU).
+PEERS = {
+    "maxdiffusion_full": 3.4,
+    "plain_jax_einsum_full": 2.9,
+    "pytorch_fused_full": 1.5,
+    "latte_factorized": 0.8,
+    "stdit3_factorized": 1.0,
+}
+
+
+def p0_config(block: str, quick: bool, backend: str = "dense"):
+  c = config_lib.get_base_config()
+  c.data.channels = 4
+  c.data.frames = (4, 4) if quick else (8, 8)
+  c.data.side = (16, 16) if quick else (32, 32)
+  c.data.seq_len = 256 if quick else 2048
+  c.data.batch_rows = 2
+  c.data.max_segments = 1
+  c.model.patch = (1, 2, 2)
+  c.model.width = 256
+  c.model.depth = 4
+  c.model.num_heads = 4
+  c.model.head_dim = 64
+  c.model.mlp_ratio = 4.0
+  c.model.block = block
+  c.model.attention_backend = backend
+  return c
+
+
+def p0_batch(config, exact_layouts: bool = False) -> dict:
+  rng = np.random.default_rng(0)
+  T, S = config.data.frames[0], config.data.side[0]
+  P = tokens.token_dim(config.model.patch, config.data.channels)
+  items = []
+  for _ in range(config.data.batch_rows):
+    video = rng.uniform(-1, 1, (T, S, S, config.data.channels)).astype(np.float32)
+    items.append([{"tokens": tokens.patchify_np(video, config.model.patch),
+                   "grid": tokens.grid_shape((T, S, S), config.model.patch), "label": 1}])
+  batch = tokens.pack_rows(items, config.data.seq_len, config.data.max_segments, P,
+                           seg_fields={"label": (np.int32, config.model.num_classes)})
+  if config.model.attention_backend == "blocksparse":
+    # As the training pipeline makes them: the static bound for this data config (or exact).
+    batch["layouts"] = layout.batch_layouts(
+        layout.BLOCK_PATTERNS[config.model.block], batch["segment_ids"], batch["coords"],
+        config_lib.largest_grids(config), block=config.model.attention_block,
+        exact=exact_layouts)
+  return batch
+
+
+def time_fn(fn, args, repeats: int) -> float:
+  out = fn(*args)
+  jax.block_until_ready(out)
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def vdit_grad_fn(config):
+  graphdef, state = trainer.init_state(config)
+  # Non-zero weights everywhere, so no branch of the computation is trivially zero.
+  params = jax.tree.map(lambda x: x + 0.02 * jax.random.normal(jax.random.key(1), x.shape),
+                        state["params"])
+  key = jax.random.key(0)
+  fn = jax.jit(jax.value_and_grad(
+      lambda p, b: trainer.loss_fn(p, graphdef, b, key, config)[0]))
+  return fn, params
+
+
+def plain_einsum_grad_fn(config):
+  """A plain JAX DiT: the same layers, written as einsums with autodiff'd softmax attention."""
+  m = config.model
+  D, H, K, F = m.width, m.num_heads, m.head_dim, int(m.mlp_ratio * m.width)
+  P = tokens.token_dim(m.patch, config.data.channels)
+  keys = iter(jax.random.split(jax.random.key(0), 64))
+  w = lambda *s: 0.02 * jax.random.normal(next(keys), s)
+  params = {"embed": w(P, D), "out": w(D, P), "ada": w(D, 6 * D),
+            "blocks": [{"qkv": w(D, 3 * H * K), "o": w(H * K, D), "fc1": w(D, F),
+                        "fc2": w(F, D)} for _ in range(m.depth)]}
+
+  def ln(x):
+    mu = x.mean(-1, keepdims=True)
+    return (x - mu) * jax.lax.rsqrt(((x - mu) ** 2).mean(-1, keepdims=True) + 1e-6)
+
+  def loss(p, b):
+    x = b["tokens"] @ p["embed"]
+    cond = jax.nn.silu(jnp.ones((x.shape[0], 1, D))) @ p["ada"]
+    sh1, sc1, g1, sh2, sc2, g2 = jnp.split(cond, 6, -1)
+    mask = b["segment_ids"][:, :, None] == b["segment_ids"][:, None, :]
+    for blk in p["blocks"]:
+      qkv = (ln(x) * (1 + sc1) + sh1) @ blk["qkv"]
+      q, k, v = jnp.split(qkv.reshape(*x.shape[:2], 3 * H, K), 3, axis=2)
+      s = jnp.einsum("blhk,bmhk->bhlm", q, k) / np.sqrt(K)
+      a = jax.nn.softmax(jnp.where(mask[:, None], s, -1e30), -1)
+      o = jnp.einsum("bhlm,bmhk->blhk", a, v).reshape(*x.shape[:2], H * K)
+      x = x + g1 * (o @ blk["o"])
+      x = x + g2 * (jax.nn.gelu((ln(x) * (1 + sc2) + sh2) @ blk["fc1"]) @ blk["fc2"])
+    return jnp.mean((ln(x) @ p["out"] - b["tokens"]) ** 2)
+
+  return jax.jit(jax.value_and_grad(loss)), params
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--quick", action="store_true", help="small sizes, for smoke tests")
+  ap.add_argument("--repeats", type=int, default=5)
+  args = ap.parse_args()
+
+  peak = trainer.measured_peak_flops()
+  rows = []
+  results = {}
+  variants = (
+      ("vdit full3d", "full3d", "dense", False),
+      ("vdit factorized dense", "factorized", "dense", False),
+      ("vdit factorized bsparse", "factorized", "blocksparse", False),
+      ("  (exact layouts)", "factorized", "blocksparse", True),
+      ("plain einsum full", "full3d", "dense", False),
+  )
+  for name, block, backend, exact in variants:
+    config = p0_config(block, args.quick, backend)
+    batch = jax.tree.map(jnp.asarray, p0_batch(config, exact))
+    if name.startswith("plain"):
+      fn, params = plain_einsum_grad_fn(config)
+    else:
+      fn, params = vdit_grad_fn(config)
+    sec = time_fn(fn, (params, batch), args.repeats)
+    flops = 3 * sum(model_lib.forward_flops(config.model, [g for g in row if g.prod() > 0],
+                                            config.data.seq_len, batch["tokens"].shape[-1])
+                    for row in np.asarray(batch["seg_grid"]))
+    results[name] = sec
+    rows.append((name, sec, flops / 1e9, flops / sec / 1e9, flops / sec / peak))
+
+  size = "quick sizes" if args.quick else "P0"
+  print(f"\nfp32 forward+backward, {size}; measured f32 matmul peak {peak / 1e9:.0f} GFLOP/s")
+  print(f"{'variant':24s} {'s/step':>8s} {'GFLOP':>8s} {'GFLOP/s':>8s} {'of peak':>8s}")
+  for name, sec, gfl, gfls, frac in rows:
+    print(f"{name:24s} {sec:8.3f} {gfl:8.1f} {gfls:8.1f} {frac:8.1%}")
+  print("\npeers (seconds per step quoted by the project brief for P0 on this kind of machine):")
+  for name, sec in PEERS.items():
+    print(f"  {name:26s} {sec:.1f}")
+  print()
+  full, fact = results["vdit full3d"], results["vdit factorized bsparse"]
+  plain = results["plain einsum full"]
+
+  def target(name, value, op, goal):
+    ok = value <= goal if op == "<=" else value >= goal
+    print(f"target {name}: {value:.3f} (goal {op} {goal}) {'PASS' if ok else 'FAIL'}")
+
+  target("p0_full3d_vs_plain_einsum_same_run", full / plain, "<=", 1.0)
+  target("p0_full3d_seconds_vs_maxdiffusion", full, "<=", PEERS["maxdiffusion_full"])
+  target("p0_full3d_seconds_vs_pytorch_fused", full, "<=", PEERS["pytorch_fused_full"])
+  target("p0_factorized_seconds_vs_latte", fact, "<=", PEERS["latte_factorized"])
+  target("p0_factorized_seconds_vs_stdit3", fact, "<=", PEERS["stdit3_factorized"])
+
+
+if __name__ == "__main__":
+  main()

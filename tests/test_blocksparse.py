@@ -1,0 +1,296 @@
+"""The blocksparse backend and its host-side layouts against the dense reference.
+
+Padding outputs of ``blocksparse`` differ from ``dense`` by design (a padding query sees only its
+own block's padding, see vdit_jax/layout.py), so outputs are compared on real tokens and
+gradients of losses that read only real tokens' outputs.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vdit_jax import attention, blocksparse, layout, tokens
+
+PATTERNS = ("full", "spatial", "temporal")
+# Odd grids, several videos per row, padding at the end of both rows (72 and 76 of 128 tokens).
+ROWS = [[(3, 5, 2), (2, 3, 7)], [(2, 3, 7), (1, 4, 4), (3, 2, 3)]]
+L, H, K = 128, 2, 8
+
+
+def packed(rows=ROWS, seq_len=L):
+  items = [[{"tokens": np.zeros((tokens.num_tokens(g), 1), np.float32), "grid": g} for g in row]
+           for row in rows]
+  b = tokens.pack_rows(items, seq_len, max_segments=4, token_size=1)
+  return b["segment_ids"], b["coords"]
+
+
+def shuffled(seg, coords, seed=0):
+  """Rows in a random token order: videos no longer contiguous nor t-major."""
+  rng = np.random.default_rng(seed)
+  perm = np.stack([rng.permutation(seg.shape[1]) for _ in range(seg.shape[0])])
+  return np.take_along_axis(seg, perm, 1), np.take_along_axis(coords, perm[..., None], 1)
+
+
+def with_gaps(rows=ROWS, gap=5, seq_len=L):
+  """Like ``packed`` but with padding before and between videos, as an aligning packer makes."""
+  seg = np.zeros((len(rows), seq_len), np.int32)
+  coords = np.zeros((len(rows), seq_len, 3), np.int32)
+  for b, row in enumerate(rows):
+    pos = gap
+    for s, grid in enumerate(row):
+      n = tokens.num_tokens(grid)
+      seg[b, pos:pos + n] = s + 1
+      coords[b, pos:pos + n] = tokens.grid_coords(grid)
+      pos += n + gap
+  return seg, coords
+
+
+def random_qkv(seg, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 4)
+  q, k, v, w = (jax.random.normal(key, seg.shape + (H, K)) for key in keys)
+  # Loss weights on real tokens only: padding outputs are not part of the contract.
+  return q, k, v, w * (seg > 0)[:, :, None, None]
+
+
+def allowed_np(pattern, seg_BL, coords_BL3):
+  return np.asarray(attention.pattern_mask(pattern, jnp.asarray(seg_BL), jnp.asarray(coords_BL3)))
+
+
+def layout_pairs_np(pattern, seg, coords, lay, block_q):
+  """[B, L, L] pairs blocksparse allows, in the permuted order: dense's, with padding queries
+  limited to their own query block."""
+  perm = lay["perm"]
+  seg_p = np.take_along_axis(seg, perm, 1)
+  allowed = allowed_np(pattern, seg_p, np.take_along_axis(coords, perm[..., None], 1))
+  chunk = np.arange(seg.shape[1]) // block_q
+  pad_pair = (seg_p == 0)[:, :, None] & (seg_p == 0)[:, None, :]
+  return allowed & (~pad_pair | (chunk[:, None] == chunk[None, :]))
+
+
+def listed_blocks(lay, nK):
+  B, nQ, _ = lay["kv_blocks"].shape
+  listed = np.zeros((B, nQ, nK), bool)
+  b, n, j = np.nonzero(lay["kv_valid"])
+  listed[b, n, lay["kv_blocks"][b, n, j]] = True
+  return listed
+
+
+def bs_fn(pattern, kv_chunk=None):
+  return lambda q, k, v, lay: blocksparse.blocksparse_attention(q, k, v, pattern, lay,
+                                                                kv_chunk=kv_chunk)
+
+
+def dense_fn(pattern, seg, coords):
+  mask = attention.pattern_mask(pattern, jnp.asarray(seg), jnp.asarray(coords))
+  return lambda q, k, v: attention.dense_attention(q, k, v, mask)
+
+
+def assert_matches_dense(pattern, seg, coords, lay, kv_chunk=None):
+  q, k, v, w = random_qkv(seg)
+  real = (seg > 0)[:, :, None, None]
+  dense, sparse = dense_fn(pattern, seg, coords), bs_fn(pattern, kv_chunk)
+  lay = {name: jnp.asarray(x) for name, x in lay.items()}
+  o_dense = dense(q, k, v)
+  o_sparse = jax.jit(sparse)(q, k, v, lay)
+  assert bool(jnp.all(jnp.isfinite(o_sparse)))
+  np.testing.assert_allclose(np.where(real, o_sparse, 0), np.where(real, o_dense, 0), atol=1e-5)
+  g_dense = jax.grad(lambda q, k, v: jnp.sum(dense(q, k, v) * w), argnums=(0, 1, 2))(q, k, v)
+  g_sparse = jax.jit(jax.grad(lambda q, k, v, lay: jnp.sum(sparse(q, k, v, lay) * w),
+                              argnums=(0, 1, 2)))(q, k, v, lay)
+  # Padding never reaches a real output in either backend, so padding gradients are 0 in both
+  # and the whole arrays can be compared.
+  for name, gd, gs in zip("qkv", g_dense, g_sparse):
+    np.testing.assert_allclose(gs, gd, atol=1e-5, err_msg=f"d loss / d {name}")
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("block_q,block_k,max_kv_blocks,kv_chunk", [
+    (16, 16, None, None),   # exactly the blocks this batch needs
+    (32, 32, 4, None),      # spare slots (kv_valid False)
+    (16, 32, None, None),   # unequal blocks: the transposed list is not the same size
+    (16, 16, 8, None),      # every key block: the one-matmul path
+    (16, 16, 6, 4),         # online softmax in chunks, last chunk padded
+])
+def test_matches_dense(pattern, block_q, block_k, max_kv_blocks, kv_chunk):
+  seg, coords = packed()
+  lay = layout.make_layout(pattern, seg, coords, block_q, block_k, max_kv_blocks)
+  assert_matches_dense(pattern, seg, coords, lay, kv_chunk)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("rows", ["shuffled", "gaps"])
+def test_matches_dense_on_other_row_orders(pattern, rows):
+  """Orders are made by the layout, so any token order works, not only pack_rows'."""
+  seg, coords = shuffled(*packed()) if rows == "shuffled" else with_gaps()
+  lay = layout.make_layout(pattern, seg, coords, 16, 16)
+  assert_matches_dense(pattern, seg, coords, lay)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("block_q,block_k", [(16, 16), (32, 16), (16, 32)])
+@pytest.mark.parametrize("rows", ["packed", "shuffled", "gaps"])
+def test_layout_lists_exactly_the_nonempty_blocks(pattern, block_q, block_k, rows):
+  seg, coords = {"packed": packed, "shuffled": lambda: shuffled(*packed(), seed=1),
+                 "gaps": with_gaps}[rows]()
+  lay = layout.make_layout(pattern, seg, coords, block_q, block_k, max_kv_blocks=7)
+  B = seg.shape[0]
+  nQ, nK = L // block_q, L // block_k
+  pairs = layout_pairs_np(pattern, seg, coords, lay, block_q)
+  nonempty = pairs.reshape(B, nQ, block_q, nK, block_k).any(axis=(2, 4))
+  listed = listed_blocks(lay, nK)
+  np.testing.assert_array_equal(listed, nonempty)  # misses none, lists no empty one
+  # No real query loses a pair dense allows (padding queries may, by design).
+  perm = lay["perm"]
+  dense_pairs = allowed_np(pattern, np.take_along_axis(seg, perm, 1),
+                           np.take_along_axis(coords, perm[..., None], 1))
+  real_q = (np.take_along_axis(seg, perm, 1) > 0)[:, :, None]
+  np.testing.assert_array_equal(pairs & real_q, dense_pairs & real_q)
+  # Every listed pair is non-empty under dense's own mask too.
+  dense_blocks = dense_pairs.reshape(B, nQ, block_q, nK, block_k).any(axis=(2, 4))
+  assert not (listed & ~dense_blocks).any()
+  # Unused slots repeat a listed block, so gathers never read out of range.
+  assert ((lay["kv_blocks"] >= 0) & (lay["kv_blocks"] < nK)).all()
+  # The transposed list names exactly the (query block, slot) entries reading each key block.
+  for b in range(B):
+    for m in range(nK):
+      readers = lay["kv_readers"][b, m][lay["kv_readers_valid"][b, m]]
+      n, j = np.divmod(readers, lay["kv_blocks"].shape[-1])
+      assert (lay["kv_blocks"][b, n, j] == m).all() and lay["kv_valid"][b, n, j].all()
+      assert len(set(readers.tolist())) == len(readers) == (
+          (lay["kv_blocks"][b] == m) & lay["kv_valid"][b]).sum()
+
+
+@pytest.mark.parametrize("rows", ["packed", "gaps"])
+def test_pattern_order(rows):
+  seg, coords = packed() if rows == "packed" else with_gaps()
+  ident = np.broadcast_to(np.arange(L), seg.shape)
+  for pattern in ("full", "spatial"):  # videos are contiguous and t-major already
+    np.testing.assert_array_equal(layout.pattern_order(pattern, seg, coords), ident)
+  perm = layout.pattern_order("temporal", seg, coords)
+  assert (np.sort(perm, axis=1) == ident).all()
+  pad = seg == 0
+  np.testing.assert_array_equal(perm[pad], ident[pad])  # padding stays where it was
+  seg_p = np.take_along_axis(seg, perm, 1)
+  coords_p = np.take_along_axis(coords, perm[..., None], 1)
+  for b in range(seg.shape[0]):
+    real = seg_p[b] > 0
+    key = [tuple(x) for x in np.concatenate([seg_p[b, real, None], coords_p[b, real]], 1)]
+    assert key == sorted(key, key=lambda x: (x[0], x[2], x[3], x[1]))  # (segment, h, w, t)
+
+
+def test_max_kv_blocks_too_small_raises():
+  seg, coords = packed()
+  needed = layout.needed_kv_blocks("full", seg, coords, 16, 16)
+  assert needed == layout.make_layout("full", seg, coords, 16, 16)["kv_blocks"].shape[-1]
+  with pytest.raises(ValueError, match=f"max_kv_blocks >= {needed}"):
+    layout.make_layout("full", seg, coords, 16, 16, max_kv_blocks=needed - 1)
+
+
+def test_bad_kv_chunk_raises():
+  seg, coords = packed()
+  lay = layout.make_layout("full", seg, coords, 16, 16)
+  q, k, v, _ = random_qkv(seg)
+  with pytest.raises(ValueError, match="kv_chunk=0 must be >= 1"):
+    blocksparse.blocksparse_attention(q, k, v, "full", lay, kv_chunk=0)
+
+
+@pytest.mark.parametrize("block_q,block_k", [(48, 16), (16, 24)])
+def test_blocks_must_divide_seq_len(block_q, block_k):
+  seg, coords = packed()
+  with pytest.raises(ValueError, match="seq_len=128 is not divisible"):
+    layout.make_layout("spatial", seg, coords, block_q, block_k)
+  with pytest.raises(ValueError, match="seq_len=128 is not divisible"):
+    layout.max_kv_blocks_bound("spatial", L, block_q, block_k, 10)
+
+
+def test_bound_fits_random_packings():
+  rng = np.random.default_rng(0)
+  for _ in range(30):
+    grids = [tuple(int(x) for x in rng.integers(1, 6, size=3)) for _ in range(8)]
+    rows, B = [], 3
+    for _ in range(B):
+      row, used = [], 0
+      for g in rng.permutation(len(grids))[:rng.integers(0, 5)]:
+        if used + tokens.num_tokens(grids[g]) <= L:
+          row.append(grids[g])
+          used += tokens.num_tokens(grids[g])
+      rows.append(row)
+    seg, coords = packed(rows)
+    largest = {"full": max(tokens.num_tokens(g) for g in grids),
+               "spatial": max(g[1] * g[2] for g in grids),
+               "temporal": max(g[0] for g in grids)}
+    for pattern in PATTERNS:
+      for bq, bk in [(16, 16), (32, 16), (16, 32), (8, 8)]:
+        bound = layout.max_kv_blocks_bound(pattern, L, bq, bk, largest[pattern])
+        assert layout.needed_kv_blocks(pattern, seg, coords, bq, bk) <= bound
+
+
+def test_aligned_bound_fits_aligned_packings():
+  """Videos starting at multiples of the block: the ``full`` bound is one video's blocks."""
+  rng = np.random.default_rng(1)
+  for _ in range(30):
+    seg = np.zeros((2, L), np.int32)
+    coords = np.zeros((2, L, 3), np.int32)
+    largest = 1
+    for b in range(2):
+      pos, s = 0, 1
+      while True:
+        grid = tuple(int(x) for x in rng.integers(1, 5, size=3))
+        n = tokens.num_tokens(grid)
+        if pos + n > L:
+          break
+        seg[b, pos:pos + n] = s
+        coords[b, pos:pos + n] = tokens.grid_coords(grid)
+        largest = max(largest, n)
+        pos, s = -(-(pos + n) // 16) * 16, s + 1
+    for bq, bk in [(16, 16), (16, 8), (8, 16)]:
+      bound = layout.max_kv_blocks_bound("full", L, bq, bk, largest, video_align=16)
+      assert layout.needed_kv_blocks("full", seg, coords, bq, bk) <= bound
+      assert bound <= -(-largest // 8) + 1
+  with pytest.raises(ValueError, match="video_align=24 must be a multiple"):
+    layout.max_kv_blocks_bound("full", L, 16, 16, 10, video_align=24)
+
+
+def test_real_outputs_ignore_padding_values():
+  seg, coords = packed()
+  lay = {n: jnp.asarray(x) for n, x in layout.make_layout("full", seg, coords, 16, 16).items()}
+  q, k, v, _ = random_qkv(seg)
+  pad = (seg == 0)[:, :, None, None]
+  noisy = [jnp.where(pad, 1e3 * x[::-1], x) for x in (q, k, v)]
+  f = jax.jit(bs_fn("full"))
+  o, o_noisy = f(q, k, v, lay), f(*noisy, lay)
+  np.testing.assert_array_equal(np.where(pad, 0, o), np.where(pad, 0, o_noisy))
+  assert bool(jnp.all(jnp.isfinite(o_noisy)))
+
+
+def test_one_compile_serves_different_packings():
+  """Layouts padded to the static bound have the same shapes for every batch: no recompile."""
+  rows_a = ROWS
+  rows_b = [[(1, 2, 9), (4, 3, 3), (2, 2, 2)], [(5, 5, 3)]]
+  traces = []
+
+  @jax.jit
+  def f(q, k, v, lay):
+    traces.append(1)
+    return blocksparse.blocksparse_attention(q, k, v, "spatial", lay)
+
+  for rows in (rows_a, rows_b):
+    seg, coords = packed(rows)
+    bound = layout.max_kv_blocks_bound("spatial", L, 16, 16, max_group_tokens=25)
+    lay = layout.make_layout("spatial", seg, coords, 16, 16, bound)
+    q, k, v, _ = random_qkv(seg, seed=len(traces))
+    o = f(q, k, v, lay)
+    real = (seg > 0)[:, :, None, None]
+    np.testing.assert_allclose(np.where(real, o, 0),
+                               np.where(real, dense_fn("spatial", seg, coords)(q, k, v), 0),
+                               atol=1e-5)
+  assert len(traces) == 1
+
+
+def test_default_block():
+  assert layout.default_block(2048, 8) == 16
+  assert layout.default_block(2048, 256) == 128
+  assert layout.default_block(1024, 64) == 64
+  assert layout.default_block(64, 512) == 64
+  assert layout.default_block(96, 512) == 32

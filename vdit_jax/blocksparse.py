@@ -1,0 +1,299 @@
+"""Block-sparse attention in portable XLA: cost follows the allowed (query, key) pairs, not L^2.
+
+Computes the function of ``attention.dense_attention(q, k, v, pattern_mask(pattern, ...))`` for
+every real token, from a host-side layout made by ``vdit_jax.layout.make_layout``:
+
+1. tokens are permuted (``layout["perm"]``) so each group of the pattern is contiguous;
+2. the rows are cut into query blocks of ``block_q`` and key blocks of ``block_k`` tokens;
+3. each query block attends to the key blocks its list names (``kv_blocks``, ``kv_valid``), with
+   the exact per-pair predicate of ``pattern_mask`` rebuilt from the permuted segment ids and
+   coordinates (``perm_segment``, ``perm_coords``);
+4. the output is permuted back.
+
+When the list may hold every key block (``max_kv_blocks >= L / block_k``, e.g. ``full`` on one
+long video) nothing can be skipped, and one dense masked matmul is used instead of blocks.
+
+Padding queries attend to the padding keys of their own query block only (see ``layout``), so
+padding outputs differ from ``dense``; real outputs and all gradients reaching real tokens'
+outputs do not.
+
+Backward pass, by custom VJPs measured faster on XLA:CPU than autodiff: the permutation's
+transpose is the inverse permutation and the key-block gather's transpose sums the slots reading
+each key block (``layout["kv_readers"]``), both gathers where autodiff makes scatter-adds; and the
+softmax attention backward reuses the forward probabilities in one elementwise pass.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from vdit_jax.layout import LAYOUT_KEYS
+
+# Same finite "minus infinity" as attention.dense_attention, so masked entries match exactly.
+_MASK_VALUE = -1e30
+# Segment id of unused key-block slots: matches no query (real ids are > 0, padding's < 0).
+_NO_SEGMENT = jnp.iinfo(jnp.int32).min
+
+
+def _take_rows(x: jax.Array, idx_BL: jax.Array) -> jax.Array:
+  """``x[b, idx[b, l]]`` along axis 1."""
+  return jnp.take_along_axis(x, idx_BL.reshape(idx_BL.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+@jax.custom_vjp
+def _permute(x_BL: jax.Array, perm_BL: jax.Array, inv_perm_BL: jax.Array) -> jax.Array:
+  """``x[b, perm[b, i]]`` along axis 1, whose transpose is the inverse permutation (a gather)."""
+  return _take_rows(x_BL, perm_BL)
+
+
+_permute.defvjp(lambda x, perm, inv: (_take_rows(x, perm), inv),
+                lambda inv, g: (_take_rows(g, inv), None, None))
+
+
+@jax.custom_vjp
+def _permute_to_heads(x_BLHK: jax.Array, perm_BL: jax.Array, inv_perm_BL: jax.Array) -> jax.Array:
+  """``[B, L, H, K]`` -> permuted ``[B, H, L, K]``; the transpose is again a gather."""
+  return jnp.swapaxes(_take_rows(x_BLHK, perm_BL), 1, 2)
+
+
+_permute_to_heads.defvjp(
+    lambda x, perm, inv: (jnp.swapaxes(_take_rows(x, perm), 1, 2), inv),
+    lambda inv, g: (_take_rows(jnp.swapaxes(g, 1, 2), inv), None, None))
+
+
+@jax.custom_vjp
+def _unpermute_from_heads(x_BHLK: jax.Array, perm_BL: jax.Array,
+                          inv_perm_BL: jax.Array) -> jax.Array:
+  """Inverse of ``_permute_to_heads``: permuted ``[B, H, L, K]`` -> ``[B, L, H, K]``."""
+  return _take_rows(jnp.swapaxes(x_BHLK, 1, 2), inv_perm_BL)
+
+
+_unpermute_from_heads.defvjp(
+    lambda x, perm, inv: (_take_rows(jnp.swapaxes(x, 1, 2), inv), perm),
+    lambda perm, g: (jnp.swapaxes(_take_rows(g, perm), 1, 2), None, None))
+
+
+def _gather_blocks_plain(x_BHMbK: jax.Array, kv_blocks_BNJ: jax.Array) -> jax.Array:
+  """Key blocks listed per query block: ``[B, H, M, bk, K]`` -> ``[B, H, N, J, bk, K]``."""
+  return jax.vmap(lambda x, idx: x[:, idx])(x_BHMbK, kv_blocks_BNJ)
+
+
+@jax.custom_vjp
+def _gather_blocks(x_BHMbK: jax.Array, kv_blocks_BNJ: jax.Array, readers_BMR: jax.Array,
+                   readers_valid_BMR: jax.Array) -> jax.Array:
+  return _gather_blocks_plain(x_BHMbK, kv_blocks_BNJ)
+
+
+def _gather_blocks_fwd(x_BHMbK, kv_blocks_BNJ, readers_BMR, readers_valid_BMR):
+  return _gather_blocks_plain(x_BHMbK, kv_blocks_BNJ), (readers_BMR, readers_valid_BMR)
+
+
+def _gather_blocks_bwd(res, g_BHNJbK):
+  readers_BMR, readers_valid_BMR = res
+  B, H, N, J, bk, K = g_BHNJbK.shape
+  g_BHSbK = g_BHNJbK.reshape(B, H, N * J, bk, K)  # S = N * J slots
+  g_BHMRbK = jax.vmap(lambda g, idx: g[:, idx])(g_BHSbK, readers_BMR)
+  g_BHMRbK = jnp.where(readers_valid_BMR[:, None, :, :, None, None], g_BHMRbK, 0)
+  return g_BHMRbK.sum(axis=3), None, None, None
+
+
+_gather_blocks.defvjp(_gather_blocks_fwd, _gather_blocks_bwd)
+
+
+def _attend_fwd(specs, q, k, v, mask):
+  qs, ks, ls = specs
+  logits = jnp.einsum(f"{qs},{ks}->{ls}", q, k, preferred_element_type=jnp.float32)
+  logits = jnp.where(mask, logits, _MASK_VALUE)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  o = jnp.einsum(f"{ls},{ks}->{qs}", probs, v)
+  return o, (q, k, v, probs, o)
+
+
+def _attend_bwd(specs, res, do):
+  qs, ks, ls = specs
+  q, k, v, probs, o = res
+  f32 = jnp.float32
+  dv = jnp.einsum(f"{ls},{qs}->{ks}", probs, do.astype(probs.dtype))
+  dprobs = jnp.einsum(f"{qs},{ks}->{ls}", do, v, preferred_element_type=f32)
+  # Softmax backward: dlogits = p * (dp - sum_m p dp), and sum_m p dp = <do, o> per query.
+  # Masked entries have p = 0 exactly, so they need no mask here.
+  delta = jnp.einsum(f"{qs},{qs}->{ls[:-1]}", do.astype(f32), o.astype(f32))
+  dlogits = (probs.astype(f32) * (dprobs - delta[..., None])).astype(q.dtype)
+  dq = jnp.einsum(f"{ls},{ks}->{qs}", dlogits, k)
+  dk = jnp.einsum(f"{ls},{qs}->{ks}", dlogits, q)
+  return dq, dk, dv.astype(v.dtype), None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def attend_masked(specs: tuple[str, str, str], q: jax.Array, k: jax.Array, v: jax.Array,
+            mask: jax.Array) -> jax.Array:
+  """Masked softmax attention with einsum ``specs`` (q, k, logits), e.g. ``("bqhk", "bmhk",
+  "bhqm")``; v is laid out like k, the output like q, ``mask`` broadcasts to the logits, whose
+  last letter must be the key axis ``m``.
+
+  Logits and softmax are f32. The backward pass is written out: it reuses the forward
+  probabilities and makes one elementwise pass over the logits' shape, where autodiff of
+  softmax makes several (most of the cost on CPU). ``q`` comes scaled.
+  """
+  return _attend_fwd(specs, q, k, v, mask)[0]
+
+
+attend_masked.defvjp(_attend_fwd, _attend_bwd)
+
+
+def _pair_mask(pattern: str, seg_q: jax.Array, c_q: jax.Array, seg_k: jax.Array,
+               c_k: jax.Array) -> jax.Array:
+  """The predicate of ``attention.pattern_mask`` on broadcastable query/key operands.
+
+  ``seg_*`` are effective segment ids (padding already split into per-block chunks) and ``c_*``
+  the coordinates with a trailing axis of 3.
+  """
+  mask = seg_q == seg_k
+  if pattern == "full":
+    return mask
+  if pattern == "spatial":
+    return mask & (c_q[..., 0] == c_k[..., 0])
+  if pattern == "temporal":
+    return mask & (c_q[..., 1] == c_k[..., 1]) & (c_q[..., 2] == c_k[..., 2])
+  raise ValueError(f"unknown attention pattern {pattern!r}: use full, spatial or temporal")
+
+
+def _check_layout(layout, B: int, L: int) -> tuple[int, int, int]:
+  missing = [k for k in LAYOUT_KEYS if k not in layout]
+  if missing:
+    raise ValueError(f"layout lacks {missing}: build it with vdit_jax.layout.make_layout")
+  if layout["perm"].shape != (B, L):
+    raise ValueError(f"layout perm has shape {layout['perm'].shape} but q is [B={B}, L={L}, ...]:"
+                     " build the layout from this batch's segment_ids and coords")
+  N, J = layout["kv_blocks"].shape[1:]
+  M = layout["kv_readers"].shape[1]
+  return N, J, M
+
+
+def blocksparse_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array, pattern: str,
+                          layout: dict[str, jax.Array], *, kv_chunk: int | None = None
+                          ) -> jax.Array:
+  """Masked softmax attention over the pairs ``pattern`` allows, visiting only listed blocks.
+
+  Args:
+    q_BLHK, k_BLHK, v_BLHK: queries, keys, values ``[B, L, H, K]`` in the batch's token order.
+    pattern: ``full``, ``spatial`` or ``temporal``; must be the one ``layout`` was built for.
+    layout: ``layout.make_layout(pattern, segment_ids, coords, ...)`` of this batch, as arrays
+      (numpy or jax). It carries the segment ids and coordinates (permuted), so they are not
+      arguments here. Block sizes are read off its shapes, so they are static under ``jit``.
+    kv_chunk: ``None`` visits all listed key blocks at once (fastest; memory grows with
+      ``L * max_kv_blocks * block_k`` per head). An int visits them ``kv_chunk`` blocks at a time
+      with an online softmax in a rematerialised ``lax.scan``, so memory grows with
+      ``L * kv_chunk * block_k``; use it when ``max_kv_blocks * block_k`` is large.
+
+  Returns:
+    ``[B, L, H, K]`` in the input order and ``v``'s dtype. Logits and softmax are f32.
+  """
+  B, L, H, K = q_BLHK.shape
+  N, J, M = _check_layout(layout, B, L)
+  if kv_chunk is not None and int(kv_chunk) < 1:
+    raise ValueError(f"kv_chunk={kv_chunk} must be >= 1, or None to visit all key blocks at once")
+  if kv_chunk is not None and kv_chunk >= J:
+    kv_chunk = None  # one chunk holds every listed block
+  bq, bk = L // N, L // M
+  perm_BL, inv_perm_BL = layout["perm"], layout["inv_perm"]
+  kv_blocks_BNJ, kv_valid_BNJ = layout["kv_blocks"], layout["kv_valid"]
+
+  scale = jnp.asarray(K ** -0.5, q_BLHK.dtype)
+  # Attention segments (padding split into one chunk per query block) and coordinates, in the
+  # permuted order, come precomputed from the host: computed here, XLA:CPU fuses their gathers
+  # and index arithmetic into the pair-sized select and redoes them for every pair (measured up
+  # to 1.4x slower end to end).
+  seg_BL, c_BL3 = layout["perm_segment"], layout["perm_coords"]
+
+  if J >= M and kv_chunk is None:
+    # Every key block may be listed, so the lists cannot save anything: one big masked matmul,
+    # as in dense, is faster than blocks (XLA:CPU threads large dots only). Unlisted blocks
+    # hold no allowed pair, so the predicate alone gives the same mask. Token-major einsums
+    # here, as in dense, measured faster than heads-major ones at this size.
+    mask_B1LL = _pair_mask(pattern, seg_BL[:, None, :, None], c_BL3[:, None, :, None, :],
+                           seg_BL[:, None, None, :], c_BL3[:, None, None, :, :])
+    q_p, k_p, v_p = (_permute(x, perm_BL, inv_perm_BL) for x in (q_BLHK, k_BLHK, v_BLHK))
+    o_BLHK = attend_masked(("bqhk", "bmhk", "bhqm"), q_p * scale, k_p, v_p, mask_B1LL)
+    return _permute(o_BLHK, inv_perm_BL, perm_BL)
+
+  # Heads-major for blocks: the batched block matmuls then need no transposes (measured faster).
+  q_BHLK = _permute_to_heads(q_BLHK, perm_BL, inv_perm_BL) * scale
+  k_BHLK = _permute_to_heads(k_BLHK, perm_BL, inv_perm_BL)
+  v_BHLK = _permute_to_heads(v_BLHK, perm_BL, inv_perm_BL)
+  q_BHNqK = q_BHLK.reshape(B, H, N, bq, K)
+  seg_q_BNq, c_q_BNq3 = seg_BL.reshape(B, N, bq), c_BL3.reshape(B, N, bq, 3)
+  k_BHMbK = k_BHLK.reshape(B, H, M, bk, K)
+  v_BHMbK = v_BHLK.reshape(B, H, M, bk, K)
+  seg_BMb, c_BMb3 = seg_BL.reshape(B, M, bk), c_BL3.reshape(B, M, bk, 3)
+  take_blocks = jax.vmap(lambda x, idx: x[idx])
+
+  def keys_of(kv_blocks_BNj, kv_valid_BNj, gather):
+    """Gathered keys, values ``[B, H, N, j*bk, K]`` and the pair mask ``[B, N, bq, j*bk]``."""
+    j = kv_blocks_BNj.shape[-1]
+    k_g = gather(k_BHMbK).reshape(B, H, N, j * bk, K)
+    v_g = gather(v_BHMbK).reshape(B, H, N, j * bk, K)
+    seg_k = jnp.where(kv_valid_BNj[..., None], take_blocks(seg_BMb, kv_blocks_BNj), _NO_SEGMENT)
+    c_k = take_blocks(c_BMb3, kv_blocks_BNj)
+    mask = _pair_mask(pattern, seg_q_BNq[..., None], c_q_BNq3[:, :, :, None],
+                      seg_k.reshape(B, N, 1, j * bk), c_k.reshape(B, N, 1, j * bk, 3))
+    return k_g, v_g, mask
+
+  if kv_chunk is None:
+    gather = lambda x: _gather_blocks(x, kv_blocks_BNJ, layout["kv_readers"],
+                                      layout["kv_readers_valid"])
+    k_g, v_g, mask_BNqm = keys_of(kv_blocks_BNJ, kv_valid_BNJ, gather)
+    o_BHNqK = attend_masked(("bhnqk", "bhnmk", "bhnqm"), q_BHNqK, k_g, v_g, mask_BNqm[:, None])
+    return _unpermute_from_heads(o_BHNqK.reshape(B, H, L, K), perm_BL, inv_perm_BL)
+
+  return _chunked(q_BHNqK, v_BLHK.dtype, kv_blocks_BNJ, kv_valid_BNJ, int(kv_chunk), keys_of,
+                  perm_BL, inv_perm_BL)
+
+
+def _chunked(q_BHNqK, out_dtype, kv_blocks_BNJ, kv_valid_BNJ, chunk, keys_of, perm_BL,
+             inv_perm_BL):
+  """Online softmax over the listed key blocks, ``chunk`` blocks per ``lax.scan`` step.
+
+  Built for memory, not speed: the key-block gathers here use the plain gather, whose transpose
+  is a scatter-add (the readers list is per whole row, not per chunk).
+  """
+  B, H, N, bq, K = q_BHNqK.shape
+  J = kv_blocks_BNJ.shape[-1]
+  steps = -(-J // chunk)
+  pad = steps * chunk - J
+  if pad:  # extra slots repeat the last block and are marked unused, so they add nothing
+    kv_blocks_BNJ = jnp.concatenate([kv_blocks_BNJ, kv_blocks_BNJ[..., -1:].repeat(pad, -1)], -1)
+    kv_valid_BNJ = jnp.concatenate([kv_valid_BNJ, jnp.zeros_like(kv_valid_BNJ[..., :pad])], -1)
+  blocks_SBNc = jnp.moveaxis(kv_blocks_BNJ.reshape(B, N, steps, chunk), 2, 0)
+  valid_SBNc = jnp.moveaxis(kv_valid_BNJ.reshape(B, N, steps, chunk), 2, 0)
+
+  # Rematerialised so the backward pass keeps only the carries per step, not the logits.
+  @jax.checkpoint
+  def step(carry, xs):
+    m_BHNq, l_BHNq, acc_BHNqK = carry
+    blocks_BNc, valid_BNc = xs
+    k_g, v_g, mask_BNqm = keys_of(blocks_BNc, valid_BNc,
+                                  lambda x: _gather_blocks_plain(x, blocks_BNc))
+    mask = mask_BNqm[:, None]
+    logits = jnp.einsum("bhnqk,bhnmk->bhnqm", q_BHNqK, k_g, preferred_element_type=jnp.float32)
+    logits = jnp.where(mask, logits, _MASK_VALUE)
+    m_new = jnp.maximum(m_BHNq, logits.max(axis=-1))
+    # Explicit zeros where masked: a row whose keys so far are all masked has m_new equal to the
+    # mask value, and exp(mask - m_new) would be 1, not 0.
+    p = jnp.where(mask, jnp.exp(logits - m_new[..., None]), 0.0)
+    corr = jnp.exp(m_BHNq - m_new)
+    l_new = l_BHNq * corr + p.sum(axis=-1)
+    acc_new = acc_BHNqK * corr[..., None] + jnp.einsum(
+        "bhnqm,bhnmk->bhnqk", p.astype(v_g.dtype), v_g, preferred_element_type=jnp.float32)
+    return (m_new, l_new, acc_new), None
+
+  init = (jnp.full((B, H, N, bq), _MASK_VALUE, jnp.float32), jnp.zeros((B, H, N, bq), jnp.float32),
+          jnp.zeros((B, H, N, bq, K), jnp.float32))
+  (_, l_BHNq, acc_BHNqK), _ = jax.lax.scan(step, init, (blocks_SBNc, valid_SBNc))
+  # Every query attends at least to itself, so l > 0.
+  o_BHNqK = (acc_BHNqK / l_BHNq[..., None]).astype(out_dtype)
+  return _unpermute_from_heads(o_BHNqK.reshape(B, H, N * bq, K), perm_BL, inv_perm_BL)
+
