@@ -3,8 +3,9 @@
   python train.py --config configs/default.py --workdir runs/default
   python sample.py --workdir runs/default --shapes 8x32x32,8x24x40 --out runs/default/videos
 
-Expected: the loss falls from about 2.0 to about 0.4 and the sampled videos show coloured
-shapes moving across the frames. Variants: --config configs/default.py:factorized, or any field
+Expected (measured on a 2-core CPU): about 0.3 s per step, 2000 steps in about 10 minutes; the
+loss falls from about 1.5 (step 25) to about 0.09, and the sampled videos show shapes of the
+requested colour moving across the frames (see the README). Variants: --config configs/default.py:factorized, or any field
 as --config.model.block=factorized.
 """
 
