@@ -4,6 +4,7 @@ import functools
 import json
 import math
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ import pytest
 
 from data import pipeline
 from tests import helpers
+from vdit_jax import checkpoint as ckpt_lib
 from vdit_jax import config as config_lib
 from vdit_jax import sharding as shard_lib
 from vdit_jax import trainer
@@ -153,3 +155,55 @@ def test_bad_config_fails_before_anything_is_compiled_or_written(tmp_path, monke
   with pytest.raises(ValueError, match=message):
     trainer.train(helpers.run_config(3, **fields), str(workdir))
   assert not workdir.exists()
+
+
+@pytest.mark.parametrize("mesh_sizes", [(4, 2, 1), (1, 4, 2), "single"])
+def test_checkpoint_restores_onto_another_mesh(runs, mesh_sizes):
+  """A checkpoint written on mesh (2, 2, 2) restores on other meshes (and one device) with the
+  same values, laid out by the new mesh's shardings."""
+  workdir = runs["straight"]
+  reference = helpers.restore_state(workdir, 3)
+  config = helpers.run_config(5)
+  if mesh_sizes == "single":
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1
+    mesh = shard_lib.make_mesh(config.mesh, jax.devices()[:1])
+  else:
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh_sizes
+    mesh = shard_lib.make_mesh(config.mesh)
+  mngr = ckpt_lib.manager(workdir, read_only=True)
+  try:
+    _, target, shardings = trainer.abstract_state(config, mesh)
+    state, data_state, _ = ckpt_lib.restore(mngr, 3, target)
+  finally:
+    mngr.close()
+  assert data_state  # the iterator state comes back too
+  for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(reference)):
+    np.testing.assert_array_equal(np.asarray(jax.device_get(got)), want)
+  for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(shardings)):
+    assert got.sharding.is_equivalent_to(want, got.ndim)
+  assert len(jax.tree.leaves(state)[0].sharding.device_set) == (1 if mesh_sizes == "single"
+                                                                else 8)
+
+
+def test_a_mesh_that_cannot_split_a_parameter_fails_clearly(runs):
+  """tiny has 2 heads: tensor=8 cannot shard them, and the error says which parameter and why."""
+  config = helpers.run_config(5, **{"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 8})
+  mesh = shard_lib.make_mesh(config.mesh)
+  with pytest.raises(ValueError, match=r"cannot be split over mesh axes \('tensor',\)"):
+    trainer.abstract_state(config, mesh)
+
+
+def test_training_continues_on_another_mesh(runs, tmp_path, monkeypatch):
+  """Steps 3 -> 5 on mesh (1, 4, 2) from a (2, 2, 2) checkpoint match the straight (2, 2, 2)
+  run up to float reassociation (the reductions are split differently)."""
+  monkeypatch.setattr(trainer, "measured_peak_flops", lambda: 1e12)
+  workdir = tmp_path / "moved"
+  shutil.copytree(runs["resumed"], workdir)
+  shutil.rmtree(workdir / "checkpoints" / "5")
+  trainer.train(helpers.run_config(5, **{"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2}),
+                str(workdir))
+  moved = helpers.restore_state(str(workdir), 5)
+  straight = helpers.restore_state(runs["straight"], 5)
+  assert int(moved["step"]) == 5
+  for got, want in zip(jax.tree.leaves(moved), jax.tree.leaves(straight)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

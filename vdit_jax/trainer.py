@@ -101,10 +101,26 @@ def state_specs(state: State, rules) -> Any:
   return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def check_shardable(abstract: State, specs: Any, mesh) -> None:
+  """Raises, naming the parameter and the fix, if a mesh axis does not divide the dim it shards."""
+  flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
+  flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
+  for (path, leaf), spec in zip(flat, flat_specs):
+    for dim, axes in zip(leaf.shape, spec):
+      names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      size = math.prod(mesh.shape[a] for a in names)
+      if dim % size:
+        where = jax.tree_util.keystr(path)
+        raise ValueError(f"{where} has shape {tuple(leaf.shape)}: a dim of {dim} cannot be split "
+                         f"over mesh axes {names} of total size {size}; change config.mesh "
+                         f"(e.g. mesh.{names[0]} to a divisor of {dim}) or config.mesh.rules")
+
+
 def create_sharded_state(config, mesh) -> tuple[nnx.GraphDef, State, Any]:
   """Initialises the state directly into its shardings (no full copy on one device)."""
   graphdef, abstract = jax.eval_shape(lambda: init_state(config))
   specs = state_specs(abstract, config.mesh.rules)
+  check_shardable(abstract, specs, mesh)
   shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
   state = jax.jit(lambda: init_state(config)[1], out_shardings=shardings)()
   return graphdef, state, shardings
@@ -113,8 +129,9 @@ def create_sharded_state(config, mesh) -> tuple[nnx.GraphDef, State, Any]:
 def abstract_state(config, mesh) -> tuple[nnx.GraphDef, State, Any]:
   """ShapeDtypeStructs with shardings: the restore target (nothing is allocated)."""
   graphdef, abstract = jax.eval_shape(lambda: init_state(config))
-  shardings = jax.tree.map(lambda s: NamedSharding(mesh, s),
-                           state_specs(abstract, config.mesh.rules))
+  specs = state_specs(abstract, config.mesh.rules)
+  check_shardable(abstract, specs, mesh)
+  shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
   # ``shardings`` is a prefix of ``abstract`` (one sharding per Variable, whose value is a child
   # node), so map over it and reach into each Variable to keep its wrapper and metadata.
   target = jax.tree.map(
