@@ -207,3 +207,30 @@ def test_training_continues_on_another_mesh(runs, tmp_path, monkeypatch):
   assert int(moved["step"]) == 5
   for got, want in zip(jax.tree.leaves(moved), jax.tree.leaves(straight)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("weighting", ["video", "token"])
+def test_grad_accumulation_equals_one_big_batch(weighting):
+  """k micro-batches give the loss and gradient of the whole batch, though rows hold different
+  numbers of videos and tokens (a mean of micro-batch means would not)."""
+  config = helpers.tiny_config(**{"data.batch_rows": 8, "diffusion.loss_weighting": weighting})
+  batch = jax.tree.map(jnp.asarray, pipeline.make_batch(config, 0))
+  videos_per_row = (np.asarray(batch["seg_grid"]).prod(-1) > 0).sum(-1)
+  assert len(set(videos_per_row.tolist())) > 1  # micro-batches differ in video count
+  graphdef, state = trainer.init_state(config)
+  params = helpers.random_params_like(state["params"], seed=4, scale=0.1)
+  key = jax.random.key(7)
+  results = {}
+  for k in (1, 2, 4):
+    fn = jax.jit(functools.partial(trainer.accumulated_grads, graphdef=graphdef, config=config,
+                                   micro_batches=k))
+    results[k] = fn(params, batch=batch, key=key)
+  loss1, grads1 = results[1]
+  ref_loss, _ = trainer.loss_fn(params, graphdef, batch, key, config)
+  np.testing.assert_allclose(float(loss1), float(ref_loss), rtol=1e-6)
+  for k in (2, 4):
+    loss_k, grads_k = results[k]
+    np.testing.assert_allclose(float(loss_k), float(loss1), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads_k), jax.tree.leaves(grads1)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads1)) > 0

@@ -71,6 +71,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # ---- the run ----
   t = c.train = ml_collections.ConfigDict()
   t.steps = 1000  # total optimisation steps
+  t.grad_accum = 1  # micro-batches per step (rows split k ways; same update, k x less memory)
   t.log_every = 20  # steps between metric lines
   t.ckpt_every = 250  # steps between checkpoints (a final one is always written)
   t.keep_ckpts = 2  # checkpoints kept in workdir
@@ -140,6 +141,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if d.batch_rows % max(1, _data_parallel(config)):
     raise ValueError(f"data.batch_rows={d.batch_rows} must divide over the data-parallel mesh "
                      f"axes (data x fsdp = {_data_parallel(config)})")
+  if config.train.grad_accum < 1 or d.batch_rows % config.train.grad_accum:
+    raise ValueError(f"train.grad_accum={config.train.grad_accum} must be >= 1 and divide "
+                     f"data.batch_rows={d.batch_rows}")
   if not 0.0 <= d.label_dropout <= 1.0:
     raise ValueError(f"data.label_dropout={d.label_dropout} must be in [0, 1]")
   if config.optim.lr <= 0 or config.train.steps < 1:

@@ -56,10 +56,17 @@ def masked_loss(err_BLP: jax.Array, segment_ids_BL: jax.Array, num_segments: int
   ``video``: mean per video, then mean over the videos of the batch (every video counts the
   same, whatever its size); ``token``: mean over all real tokens.
   """
+  total, count = masked_loss_terms(err_BLP, segment_ids_BL, num_segments, weighting)
+  return total / jnp.maximum(count, 1.0)
+
+
+def masked_loss_terms(err_BLP: jax.Array, segment_ids_BL: jax.Array, num_segments: int,
+                      weighting: str = "video") -> tuple[jax.Array, jax.Array]:
+  """``masked_loss`` as (sum, count): sums over micro-batches give the big batch's loss exactly."""
   per_tok_BL = jnp.mean(jnp.square(err_BLP.astype(jnp.float32)), axis=-1)
   real_BL = segment_ids_BL > 0
   if weighting == "token":
-    return jnp.sum(jnp.where(real_BL, per_tok_BL, 0.0)) / jnp.maximum(jnp.sum(real_BL), 1)
+    return jnp.sum(jnp.where(real_BL, per_tok_BL, 0.0)), jnp.sum(real_BL).astype(jnp.float32)
   if weighting != "video":
     raise ValueError(f"diffusion.loss_weighting={weighting!r} is unknown: use video or token")
   onehot_BLS = (segment_ids_BL[:, :, None] == jnp.arange(1, num_segments + 1)).astype(jnp.float32)
@@ -67,7 +74,7 @@ def masked_loss(err_BLP: jax.Array, segment_ids_BL: jax.Array, num_segments: int
   counts_BS = jnp.sum(onehot_BLS, axis=1)
   present_BS = counts_BS > 0
   means_BS = sums_BS / jnp.maximum(counts_BS, 1.0)
-  return jnp.sum(jnp.where(present_BS, means_BS, 0.0)) / jnp.maximum(jnp.sum(present_BS), 1)
+  return jnp.sum(jnp.where(present_BS, means_BS, 0.0)), jnp.sum(present_BS).astype(jnp.float32)
 
 
 def sample_euler(velocity: Callable[[jax.Array, jax.Array], jax.Array], noise_BLP: jax.Array,

@@ -155,35 +155,85 @@ def batch_shardings(config, mesh) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the step
 
 
-def loss_fn(params, graphdef, batch, key, config) -> tuple[jax.Array, dict]:
-  """Rectified-flow loss of one packed batch; randomness from ``key`` only."""
+def noise_batch(key: jax.Array, batch: dict[str, Any], config) -> tuple[jax.Array, jax.Array]:
+  """Per-video t ``[B, S]`` and noise ``[B, L, P]`` of a whole batch, from ``key`` only."""
   k_t, k_eps = jax.random.split(key)
-  seg = batch["segment_ids"]
   t_BS = diffusion.sample_t(k_t, batch["seg_grid"], config.diffusion)
+  eps = jax.random.normal(k_eps, batch["tokens"].shape, batch["tokens"].dtype)
+  return t_BS, eps
+
+
+def loss_terms(params, graphdef, batch, t_BS, eps, config) -> tuple[jax.Array, jax.Array]:
+  """Rectified-flow loss of a packed batch as (sum, count), for the given t and noise."""
+  seg = batch["segment_ids"]
   x0 = batch["tokens"]
-  eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
   x_t = diffusion.add_noise(x0, eps, diffusion.per_token(t_BS, seg))
   model = nnx.merge(graphdef, params)
   v = model(x_t, t_BS, batch["seg_label"], seg, batch["coords"], layouts=batch.get("layouts"))
   err = v - diffusion.velocity_target(x0, eps)
-  loss = diffusion.masked_loss(err, seg, batch["seg_grid"].shape[1],
-                               config.diffusion.loss_weighting)
+  return diffusion.masked_loss_terms(err, seg, batch["seg_grid"].shape[1],
+                                     config.diffusion.loss_weighting)
+
+
+def loss_fn(params, graphdef, batch, key, config) -> tuple[jax.Array, dict]:
+  """Rectified-flow loss of one packed batch; randomness from ``key`` only."""
+  t_BS, eps = noise_batch(key, batch, config)
+  total, count = loss_terms(params, graphdef, batch, t_BS, eps, config)
+  loss = total / jnp.maximum(count, 1.0)
   return loss, {"loss": loss}
+
+
+def accumulated_grads(params, graphdef, batch, key, config, micro_batches: int):
+  """Loss and gradient of the whole batch, computed over ``micro_batches`` slices of its rows.
+
+  t and noise are drawn for the whole batch first and the loss is accumulated as (sum, count),
+  so the result equals one pass over the whole batch (up to float summation order), for any k.
+  """
+  t_BS, eps = noise_batch(key, batch, config)
+  if micro_batches == 1:
+    (total, count), grads = _grads_of_terms(params, graphdef, batch, t_BS, eps, config)
+    return total / jnp.maximum(count, 1.0), jax.tree.map(
+        lambda g: g / jnp.maximum(count, 1.0), grads)
+  split = lambda x: x.reshape((micro_batches, x.shape[0] // micro_batches) + x.shape[1:])
+  micro = jax.tree.map(split, {"batch": batch, "t": t_BS, "eps": eps})
+
+  def body(carry, mb):
+    total, count, grads = carry
+    (t_mb, c_mb), g_mb = _grads_of_terms(params, graphdef, mb["batch"], mb["t"], mb["eps"],
+                                         config)
+    return (total + t_mb, count + c_mb, jax.tree.map(jnp.add, grads, g_mb)), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  (total, count, grads), _ = jax.lax.scan(body, (jnp.zeros(()), jnp.zeros(()), zeros), micro)
+  denom = jnp.maximum(count, 1.0)
+  return total / denom, jax.tree.map(lambda g: g / denom, grads)
+
+
+def _grads_of_terms(params, graphdef, batch, t_BS, eps, config):
+  """(sum, count) and the gradient of the sum (the count does not depend on params)."""
+  grad_fn = jax.value_and_grad(lambda p: loss_terms(p, graphdef, batch, t_BS, eps, config),
+                               has_aux=True)
+  (total, count), grads = grad_fn(params)
+  return (total, count), grads
 
 
 def train_step(state: State, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
                tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
                ) -> tuple[State, dict[str, jax.Array]]:
-  """One optimisation step. Pure: jit it with shardings and ``donate_argnums=0``."""
+  """One optimisation step. Pure: jit it with shardings and ``donate_argnums=0``.
+
+  With ``train.grad_accum = k`` the batch's rows are processed in k slices (k times less
+  activation memory) and the update equals the one from the whole batch at once.
+  """
   key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), state["step"])
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (_, metrics), grads = grad_fn(state["params"], graphdef, batch, key, config)
+  loss, grads = accumulated_grads(state["params"], graphdef, batch, key, config,
+                                  config.train.grad_accum)
   updates, opt = tx.update(grads, state["opt"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   decay = ema_decay_at(state["step"], config.optim.ema_decay)
   ema = jax.tree.map(lambda e, p: e * decay + p * (1.0 - decay), state["ema"], params)
-  metrics["grad_norm"] = optax.tree.norm(grads)
-  metrics["lr"] = lr_schedule(config.optim, config.train.steps)(state["step"])
+  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+             "lr": lr_schedule(config.optim, config.train.steps)(state["step"])}
   new_state = {"params": params, "ema": ema, "opt": opt, "step": state["step"] + 1,
                "key": state["key"]}
   return new_state, metrics
