@@ -191,30 +191,27 @@ def accumulated_grads(params, graphdef, batch, key, config, micro_batches: int):
   """
   t_BS, eps = noise_batch(key, batch, config)
   if micro_batches == 1:
-    (total, count), grads = _grads_of_terms(params, graphdef, batch, t_BS, eps, config)
-    return total / jnp.maximum(count, 1.0), jax.tree.map(
-        lambda g: g / jnp.maximum(count, 1.0), grads)
-  split = lambda x: x.reshape((micro_batches, x.shape[0] // micro_batches) + x.shape[1:])
-  micro = jax.tree.map(split, {"batch": batch, "t": t_BS, "eps": eps})
+    (total, count), grads = _grads_of_sum(params, graphdef, batch, t_BS, eps, config)
+  else:
+    split = lambda x: x.reshape((micro_batches, x.shape[0] // micro_batches) + x.shape[1:])
+    micro = jax.tree.map(split, {"batch": batch, "t": t_BS, "eps": eps})
 
-  def body(carry, mb):
-    total, count, grads = carry
-    (t_mb, c_mb), g_mb = _grads_of_terms(params, graphdef, mb["batch"], mb["t"], mb["eps"],
+    def body(carry, mb):
+      total, count, grads = carry
+      (t_mb, c_mb), g_mb = _grads_of_sum(params, graphdef, mb["batch"], mb["t"], mb["eps"],
                                          config)
-    return (total + t_mb, count + c_mb, jax.tree.map(jnp.add, grads, g_mb)), None
+      return (total + t_mb, count + c_mb, jax.tree.map(jnp.add, grads, g_mb)), None
 
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  (total, count, grads), _ = jax.lax.scan(body, (jnp.zeros(()), jnp.zeros(()), zeros), micro)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (total, count, grads), _ = jax.lax.scan(body, (jnp.zeros(()), jnp.zeros(()), zeros), micro)
   denom = jnp.maximum(count, 1.0)
   return total / denom, jax.tree.map(lambda g: g / denom, grads)
 
 
-def _grads_of_terms(params, graphdef, batch, t_BS, eps, config):
-  """(sum, count) and the gradient of the sum (the count does not depend on params)."""
-  grad_fn = jax.value_and_grad(lambda p: loss_terms(p, graphdef, batch, t_BS, eps, config),
-                               has_aux=True)
-  (total, count), grads = grad_fn(params)
-  return (total, count), grads
+def _grads_of_sum(params, graphdef, batch, t_BS, eps, config):
+  """``((sum, count), d sum / d params)``; the count does not depend on the params."""
+  return jax.value_and_grad(lambda p: loss_terms(p, graphdef, batch, t_BS, eps, config),
+                            has_aux=True)(params)
 
 
 def train_step(state: State, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
