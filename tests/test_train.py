@@ -234,3 +234,30 @@ def test_grad_accumulation_equals_one_big_batch(weighting):
     for a, b in zip(jax.tree.leaves(grads_k), jax.tree.leaves(grads1)):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads1)) > 0
+
+
+def test_sharded_training_equals_single_device_training():
+  """Three steps on mesh (2, 2, 2) and on one device: same losses and params (up to float
+  reassociation of the sharded reductions)."""
+  config = helpers.run_config(3)
+  batches = [pipeline.make_batch(config, step) for step in range(3)]
+  results = {}
+  for name, devices in (("mesh", jax.devices()), ("single", jax.devices()[:1])):
+    c = helpers.run_config(3)
+    if name == "single":
+      c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1
+    mesh = shard_lib.make_mesh(c.mesh, devices)
+    with jax.set_mesh(mesh), shard_lib.axis_rules(c.mesh.rules):
+      graphdef, state, shardings = trainer.create_sharded_state(c, mesh)
+      step_fn = trainer.jit_train_step(c, graphdef, shardings, mesh)
+      b_shardings = trainer.batch_shardings(c, mesh)
+      losses = []
+      for host_batch in batches:
+        state, metrics = step_fn(state, trainer._device_batch(host_batch, b_shardings))
+        losses.append(float(metrics["loss"]))
+      n_devices = len(jax.tree.leaves(state["params"])[0].sharding.device_set)
+      results[name] = (losses, jax.tree.map(np.asarray, jax.device_get(state)), n_devices)
+  assert results["mesh"][2] == 8 and results["single"][2] == 1
+  np.testing.assert_allclose(results["mesh"][0], results["single"][0], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(results["mesh"][1]), jax.tree.leaves(results["single"][1])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
