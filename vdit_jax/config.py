@@ -107,7 +107,11 @@ def get_base_config() -> ml_collections.ConfigDict:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks a config for mistakes that would otherwise surface mid-compile or mid-run."""
+  """Checks a config for mistakes that would otherwise surface mid-compile or mid-run.
+
+  Checks that need the device count (mesh sizes, rows per data-parallel shard) are in
+  ``trainer.validate``.
+  """
   m, d = config.model, config.data
   if m.block not in layout.BLOCK_PATTERNS:
     raise ValueError(f"model.block={m.block!r} is unknown: use one of "
@@ -138,9 +142,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"data.seq_len={d.seq_len} is too short for the largest video the data "
                      f"config allows ({biggest} tokens): raise data.seq_len to "
                      f"{-(-biggest // 128) * 128} or lower data.side/data.frames")
-  if d.batch_rows % max(1, _data_parallel(config)):
-    raise ValueError(f"data.batch_rows={d.batch_rows} must divide over the data-parallel mesh "
-                     f"axes (data x fsdp = {_data_parallel(config)})")
   if config.train.grad_accum < 1 or d.batch_rows % config.train.grad_accum:
     raise ValueError(f"train.grad_accum={config.train.grad_accum} must be >= 1 and divide "
                      f"data.batch_rows={d.batch_rows}")
@@ -155,11 +156,6 @@ def largest_grids(config: ml_collections.ConfigDict) -> list[tuple[int, int, int
   """Token grids of the largest videos the data config can draw, one per aspect ratio."""
   d = config.data
   return tokens.largest_grids(d.frames[1], d.side[1], d.aspect_ratios, config.model.patch)
-
-
-def _data_parallel(config) -> int:
-  sizes = [config.mesh.data, config.mesh.fsdp]
-  return 1 if -1 in sizes else sizes[0] * sizes[1]
 
 
 def from_dict(raw: dict) -> ml_collections.ConfigDict:
