@@ -315,3 +315,23 @@ def test_bfloat16_compute_keeps_float32_params_and_tracks_float32():
   err = np.abs(np.asarray(out16)[real] - out32[real]).max()
   scale = np.abs(out32[real]).max()
   assert 0 < err < 0.05 * scale, (err, scale)  # bf16 really ran, and stayed close
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+def test_every_parameter_names_its_logical_axes(block):
+  """Sharding is config-only because every parameter names one logical axis per dim; a new
+  parameter created without names would silently be replicated everywhere, so it fails here."""
+  from vdit_jax import sharding as shard_lib
+
+  config = helpers.tiny_config(block)
+  model = model_lib.build_model(config, seed=0)
+  params = nnx.state(model, nnx.Param)
+  flat = jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+  assert len(flat) > 10
+  for path, var in flat:
+    names = var.get_metadata().get("out_sharding")
+    where = jax.tree_util.keystr(path)
+    assert names is not None, f"{where} has no logical axis names"
+    assert len(names) == var[...].ndim, f"{where}: names {names} for shape {var[...].shape}"
+    shard_lib.logical_to_spec(names, config.mesh.rules)  # every name has a rule
