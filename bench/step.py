@@ -25,6 +25,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from configs import p0  # noqa: E402
 from vdit_jax import config as config_lib  # noqa: E402
 from vdit_jax import layout, trainer, tokens  # noqa: E402
 from vdit_jax import model as model_lib  # noqa: E402
@@ -40,20 +41,10 @@ PEERS = {
 
 
 def p0_config(block: str, quick: bool, backend: str = "dense"):
-  c = config_lib.get_base_config()
-  c.data.channels = 4
-  c.data.frames = (4, 4) if quick else (8, 8)
-  c.data.side = (16, 16) if quick else (32, 32)
-  c.data.seq_len = 256 if quick else 2048
-  c.data.batch_rows = 2
-  c.data.max_segments = 1
-  c.model.patch = (1, 2, 2)
-  c.model.width = 256
-  c.model.depth = 4
-  c.model.num_heads = 4
-  c.model.head_dim = 64
-  c.model.mlp_ratio = 4.0
-  c.model.block = block
+  c = p0.get_config(block)
+  c.unlock()
+  if quick:
+    c.data.frames, c.data.side, c.data.seq_len = (4, 4), (16, 16), 256
   c.model.attention_backend = backend
   return c
 

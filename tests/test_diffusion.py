@@ -130,9 +130,10 @@ def test_masked_loss_of_an_all_padding_batch_is_finite_zero():
 def test_per_token_gathers_each_videos_value():
   seg = jnp.asarray([[1, 1, 2, 2, 2, 0], [3, 3, 1, 0, 0, 0]], jnp.int32)
   x = jnp.asarray([[10.0, 20.0, 30.0], [40.0, 50.0, 60.0]])
-  got = np.asarray(diffusion.per_token(x, seg))
+  got = np.asarray(tok.per_token(x, seg))
   assert np.array_equal(got[0, :5], [10, 10, 20, 20, 20])
   assert np.array_equal(got[1, :3], [60, 60, 40])
+  assert got[0, 5] == 0 and np.all(got[1, 3:] == 0)  # padding gets zeros
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -164,7 +165,7 @@ def test_sample_euler_follows_each_videos_shifted_grid():
 
   def velocity(x, t_BS):
     seen.append(t_BS.shape)
-    return jnp.broadcast_to(diffusion.per_token(t_BS, seg)[..., None], x.shape)
+    return jnp.broadcast_to(tok.per_token(t_BS, seg)[..., None], x.shape)
 
   out = np.asarray(diffusion.sample_euler(velocity, x1, seg, shift, n))
   assert seen and all(s == shift.shape for s in seen)
@@ -191,7 +192,7 @@ def test_guided_combines_conditional_and_unconditional():
 
   def model_fn(x, t, label, segment_ids, coords):
     calls.append(x.shape[0])
-    lab = diffusion.per_token(label.astype(jnp.float32), segment_ids)
+    lab = tok.per_token(label.astype(jnp.float32), segment_ids)
     return 0.5 * x + (lab * 2.0 + t[:, :1])[..., None]
 
   t = jnp.full((2, 2), 0.3)

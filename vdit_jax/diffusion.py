@@ -13,6 +13,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from vdit_jax import tokens
+
 
 def tokens_per_video(seg_grid_BS3: jax.Array) -> jax.Array:
   return jnp.prod(seg_grid_BS3, axis=-1).astype(jnp.float32)
@@ -32,12 +34,6 @@ def sample_t(key: jax.Array, seg_grid_BS3: jax.Array, cfg) -> jax.Array:
   """Per-video training t ``[B, S]``: logit-normal, then shifted by token count."""
   u = jax.nn.sigmoid(cfg.t_mean + cfg.t_std * jax.random.normal(key, seg_grid_BS3.shape[:2]))
   return shift_t(u, video_shift(seg_grid_BS3, cfg))
-
-
-def per_token(x_BS: jax.Array, segment_ids_BL: jax.Array) -> jax.Array:
-  """Per-video values ``[B, S]`` -> per-token ``[B, L]`` (padding takes slot 0's value)."""
-  idx = jnp.clip(segment_ids_BL - 1, 0, x_BS.shape[1] - 1)
-  return jnp.take_along_axis(x_BS, idx, axis=1)
 
 
 def add_noise(x0_BLP: jax.Array, eps_BLP: jax.Array, t_BL: jax.Array) -> jax.Array:
@@ -91,7 +87,7 @@ def sample_euler(velocity: Callable[[jax.Array, jax.Array], jax.Array], noise_BL
   def body(i, x_BLP):
     t_now, t_next = t_at(i), t_at(i + 1)
     v_BLP = velocity(x_BLP, t_now)
-    dt_BL = per_token(t_next - t_now, segment_ids_BL)[..., None]
+    dt_BL = tokens.per_token(t_next - t_now, segment_ids_BL)[..., None]
     return x_BLP + dt_BL * v_BLP
 
   return jax.lax.fori_loop(0, num_steps, body, noise_BLP)

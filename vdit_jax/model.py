@@ -22,6 +22,7 @@ from flax import nnx
 
 from vdit_jax import attention as attn_lib
 from vdit_jax import layout as layout_lib
+from vdit_jax import tokens as tokens_lib
 from vdit_jax.sharding import constrain
 
 BLOCK_PATTERNS = layout_lib.BLOCK_PATTERNS
@@ -135,17 +136,6 @@ class Mlp(nnx.Module):
     return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
 
 
-def gather_per_token(x_BSF: jax.Array, segment_ids_BL: jax.Array) -> jax.Array:
-  """Per-video values ``[B, S, F]`` -> per-token ``[B, L, F]``; padding gets zeros.
-
-  A one-hot matmul rather than a gather: S is small, and its gradient is a matmul too, where a
-  gather's is a scatter-add (slow on CPU).
-  """
-  S = x_BSF.shape[1]
-  onehot_BLS = (segment_ids_BL[:, :, None] == jnp.arange(1, S + 1)).astype(x_BSF.dtype)
-  return jnp.einsum("bls,bsf->blf", onehot_BLS, x_BSF)
-
-
 class Block(nnx.Module):
   """A DiT block: adaLN-Zero-modulated attention sublayer(s) and MLP."""
 
@@ -164,7 +154,7 @@ class Block(nnx.Module):
 
   def __call__(self, x_BLD, c_BSD, segment_ids_BL, ctx, cos, sin):
     mods_BSF = self.ada(jax.nn.silu(c_BSD))
-    mods = jnp.split(gather_per_token(mods_BSF, segment_ids_BL).astype(x_BLD.dtype),
+    mods = jnp.split(tokens_lib.per_token(mods_BSF, segment_ids_BL).astype(x_BLD.dtype),
                      self.num_mods, axis=-1)
     attns = [self.attn] + ([self.attn_t] if self.attn_t is not None else [])
     for i, (pattern, layer) in enumerate(zip(self.patterns, attns)):
@@ -244,9 +234,8 @@ class VideoDiT(nnx.Module):
       run_block = nnx.remat(run_block)
     for block in self.blocks:
       x_BLD = run_block(block, x_BLD, c_BSD)
-    shift, scale = jnp.split(
-        gather_per_token(self.final_ada(jax.nn.silu(c_BSD)), segment_ids_BL).astype(x_BLD.dtype),
-        2, axis=-1)
+    final_mods = tokens_lib.per_token(self.final_ada(jax.nn.silu(c_BSD)), segment_ids_BL)
+    shift, scale = jnp.split(final_mods.astype(x_BLD.dtype), 2, axis=-1)
     out_BLP = self.final(layer_norm(x_BLD) * (1 + scale) + shift)
     return out_BLP.astype(jnp.float32)
 
@@ -264,8 +253,8 @@ def forward_flops(cfg, seg_grids, seq_len: int, token_size: int) -> float:
   D, H, K = cfg.width, cfg.num_heads, cfg.head_dim
   hidden = int(cfg.mlp_ratio * D)
   patterns = BLOCK_PATTERNS[cfg.block]
-  per_token = len(patterns) * (D * 3 * H * K + H * K * D) + 2 * D * hidden
-  linear = 2 * seq_len * per_token * cfg.depth
+  macs_per_token = len(patterns) * (D * 3 * H * K + H * K * D) + 2 * D * hidden
+  linear = 2 * seq_len * macs_per_token * cfg.depth
   pairs = sum(attn_lib.pattern_pairs(p, tuple(g)) for g in seg_grids for p in patterns
               if math.prod(int(v) for v in g) > 0)
   attn = 4 * H * K * pairs * cfg.depth
@@ -279,9 +268,7 @@ def build_model(config, seed: int | None = None) -> VideoDiT:
   Parameters carry logical axis names as metadata; ``sharding.param_shardings`` turns them into
   mesh shardings, so creation itself needs no mesh.
   """
-  from vdit_jax import tokens  # local: keeps the model importable without the token helpers
-
-  token_size = tokens.token_dim(config.model.patch, config.data.channels)
+  token_size = tokens_lib.token_dim(config.model.patch, config.data.channels)
   with nnx.use_eager_sharding(False):
     return VideoDiT(config.model, token_size,
                     rngs=nnx.Rngs(config.seed if seed is None else seed))

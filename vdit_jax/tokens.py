@@ -123,6 +123,17 @@ def unpatchify(tokens, grid: Grid, patch: Patch, channels: int):
   return _unpatchify(jnp, tokens, grid, patch, channels)
 
 
+def per_token(x_BS, segment_ids_BL):
+  """Per-video values ``[B, S, ...]`` -> per-token ``[B, L, ...]`` by segment id (jax).
+
+  Padding tokens get zeros. A one-hot matmul rather than a gather: S is small, and its gradient
+  is a matmul too, where a gather's is a scatter-add (slow on CPU).
+  """
+  import jax.numpy as jnp
+  onehot_BLS = (segment_ids_BL[:, :, None] == jnp.arange(1, x_BS.shape[1] + 1)).astype(x_BS.dtype)
+  return jnp.einsum("bls,bs...->bl...", onehot_BLS, x_BS)
+
+
 def grid_coords(grid: Sequence[int]) -> np.ndarray:
   """``[N, 3]`` int32 ``(t, h, w)`` of every token of a grid, in t-major order."""
   gt, gh, gw = (int(g) for g in grid)

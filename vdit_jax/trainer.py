@@ -167,7 +167,7 @@ def loss_terms(params, graphdef, batch, t_BS, eps, config) -> tuple[jax.Array, j
   """Rectified-flow loss of a packed batch as (sum, count), for the given t and noise."""
   seg = batch["segment_ids"]
   x0 = batch["tokens"]
-  x_t = diffusion.add_noise(x0, eps, diffusion.per_token(t_BS, seg))
+  x_t = diffusion.add_noise(x0, eps, tokens_lib.per_token(t_BS, seg))
   model = nnx.merge(graphdef, params)
   v = model(x_t, t_BS, batch["seg_label"], seg, batch["coords"], layouts=batch.get("layouts"))
   err = v - diffusion.velocity_target(x0, eps)
