@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from vdit_jax import tokens as tok
+
 SHAPES = ("circle", "square", "triangle")
 COLORS = {
     "red": (1.0, -1.0, -1.0),
@@ -142,11 +144,7 @@ class SyntheticShapes:
     return self.num_videos
 
   def _size(self, t: int, side: float, aspect: float) -> tuple[int, int, int]:
-    pt, ph, pw = self.patch
-    h = side / math.sqrt(aspect)
-    w = side * math.sqrt(aspect)
-    return (max(pt, t // pt * pt), max(ph, int(math.floor(h / ph + 0.5)) * ph),
-            max(pw, int(math.floor(w / pw + 0.5)) * pw))
+    return tok.video_size(t, side, aspect, self.patch)
 
   def _draw_size(self, rng: np.random.Generator) -> tuple[int, int, int]:
     t = int(rng.integers(self.frames[0], self.frames[1] + 1))

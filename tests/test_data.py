@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from configs import base
+from vdit_jax import config as base
 from data import packing, pipeline
 from data.synthetic_shapes import COLORS, NUM_CLASSES, SyntheticShapes, label_name, parse_label
 from vdit_jax import tokens as tok

@@ -19,23 +19,19 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from vdit_jax import blocksparse
+from vdit_jax import blocksparse, layout
 
-PATTERNS = ("full", "spatial", "temporal")
+PATTERNS = layout.PATTERNS
 BACKENDS = ("dense", "blocksparse")
 
 def pattern_mask(pattern: str, segment_ids_BL: jax.Array, coords_BL3: jax.Array) -> jax.Array:
-  """Boolean ``[B, L, L]`` mask: True where query l may attend to key m."""
-  seg = segment_ids_BL
-  mask = seg[:, :, None] == seg[:, None, :]
-  if pattern == "full":
-    return mask
-  same = coords_BL3[:, :, None, :] == coords_BL3[:, None, :, :]  # [B, L, L, 3]
-  if pattern == "spatial":
-    return mask & same[..., 0]
-  if pattern == "temporal":
-    return mask & same[..., 1] & same[..., 2]
-  raise ValueError(f"unknown attention pattern {pattern!r}: use one of {PATTERNS}")
+  """Boolean ``[B, L, L]`` mask: True where query l may attend to key m.
+
+  The predicate is ``blocksparse.pair_mask``, the one the blocksparse backend applies per block.
+  """
+  seg, c = segment_ids_BL, coords_BL3
+  return blocksparse.pair_mask(pattern, seg[:, :, None], c[:, :, None, :], seg[:, None, :],
+                               c[:, None, :, :])
 
 
 def dense_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array,

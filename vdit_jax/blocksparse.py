@@ -144,12 +144,12 @@ def attend_masked(specs: tuple[str, str, str], q: jax.Array, k: jax.Array, v: ja
 attend_masked.defvjp(_attend_fwd, _attend_bwd)
 
 
-def _pair_mask(pattern: str, seg_q: jax.Array, c_q: jax.Array, seg_k: jax.Array,
-               c_k: jax.Array) -> jax.Array:
-  """The predicate of ``attention.pattern_mask`` on broadcastable query/key operands.
+def pair_mask(pattern: str, seg_q: jax.Array, c_q: jax.Array, seg_k: jax.Array,
+              c_k: jax.Array) -> jax.Array:
+  """Whether a query may attend to a key under ``pattern``, on broadcastable operands.
 
-  ``seg_*`` are effective segment ids (padding already split into per-block chunks) and ``c_*``
-  the coordinates with a trailing axis of 3.
+  ``seg_*`` are segment ids (here: padding already split into per-block chunks) and ``c_*``
+  the coordinates with a trailing axis of 3. ``attention.pattern_mask`` uses it too.
   """
   mask = seg_q == seg_k
   if pattern == "full":
@@ -214,7 +214,7 @@ def blocksparse_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Arra
     # as in dense, is faster than blocks (XLA:CPU threads large dots only). Unlisted blocks
     # hold no allowed pair, so the predicate alone gives the same mask. Token-major einsums
     # here, as in dense, measured faster than heads-major ones at this size.
-    mask_B1LL = _pair_mask(pattern, seg_BL[:, None, :, None], c_BL3[:, None, :, None, :],
+    mask_B1LL = pair_mask(pattern, seg_BL[:, None, :, None], c_BL3[:, None, :, None, :],
                            seg_BL[:, None, None, :], c_BL3[:, None, None, :, :])
     q_p, k_p, v_p = (_permute(x, perm_BL, inv_perm_BL) for x in (q_BLHK, k_BLHK, v_BLHK))
     o_BLHK = attend_masked(("bqhk", "bmhk", "bhqm"), q_p * scale, k_p, v_p, mask_B1LL)
@@ -238,7 +238,7 @@ def blocksparse_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Arra
     v_g = gather(v_BHMbK).reshape(B, H, N, j * bk, K)
     seg_k = jnp.where(kv_valid_BNj[..., None], take_blocks(seg_BMb, kv_blocks_BNj), _NO_SEGMENT)
     c_k = take_blocks(c_BMb3, kv_blocks_BNj)
-    mask = _pair_mask(pattern, seg_q_BNq[..., None], c_q_BNq3[:, :, :, None],
+    mask = pair_mask(pattern, seg_q_BNq[..., None], c_q_BNq3[:, :, :, None],
                       seg_k.reshape(B, N, 1, j * bk), c_k.reshape(B, N, 1, j * bk, 3))
     return k_g, v_g, mask
 
