@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from vdit_jax import blocksparse, layout
+from vdit_jax import blocksparse, flash, layout
 
 PATTERNS = layout.PATTERNS
 BACKENDS = ("dense", "blocksparse")
@@ -38,11 +38,17 @@ def dense_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array,
                     mask_BLL: jax.Array) -> jax.Array:
   """Masked softmax attention; logits and softmax in f32 whatever the input dtype.
 
-  Shares ``blocksparse.attend_masked`` (a written-out backward pass that reuses the forward
-  probabilities) with the blocksparse backend, so the two differ only in which pairs they visit.
+  Long rows go through ``flash.attend_chunked`` (a few hundred queries at a time, so the
+  ``[L, L]`` logits never exist at once); short ones through ``blocksparse.attend_masked`` (a
+  written-out backward pass that reuses the forward probabilities), which the blocksparse
+  backend shares, so the two differ only in which pairs they visit.
   """
-  scale = jnp.asarray(q_BLHK.shape[-1] ** -0.5, q_BLHK.dtype)
-  return blocksparse.attend_masked(("blhk", "bmhk", "bhlm"), q_BLHK * scale, k_BLHK, v_BLHK,
+  B, L, H, K = q_BLHK.shape
+  q_BLHK = q_BLHK * jnp.asarray(K ** -0.5, q_BLHK.dtype)
+  chunk = flash.query_chunk(B, H, L, L)
+  if chunk is not None:
+    return flash.attend_chunked(chunk, q_BLHK, k_BLHK, v_BLHK, mask_BLL[:, None])
+  return blocksparse.attend_masked(("blhk", "bmhk", "bhlm"), q_BLHK, k_BLHK, v_BLHK,
                                    mask_BLL[:, None])
 
 

@@ -30,6 +30,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from vdit_jax import flash
 from vdit_jax.layout import LAYOUT_KEYS
 
 # Same finite "minus infinity" as attention.dense_attention, so masked entries match exactly.
@@ -217,7 +218,11 @@ def blocksparse_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Arra
     mask_B1LL = pair_mask(pattern, seg_BL[:, None, :, None], c_BL3[:, None, :, None, :],
                            seg_BL[:, None, None, :], c_BL3[:, None, None, :, :])
     q_p, k_p, v_p = (_permute(x, perm_BL, inv_perm_BL) for x in (q_BLHK, k_BLHK, v_BLHK))
-    o_BLHK = attend_masked(("bqhk", "bmhk", "bhqm"), q_p * scale, k_p, v_p, mask_B1LL)
+    chunk = flash.query_chunk(B, H, L, L)
+    if chunk is not None:
+      o_BLHK = flash.attend_chunked(chunk, q_p * scale, k_p, v_p, mask_B1LL)
+    else:
+      o_BLHK = attend_masked(("bqhk", "bmhk", "bhqm"), q_p * scale, k_p, v_p, mask_B1LL)
     return _permute(o_BLHK, inv_perm_BL, perm_BL)
 
   # Heads-major for blocks: the batched block matmuls then need no transposes (measured faster).

@@ -1,0 +1,123 @@
+"""Masked softmax attention computed ``chunk`` queries at a time, flash-attention style.
+
+Why: on CPU the cost of dense attention at a few thousand tokens is not its FLOPs but its passes
+over ``[B, H, L, L]`` f32 tensors (134 MB each at P0: B=2, H=4, L=2048): the logits, the mask
+select, the softmax, and in the backward pass the probabilities, their gradient and the logits'
+gradient each go through memory. Taking ``chunk`` queries at a time keeps one chunk's
+``[B, H, chunk, L]`` logits (about 16 MB, ``target_logits`` floats) in the last-level cache from
+the QK matmul to the PV matmul, and the backward pass recomputes them from the saved
+log-sum-exp instead of storing probabilities. Measured at P0 sizes (f32, forward + backward,
+XLA:CPU, 2 cores): 0.17 s against 0.38 s for ``blocksparse.attend_masked`` on the whole
+``[L, L]``, with memory O(B H chunk L) instead of O(B H L^2).
+
+Same function as ``blocksparse.attend_masked`` for every query with at least one allowed key
+(in vdit-jax every query may attend to itself). Token-major layouts: ``q [B, L, H, K]``,
+``k, v [B, M, H, K]``, ``mask`` broadcastable to ``[B, H, L, M]``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+# Same finite "minus infinity" as blocksparse, so masked logits match the reference exactly.
+_MASK_VALUE = -1e30
+_F32 = jnp.float32
+
+
+def query_chunk(batch: int, heads: int, q_len: int, k_len: int,
+                target_logits: int = 4 * 2**20) -> int | None:
+  """Queries per chunk so one chunk's logits hold about ``target_logits`` floats, or None.
+
+  A power of two in [64, 512] dividing ``q_len``; None (attend to everything at once) when the
+  queries would fit in fewer than two chunks, where chunking only adds loop overhead.
+  """
+  chunk = 512
+  while chunk > 64 and chunk * batch * heads * k_len > target_logits:
+    chunk //= 2
+  while chunk >= 64 and q_len % chunk:
+    chunk //= 2
+  if chunk < 64 or q_len < 2 * chunk:
+    return None
+  return chunk
+
+
+def _to_chunks(x: jax.Array, axis: int, chunk: int) -> jax.Array:
+  """Moves ``x``'s ``axis`` (length n*chunk) to a leading axis of n chunks."""
+  x = x.reshape(x.shape[:axis] + (x.shape[axis] // chunk, chunk) + x.shape[axis + 1:])
+  return jnp.moveaxis(x, axis, 0)
+
+
+def _from_chunks(x: jax.Array, axis: int) -> jax.Array:
+  """Inverse of ``_to_chunks``."""
+  x = jnp.moveaxis(x, 0, axis)
+  return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
+
+
+def _chunk_forward(q_BcHK, k_BMHK, v_BMHK, mask_BhcM):
+  logits = jnp.einsum("bqhk,bmhk->bhqm", q_BcHK, k_BMHK, preferred_element_type=_F32)
+  logits = jnp.where(mask_BhcM, logits, _MASK_VALUE)
+  m_BHc = logits.max(axis=-1)
+  p = jnp.exp(logits - m_BHc[..., None])
+  l_BHc = p.sum(axis=-1)
+  o = jnp.einsum("bhqm,bmhk->bqhk", (p / l_BHc[..., None]).astype(v_BMHK.dtype), v_BMHK)
+  return o, m_BHc + jnp.log(l_BHc)
+
+
+def _forward(chunk, q, k, v, mask):
+  mask = jnp.broadcast_to(mask, mask.shape[:2] + (q.shape[1], k.shape[1]))
+  o_chunks, lse_chunks = jax.lax.map(
+      lambda xs: _chunk_forward(xs[0], k, v, xs[1]),
+      (_to_chunks(q, 1, chunk), _to_chunks(mask, 2, chunk)))
+  return _from_chunks(o_chunks, 1), _from_chunks(lse_chunks, 2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def attend_chunked(chunk: int, q_BLHK: jax.Array, k_BMHK: jax.Array, v_BMHK: jax.Array,
+                   mask: jax.Array) -> jax.Array:
+  """Masked softmax attention, ``chunk`` queries at a time; ``q`` comes scaled.
+
+  ``chunk`` must divide L (``query_chunk`` picks one). Logits, softmax and the key/value
+  gradient sums are f32 whatever the input dtype; the output has ``v``'s dtype.
+  """
+  if q_BLHK.shape[1] % chunk:
+    raise ValueError(f"chunk={chunk} does not divide the {q_BLHK.shape[1]} queries: use "
+                     "flash.query_chunk to pick one")
+  return _forward(chunk, q_BLHK, k_BMHK, v_BMHK, mask)[0]
+
+
+def _fwd(chunk, q, k, v, mask):
+  o, lse = _forward(chunk, q, k, v, mask)
+  return o, (q, k, v, mask, o, lse)
+
+
+def _bwd(chunk, res, do_BLHK):
+  q, k, v, mask, o, lse_BHL = res
+  mask = jnp.broadcast_to(mask, mask.shape[:2] + (q.shape[1], k.shape[1]))
+  # Softmax backward needs sum_m p dp per query, which equals <do, o>.
+  delta_BHL = jnp.einsum("blhk,blhk->bhl", do_BLHK.astype(_F32), o.astype(_F32))
+
+  def body(carry, xs):
+    dk, dv = carry
+    q_c, do_c, mask_c, lse_c, delta_c = xs
+    logits = jnp.einsum("bqhk,bmhk->bhqm", q_c, k, preferred_element_type=_F32)
+    # Masked pairs get exactly zero probability, as in the forward pass.
+    p = jnp.where(mask_c, jnp.exp(logits - lse_c[..., None]), 0.0)
+    dv = dv + jnp.einsum("bhqm,bqhk->bmhk", p.astype(v.dtype), do_c, preferred_element_type=_F32)
+    dp = jnp.einsum("bqhk,bmhk->bhqm", do_c, v, preferred_element_type=_F32)
+    ds = (p * (dp - delta_c[..., None])).astype(q.dtype)
+    dq_c = jnp.einsum("bhqm,bmhk->bqhk", ds, k)
+    dk = dk + jnp.einsum("bhqm,bqhk->bmhk", ds, q_c, preferred_element_type=_F32)
+    return (dk, dv), dq_c
+
+  zeros = jnp.zeros(k.shape, _F32)
+  xs = (_to_chunks(q, 1, chunk), _to_chunks(do_BLHK.astype(q.dtype), 1, chunk),
+        _to_chunks(mask, 2, chunk), _to_chunks(lse_BHL, 2, chunk),
+        _to_chunks(delta_BHL, 2, chunk))
+  (dk, dv), dq_chunks = jax.lax.scan(body, (zeros, zeros), xs)
+  return _from_chunks(dq_chunks, 1), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+attend_chunked.defvjp(_fwd, _bwd)
