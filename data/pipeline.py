@@ -74,7 +74,7 @@ class BatchMaker:
     self.null_label = int(config.model.num_classes)
     # blocksparse attention needs per-pattern block layouts; they are made here, on the host.
     self.layout_patterns = (layout.BLOCK_PATTERNS[config.model.block]
-                            if config.model.attention_backend == "blocksparse" else ())
+                            if config.model.attention_backend in layout.LAYOUT_BACKENDS else ())
     self.layout_grids = tok.largest_grids(d.frames[1], d.side[1], d.aspect_ratios, self.patch)
     self.attention_block = int(config.model.attention_block)
     # Fail at start-up, not at the first unlucky step thousands of steps in.

@@ -35,6 +35,9 @@ import math
 import numpy as np
 
 PATTERNS = ("full", "spatial", "temporal")
+# Attention backends that read layouts from the batch: the pipeline makes them for these
+# (``auto`` may resolve to blocksparse; when it does not, the model ignores them).
+LAYOUT_BACKENDS = ("blocksparse", "auto")
 # What make_layout returns; blocksparse_attention reads these and nothing else.
 LAYOUT_KEYS = ("perm", "inv_perm", "perm_segment", "perm_coords", "kv_blocks", "kv_valid",
                "kv_readers", "kv_readers_valid")
