@@ -11,9 +11,9 @@ for the video sizes in the row); rows marked "exact" use layouts sized for this 
 ``dense`` on these rows goes through ``flash.attend_chunked`` (64-query chunks), since the whole
 ``[L, L]`` f32 logits would be 2 GiB per head.
 
-Memory: the largest L (doubling, one video of 16 frames) whose compiled forward + backward fits
-16 GiB by XLA's ``memory_analysis()`` (arguments + outputs + temporaries), compiled only, never
-run. Analytic FLOPs: 4 K per allowed pair and head, forward (``attention.pattern_pairs``), the
+Memory: the largest L (doubling, one video of 16 frames, so a frame holds L/16 tokens) whose
+compiled forward + backward fits 16 GiB by XLA's ``memory_analysis()`` (arguments + outputs +
+temporaries), compiled only, never run. Analytic FLOPs: 4 K per allowed pair and head, forward (``attention.pattern_pairs``), the
 numbers ``model.forward_flops`` counts.
 """
 
@@ -164,7 +164,7 @@ def main():
   video, packed, sdpa_video = size["video"], size["packed"], size["sdpa"]
   fact = layout.BLOCK_PATTERNS["factorized"]
 
-  # ---- rows: (label, grids, backend, patterns, exact layouts?) per timed variant
+  # ---- timed variants: name -> (row, backend, patterns, layouts sized for this row?)
   L = tokens.num_tokens(video)
   L_sdpa = tokens.num_tokens(sdpa_video)
   rows = {
@@ -179,6 +179,7 @@ def main():
       "packed: dense full": ("packed", "dense", ("full",), False),
       "packed: blocksparse full": ("packed", "blocksparse", ("full",), False),
       "packed: blocksparse full, exact": ("packed", "blocksparse", ("full",), True),
+      "alone: dense full": ("sdpa", "dense", ("full",), False),
       "alone: sdpa (xla) full": ("sdpa", "sdpa", ("full",), False),
       "alone: blocksparse full": ("sdpa", "blocksparse", ("full",), False),
   }
@@ -231,13 +232,14 @@ def main():
       "blocksparse full": largest_len("blocksparse", ("full",), lo, hi),
       "blocksparse full, kv_chunk=8": largest_len("blocksparse", ("full",), lo, hi, 8),
       "blocksparse factorized": largest_len("blocksparse", fact, lo, hi),
+      "blocksparse factorized, kv_chunk=8": largest_len("blocksparse", fact, lo, hi, 8),
   }
   print(f"\nlargest L (one 16-frame video, doubling from {lo} up to {hi}) whose forward+backward "
         f"compiles within {MEMORY_BUDGET / 2**30:.0f} GiB")
-  print(f"{'variant':32s} {'largest L':>10s} {'GiB there':>10s}")
+  print(f"{'variant':36s} {'largest L':>10s} {'GiB there':>10s}")
   for name, (best, need) in memory.items():
     shown = "none" if best is None else f"{best}{'+' if best == hi else ''}"
-    print(f"{name:32s} {shown:>10s} {(need or 0) / 2**30:10.2f}")
+    print(f"{name:36s} {shown:>10s} {(need or 0) / 2**30:10.2f}")
   print("(+ = the largest L tried)\n")
 
   dense_video = sec["video: dense full"]
