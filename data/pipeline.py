@@ -75,10 +75,17 @@ class BatchMaker:
     # blocksparse attention needs per-pattern block layouts; they are made here, on the host.
     self.layout_patterns = (layout.BLOCK_PATTERNS[config.model.block]
                             if config.model.attention_backend in layout.LAYOUT_BACKENDS else ())
-    self.layout_grids = tok.largest_grids(d.frames[1], d.side[1], d.aspect_ratios, self.patch)
     self.attention_block = int(config.model.attention_block)
     # Fail at start-up, not at the first unlucky step thousands of steps in.
     largest = self.source.largest_video()
+    # Every grid the source can produce lets the layouts use the bound for rows packed back to
+    # back (tight when sizes are few); sources that cannot say get the any-placement bound.
+    possible = getattr(self.source, "possible_grids", None)
+    if possible is not None:
+      self.layout_grids, self.layout_segments = possible(), self.max_segments
+    else:
+      self.layout_grids = tok.largest_grids(d.frames[1], d.side[1], d.aspect_ratios, self.patch)
+      self.layout_segments = None
     n = tok.num_tokens(tok.grid_shape(largest, self.patch))
     if n > self.seq_len:
       raise ValueError(
@@ -115,7 +122,8 @@ class BatchMaker:
     if self.layout_patterns:
       batch["layouts"] = layout.batch_layouts(self.layout_patterns, batch["segment_ids"],
                                               batch["coords"], self.layout_grids,
-                                              block=self.attention_block)
+                                              block=self.attention_block,
+                                              max_segments=self.layout_segments)
     return batch
 
 

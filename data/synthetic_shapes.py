@@ -158,6 +158,10 @@ class SyntheticShapes:
     return max((self._size(self.frames[1], self.side[1], a) for a in self.aspect_ratios),
                key=lambda thw: thw[0] * thw[1] * thw[2])
 
+  def possible_grids(self) -> list[tuple[int, int, int]]:
+    """Every token grid this source can draw (the layouts' static bounds come from them)."""
+    return tok.possible_grids(self.frames, self.side, self.aspect_ratios, self.patch)
+
   def video_size(self, index: int) -> tuple[int, int, int]:
     """``(T, H, W)`` of item ``index`` without rendering it (the packer only needs sizes)."""
     return self._draw_size(self._rng(index))

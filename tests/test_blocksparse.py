@@ -119,6 +119,15 @@ def test_matches_dense(pattern, block_q, block_k, max_kv_blocks, kv_chunk):
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
+def test_matches_dense_block_diagonal(pattern):
+  """Videos and groups that never straddle a 16-block: one listed block each, no gathers."""
+  seg, coords = packed([[(1, 4, 4), (4, 2, 2)], [(2, 2, 4), (1, 4, 4), (4, 1, 4)]])
+  lay = layout.make_layout(pattern, seg, coords, 16, 16)
+  assert lay["kv_blocks"].shape[-1] == 1
+  assert_matches_dense(pattern, seg, coords, lay)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("rows", ["shuffled", "gaps"])
 def test_matches_dense_on_other_row_orders(pattern, rows):
   """Orders are made by the layout, so any token order works, not only pack_rows'."""
@@ -224,6 +233,55 @@ def test_bound_fits_random_packings():
       for bq, bk in [(16, 16), (32, 16), (16, 32), (8, 8)]:
         bound = layout.max_kv_blocks_bound(pattern, L, bq, bk, largest[pattern])
         assert layout.needed_kv_blocks(pattern, seg, coords, bq, bk) <= bound
+
+
+def test_packed_bound_fits_random_packings_and_is_tight():
+  """Rows packed back to back from a few sizes: the bound holds and some batch needs all of it."""
+  rng = np.random.default_rng(2)
+  for trial in range(12):
+    grids = sorted({tuple(int(x) for x in rng.integers(1, 6, size=3)) for _ in range(3)})
+    S = int(rng.integers(1, 4))
+    rows = []
+    for _ in range(200):  # many rows, so some hit the worst alignments
+      row, used = [], 0
+      for _ in range(S):
+        g = grids[rng.integers(len(grids))]
+        if used + tokens.num_tokens(g) <= L:
+          row.append(g)
+          used += tokens.num_tokens(g)
+      rows.append(row)
+    seg, coords = packed(rows)
+    for pattern in PATTERNS:
+      for b in (8, 16, 32):
+        bound = layout.packed_kv_blocks_bound(pattern, L, b, grids, S)
+        needed = layout.needed_kv_blocks(pattern, seg, coords, b, b)
+        assert needed <= bound, (trial, pattern, b, grids, S)
+        largest = max(layout.group_tokens(pattern, g) for g in grids)
+        assert bound <= layout.max_kv_blocks_bound(pattern, L, b, b, largest)
+        if S == 1:  # one video per row: every placement is seen, so the bound is exact
+          assert needed == bound, (trial, pattern, b, grids)
+
+
+def test_batch_layouts_grow_blocks_when_groups_align():
+  """P0's rows (one 8x16x16-token video): whole frames per 256-block, one block per list."""
+  grid = (8, 16, 16)
+  assert layout.block_and_bound("spatial", 2048, [grid], 0, max_segments=1) == (256, 1)
+  assert layout.block_and_bound("temporal", 2048, [grid], 0, max_segments=1) == (16, 1)
+  # Without knowing how rows are packed, any alignment must be allowed for.
+  assert layout.block_and_bound("spatial", 2048, [grid]) == (128, 5)
+
+
+def test_possible_grids_lists_every_drawable_grid():
+  rng = np.random.default_rng(3)
+  patch, aspects = (2, 4, 4), (0.5, 0.75, 1.0, 1.33, 2.0)
+  grids = set(tokens.possible_grids((3, 9), (10.0, 30.0), aspects, patch))
+  drawn = {tokens.grid_shape(tokens.video_size(int(rng.integers(3, 10)), rng.uniform(10, 30),
+                                               aspects[rng.integers(5)], patch), patch)
+           for _ in range(20000)}
+  # Random draws never hit the range's ends exactly; the ends are allowed sizes too.
+  ends = {tokens.grid_shape(tokens.video_size(t, side, a, patch), patch)
+          for t in range(3, 10) for side in (10.0, 30.0) for a in aspects}
+  assert drawn | ends == grids
 
 
 def test_aligned_bound_fits_aligned_packings():

@@ -247,6 +247,15 @@ def blocksparse_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Arra
                       seg_k.reshape(B, N, 1, j * bk), c_k.reshape(B, N, 1, j * bk, 3))
     return k_g, v_g, mask
 
+  if kv_chunk is None and J == 1 and bq == bk:
+    # Block-diagonal: a query block always lists its own block (every query may attend to
+    # itself, padding to its own chunk), so with one slot that is the only one: no gathers.
+    mask_BNqm = pair_mask(pattern, seg_q_BNq[..., None], c_q_BNq3[:, :, :, None],
+                          seg_BMb[:, :, None, :], c_BMb3[:, :, None, :, :])
+    o_BHNqK = attend_masked(("bhnqk", "bhnmk", "bhnqm"), q_BHNqK, k_BHMbK, v_BHMbK,
+                            mask_BNqm[:, None])
+    return _unpermute_from_heads(o_BHNqK.reshape(B, H, L, K), perm_BL, inv_perm_BL)
+
   if kv_chunk is None:
     gather = lambda x: _gather_blocks(x, kv_blocks_BNJ, layout["kv_readers"],
                                       layout["kv_readers_valid"])

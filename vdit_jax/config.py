@@ -158,6 +158,12 @@ def largest_grids(config: ml_collections.ConfigDict) -> list[tuple[int, int, int
   return tokens.largest_grids(d.frames[1], d.side[1], d.aspect_ratios, config.model.patch)
 
 
+def possible_grids(config: ml_collections.ConfigDict) -> list[tuple[int, int, int]]:
+  """Every token grid the procedural sources (synthetic_shapes) can draw under this config."""
+  d = config.data
+  return tokens.possible_grids(d.frames, d.side, d.aspect_ratios, config.model.patch)
+
+
 def from_dict(raw: dict) -> ml_collections.ConfigDict:
   """A locked config equal to a saved one, built on the base so every field keeps its type."""
   config = get_base_config()

@@ -30,6 +30,7 @@ dict, shards like the rest of the batch, and a run compiles once.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -263,6 +264,9 @@ def max_kv_blocks_bound(pattern: str, seq_len: int, block_q: int, block_k: int,
   return min(bound, seq_len // block_k)
 
 
+_MAX_BLOCK = 256  # largest block batch_layouts grows to when groups are aligned
+
+
 def default_block(seq_len: int, max_group_tokens: int) -> int:
   """A block size (for queries and keys alike) that measured well on CPU, dividing ``seq_len``.
 
@@ -293,21 +297,104 @@ def group_tokens(pattern: str, grid) -> int:
   return {"full": t * h * w, "spatial": h * w, "temporal": t}[pattern]
 
 
+def packed_kv_blocks_bound(pattern: str, seq_len: int, block: int, grids,
+                           max_segments: int) -> int:
+  """A ``max_kv_blocks`` (equal query and key blocks) that fits every row packed the way
+  ``tokens.pack_rows`` packs: videos back to back from position 0, at most ``max_segments`` of
+  them, each of one of ``grids`` (every grid the data can produce; a superset is fine).
+
+  Such rows can start a video only at sums of up to ``max_segments - 1`` video sizes, and inside
+  a video the groups sit at fixed offsets, so for each query block position this finds the
+  first allowed key (the start of the group holding the block's first token, over every video
+  that can cover it) and the last (the end of the group holding its last token) and counts the
+  key blocks between. Far tighter than ``max_kv_blocks_bound`` when sizes are few: P0's one
+  8x16x16 video per row needs 1 block of 256 for ``spatial``, not 3. Returns ``None`` when the
+  enumeration would be too large to be worth it (many sizes: use ``max_kv_blocks_bound``).
+  """
+  _check_pattern(pattern)
+  check_blocks(seq_len, block, block)
+  L, b = int(seq_len), int(block)
+  sizes = sorted({_num_tokens(g) for g in grids})
+  if not sizes or sizes[-1] > L:
+    raise ValueError(f"grids {list(grids)} hold a video longer than seq_len={L}")
+  starts = np.zeros(L + 1, bool)
+  starts[0] = True
+  frontier = starts.copy()
+  for _ in range(int(max_segments) - 1):
+    nxt = np.zeros(L + 1, bool)
+    for n in sizes:
+      nxt[n:] |= frontier[:L + 1 - n]
+    starts |= nxt
+    frontier = nxt
+  offsets = np.flatnonzero(starts[:L])
+  kinds = sorted({(_num_tokens(g), group_tokens(pattern, g)) for g in grids})
+  if len(kinds) * offsets.size * (L // b) > 2e7:
+    return None
+  first = np.arange(0, L, b)  # first position of each query block
+  last = first + b - 1
+  lo, hi = first.copy(), first + b  # padding queries see their own block only
+  for n, g in kinds:
+    o = offsets[offsets + n <= L][:, None]
+    covers_first = (o <= first) & (first < o + n)
+    lo = np.minimum(lo, np.where(covers_first, o + (first - o) // g * g, L).min(0))
+    covers_last = (o <= last) & (last < o + n)
+    hi = np.maximum(hi, np.where(covers_last, o + ((last - o) // g + 1) * g, 0).max(0))
+  return int(((hi - 1) // b - lo // b + 1).max())
+
+
+def _num_tokens(grid) -> int:
+  return int(np.prod([int(g) for g in grid]))
+
+
 def batch_layouts(patterns, segment_ids_BL, coords_BL3, grids, block: int = 0,
-                  exact: bool = False) -> dict[str, dict[str, np.ndarray]]:
+                  exact: bool = False, max_segments: int | None = None
+                  ) -> dict[str, dict[str, np.ndarray]]:
   """Layouts of one packed batch for each pattern, sized for every video of ``grids``.
 
-  ``grids`` are the largest token grids the batch may hold (e.g. the config's largest video per
-  aspect ratio): they fix the static ``max_kv_blocks`` bound, so every training batch has the
-  same shapes and the step compiles once. ``exact=True`` sizes the lists for this batch alone
-  (shapes then depend on the batch: for one-off calls such as sampling). ``block=0`` picks
+  ``grids`` fix the static ``max_kv_blocks`` bound, so every training batch has the same shapes
+  and the step compiles once. Without ``max_segments`` only the largest group of ``grids``
+  matters (e.g. the config's largest video per aspect ratio) and videos may sit anywhere. With
+  it, ``grids`` must be every grid the data can produce and rows must be packed back to back
+  (``tokens.pack_rows``, as the pipeline does): the bound is then ``packed_kv_blocks_bound``, and
+  the default block grows while that lists no more keys per query (P0: 256-token frames in
+  blocks of 256, one block each). ``exact=True`` sizes the lists for this batch alone (shapes
+  then depend on the batch: for one-off calls such as sampling). ``block=0`` picks
   ``default_block`` per pattern.
   """
   seq_len = np.shape(segment_ids_BL)[1]
   out = {}
   for p in patterns:
-    biggest = max(group_tokens(p, g) for g in grids)
-    b = int(block) or default_block(seq_len, biggest)
-    bound = None if exact else max_kv_blocks_bound(p, seq_len, b, b, biggest)
-    out[p] = make_layout(p, segment_ids_BL, coords_BL3, b, b, bound)
+    b, bound = block_and_bound(p, seq_len, grids, block, max_segments)
+    out[p] = make_layout(p, segment_ids_BL, coords_BL3, b, b, None if exact else bound)
   return out
+
+
+@functools.lru_cache(maxsize=256)
+def _block_and_bound(pattern: str, seq_len: int, grids: tuple, block: int,
+                     max_segments: int | None) -> tuple[int, int]:
+  biggest = max(group_tokens(pattern, g) for g in grids)
+
+  def bound(b):
+    window = max_kv_blocks_bound(pattern, seq_len, b, b, biggest)
+    if max_segments is None:
+      return window
+    packed = packed_kv_blocks_bound(pattern, seq_len, b, grids, max_segments)
+    return window if packed is None else min(window, packed)
+
+  b = int(block) or default_block(seq_len, biggest)
+  j = bound(b)
+  # Fewer, larger blocks cost less per pair; take them while they list no more keys per query.
+  while not block and max_segments is not None and 2 * b <= _MAX_BLOCK and seq_len % (2 * b) == 0:
+    j2 = bound(2 * b)
+    if j2 * 2 * b > j * b:
+      break
+    b, j = 2 * b, j2
+  return b, j
+
+
+def block_and_bound(pattern: str, seq_len: int, grids, block: int = 0,
+                    max_segments: int | None = None) -> tuple[int, int]:
+  """The block size and static ``max_kv_blocks`` that ``batch_layouts`` uses for ``pattern``."""
+  key = tuple(sorted({tuple(int(x) for x in g) for g in grids}))
+  return _block_and_bound(pattern, int(seq_len), key, int(block),
+                          None if max_segments is None else int(max_segments))

@@ -75,6 +75,36 @@ def largest_grids(max_frames: int, max_side: float, aspect_ratios: Sequence[floa
   return [grid_shape(video_size(max_frames, max_side, a, patch), patch) for a in aspect_ratios]
 
 
+def possible_grids(frames: Sequence[int], side: Sequence[float], aspect_ratios: Sequence[float],
+                   patch: Sequence[int]) -> list[Grid]:
+  """Every token grid ``video_size`` gives for frames in ``[frames[0], frames[1]]`` (integers),
+  ``side`` anywhere in ``[side[0], side[1]]`` and one of ``aspect_ratios``, sorted.
+
+  H and W change only where ``side`` crosses a rounding point of either, so evaluating at those
+  points, between consecutive ones and at both ends finds every (H, W) exactly.
+  """
+  pt, ph, pw = (int(p) for p in patch)
+  lo, hi = float(side[0]), float(side[1])
+  out = set()
+  for a in aspect_ratios:
+    r = math.sqrt(float(a))
+    # h = side / r crosses k + 0.5 patches at side = (k + 0.5) * ph * r; likewise w.
+    cuts = {lo, hi}
+    for step in (ph * r, pw / r):
+      k = math.floor(lo / step - 0.5)
+      while (k + 0.5) * step <= hi:
+        if (k + 0.5) * step >= lo:
+          cuts.add((k + 0.5) * step)
+        k += 1
+    cuts = sorted(cuts)
+    sides = cuts + [(x + y) / 2 for x, y in zip(cuts, cuts[1:])]
+    hw = {video_size(pt, s, a, patch)[1:] for s in sides}
+    for t in range(int(frames[0]), int(frames[1]) + 1):
+      tt = max(pt, t // pt * pt)
+      out.update(grid_shape((tt, h, w), patch) for h, w in hw)
+  return sorted(out)
+
+
 def token_dim(patch: Sequence[int], channels: int) -> int:
   return int(np.prod(patch)) * int(channels)
 
