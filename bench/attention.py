@@ -6,8 +6,9 @@ Default sizes: one 16x32x32-token video (L=16384); a row of 4 videos of 16x16x16
 one 16x16x16 video alone (L=4096) for the comparison with ``jax.nn.dot_product_attention``.
 One row, 2 heads x 64, f32; each time is the median over ``--repeats`` rounds of forward +
 backward (gradients of q, k, v), the variants taking turns within a round. Blocksparse uses the
-layouts the training pipeline makes (``layout.batch_layouts``, static ``max_kv_blocks`` bound
-for the video sizes in the row); rows marked "exact" use layouts sized for this very row.
+layouts the training pipeline makes for data of exactly the row's video sizes, packed back to
+back (``layout.batch_layouts`` with ``max_segments``: static block size and ``max_kv_blocks``);
+rows marked "exact" use layouts sized for this very row.
 ``dense`` on these rows goes through ``flash.attend_chunked`` (64-query chunks), since the whole
 ``[L, L]`` f32 logits would be 2 GiB per head.
 
@@ -109,11 +110,14 @@ def video_grid(seq_len: int) -> tuple[int, int, int]:
   return (16, 2 ** (k // 2), 2 ** (k - k // 2))
 
 
+def pipeline_layouts(patterns, seg, coords, grids, exact: bool = False) -> dict:
+  """Layouts as the pipeline makes them for data of exactly these grids, one row of them."""
+  return layout.batch_layouts(patterns, seg, coords, grids, exact=exact, max_segments=len(grids))
+
+
 def layout_shapes(pattern: str, seq_len: int, grid) -> dict[str, jax.ShapeDtypeStruct]:
-  """Shapes of ``batch_layouts(...)[pattern]`` for one video, without building it (huge L)."""
-  block = layout.default_block(seq_len, layout.group_tokens(pattern, grid))
-  J = layout.max_kv_blocks_bound(pattern, seq_len, block, block,
-                                 layout.group_tokens(pattern, grid))
+  """Shapes of ``pipeline_layouts(...)[pattern]`` for one video, without building it (huge L)."""
+  block, J = layout.block_and_bound(pattern, seq_len, [grid], max_segments=1)
   N = seq_len // block
   i32, b8 = jnp.int32, jnp.bool_
   shapes = {"perm": ((1, seq_len), i32), "inv_perm": ((1, seq_len), i32),
@@ -189,7 +193,7 @@ def main():
     seg, coords = make_row(grids, seq_len)
     layouts = None
     if backend == "blocksparse":
-      layouts = layout.batch_layouts(patterns, seg, coords, grids, exact=exact)
+      layouts = pipeline_layouts(patterns, seg, coords, grids, exact=exact)
       layouts = jax.tree.map(jnp.asarray, layouts)
     cases[name] = (grad_fn(backend, patterns),
                    (*qkvg(seq_len), jnp.asarray(seg), jnp.asarray(coords), layouts))
@@ -222,10 +226,10 @@ def main():
   # ---- memory: largest L within 16 GiB, compiled only
   lo, hi = size["memory"]
   seg, coords = make_row([video_grid(lo)], lo)
-  for p, lay in layout.batch_layouts(layout.PATTERNS, seg, coords, [video_grid(lo)]).items():
+  for p, lay in pipeline_layouts(layout.PATTERNS, seg, coords, [video_grid(lo)]).items():
     shapes = {k: v.shape for k, v in layout_shapes(p, lo, video_grid(lo)).items()}
     if shapes != {k: v.shape for k, v in lay.items()}:
-      raise AssertionError(f"layout_shapes({p!r}) {shapes} differ from batch_layouts")
+      raise AssertionError(f"layout_shapes({p!r}) {shapes} differ from pipeline_layouts")
   memory = {
       "dense full": largest_len("dense", ("full",), lo, hi),
       "sdpa (xla) full": largest_len("sdpa", ("full",), lo, hi),
