@@ -29,6 +29,7 @@ import numpy as np
 import grain
 
 from data import packing
+from data.moving_digits import MovingDigits
 from data.synthetic_shapes import SyntheticShapes
 from vdit_jax import layout
 from vdit_jax import tokens as tok
@@ -39,7 +40,10 @@ _MAX_MISSES = 8
 _BATCH_STREAM = 1  # see the module docstring
 _END_STEP = 2**62  # the iterator is endless in practice; grain needs a finite range
 
-SOURCES = {"synthetic_shapes": SyntheticShapes.from_config}
+SOURCES = {
+    "synthetic_shapes": SyntheticShapes.from_config,
+    "moving_digits": MovingDigits.from_config,
+}
 
 
 def make_source(config):

@@ -15,12 +15,12 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # ---- data: what a training batch is made of ----
   d = c.data = ml_collections.ConfigDict()
-  d.source = "synthetic_shapes"  # synthetic_shapes (embedded); more sources come with the data issue
+  d.source = "synthetic_shapes"  # synthetic_shapes | moving_digits (both embedded); see data/
   d.channels = 3  # C of the videos (3 for pixels, the VAE's latent channels for latents)
   d.frames = (8, 8)  # (min, max) frames per video, rounded down to the temporal patch
   d.side = (32, 32)  # (min, max) sqrt(H*W) in pixels; H and W follow from the aspect ratio
   d.aspect_ratios = (1.0,)  # W/H ratios to draw from
-  d.num_objects = (1, 1)  # (min, max) moving shapes per video; the first one sets the label
+  d.num_objects = (1, 1)  # (min, max) moving shapes or digits per video; the first sets the label
   d.object_size = (0.25, 0.45)  # (min, max) shape size as a fraction of the shorter side
   d.speed = (0.03, 0.08)  # (min, max) pixels per frame as a fraction of the side it moves along
   d.num_videos = 1_000_000  # size of the (procedural) source; indices are drawn from it
