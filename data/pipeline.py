@@ -11,7 +11,8 @@ Per step: draw video indices, ask the source for their sizes only, best-fit them
 ``data.batch_rows // process_count`` rows of ``data.seq_len`` tokens with at most
 ``data.max_segments`` videos each (stopping after ``_MAX_MISSES`` consecutive videos that fit
 nowhere), render and patchify only the placed videos, and drop labels to the null id
-(``model.num_classes``) with probability ``data.label_dropout``.
+(``model.num_classes``) with probability ``data.label_dropout``. File sources pass over unusable
+files (see ``data.files``); the batch counts them per reason in ``batch["skipped"]``.
 
 Videos that fit nowhere are discarded, so with mixed sizes batches hold slightly smaller videos
 than the source: frames (4, 16), side (16, 48), five aspect ratios, L=2304, S=4: the source
@@ -24,11 +25,14 @@ Nothing here uses jax: batches are made in grain worker processes that must not 
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 import grain
 
-from data import packing
+from data import files, packing
+from data.moving_digits import MovingDigits
 from data.synthetic_shapes import SyntheticShapes
 from vdit_jax import layout
 from vdit_jax import tokens as tok
@@ -39,7 +43,12 @@ _MAX_MISSES = 8
 _BATCH_STREAM = 1  # see the module docstring
 _END_STEP = 2**62  # the iterator is endless in practice; grain needs a finite range
 
-SOURCES = {"synthetic_shapes": SyntheticShapes.from_config}
+SOURCES = {
+    "synthetic_shapes": SyntheticShapes.from_config,
+    "moving_digits": MovingDigits.from_config,
+    "video_folder": functools.partial(files.FolderSource.from_config, kind="video_folder"),
+    "latents": functools.partial(files.FolderSource.from_config, kind="latents"),
+}
 
 
 def make_source(config):
@@ -63,6 +72,7 @@ class BatchMaker:
     if not 0.0 <= d.label_dropout <= 1.0:
       raise ValueError(f"data.label_dropout={d.label_dropout} must be a probability in [0, 1]")
     self.source = make_source(config)
+    self.skip_reasons = tuple(getattr(self.source, "skip_reasons", ()))
     self.seed = int(config.seed)
     self.process_index = int(process_index)
     self.num_rows = d.batch_rows // process_count
@@ -93,16 +103,27 @@ class BatchMaker:
           f"({'x'.join(map(str, largest))} = {n} tokens with patch {self.patch}): raise "
           f"data.seq_len to at least {n} or lower data.side/data.frames")
 
-  def plan(self, step: int) -> tuple[list[list[int]], list[list[bool]]]:
-    """Which source videos go into which row at ``step``, and whose label is dropped."""
+  def plan(self, step: int, skipped: dict[str, int] | None = None,
+           ) -> tuple[list[list[int]], list[list[bool]]]:
+    """Which source videos go into which row at ``step``, and whose label is dropped.
+
+    Drawn files that the source's scan found unusable are passed over and counted by reason
+    in ``skipped``.
+    """
     rng = np.random.default_rng([self.seed, int(step), self.process_index, _BATCH_STREAM])
     indices: list[int] = []
 
     def token_counts():
       while True:
         index = int(rng.integers(len(self.source)))
+        try:
+          size = self.source.video_size(index)
+        except files.Skip as e:
+          if skipped is not None:
+            skipped[e.reason] += 1
+          continue
         indices.append(index)
-        yield tok.num_tokens(tok.grid_shape(self.source.video_size(index), self.patch))
+        yield tok.num_tokens(tok.grid_shape(size, self.patch))
 
     rows, _ = packing.pack_greedy(token_counts(), self.num_rows, self.seq_len,
                                   self.max_segments, max_misses=_MAX_MISSES)
@@ -111,14 +132,24 @@ class BatchMaker:
     return rows, dropped
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
-    rows, dropped = self.plan(step)
-    items = [[self.source[i] for i in row] for row in rows]
-    for row, row_dropped in zip(items, dropped):
-      for item, drop in zip(row, row_dropped):
+    skipped = dict.fromkeys(self.skip_reasons, 0)
+    rows, dropped = self.plan(step, skipped)
+    items = []
+    for row, row_dropped in zip(rows, dropped):
+      items.append([])
+      for index, drop in zip(row, row_dropped):
+        try:
+          item = self.source[index]
+        except files.Skip as e:  # found only when loading: the video leaves a gap in its row
+          skipped[e.reason] += 1
+          continue
         if drop:
           item["label"] = self.null_label
+        items[-1].append(item)
     batch = packing.pack_videos(items, self.patch, self.seq_len, self.max_segments,
                                 self.channels, self.null_label)
+    if self.skip_reasons:  # host-side: the trainer reports them as skipped_<reason> metrics
+      batch["skipped"] = {r: np.int64(n) for r, n in skipped.items()}
     if self.layout_patterns:
       batch["layouts"] = layout.batch_layouts(self.layout_patterns, batch["segment_ids"],
                                               batch["coords"], self.layout_grids,

@@ -379,6 +379,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> State:
     total = config.train.steps
     bar = _progress(start, total, config.train.progress and is_main)
     t_last, tok_acc, real_acc, steps_acc = time.perf_counter(), 0, 0, 0
+    skipped_acc: dict[str, int] = {}  # files the data source passed over, per reason
     warned_recompile = False
     with _StopFlag() as stop:
       for step in range(start, total):
@@ -389,6 +390,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> State:
         state, metrics = step_fn(state, batch)
         tok_acc += host_batch["segment_ids"].size
         real_acc += int((host_batch["segment_ids"] > 0).sum())
+        for reason, n in host_batch.get("skipped", {}).items():
+          skipped_acc[reason] = skipped_acc.get(reason, 0) + int(n)
         steps_acc += 1
         done = step + 1
         if done % config.train.log_every == 0 or done == total:
@@ -400,6 +403,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> State:
                    useful_tokens_per_s=real_acc / dt, packing=real_acc / max(tok_acc, 1),
                    mfu=flops_per_step * steps_acc / dt / peak,
                    compiles=_cache_size(step_fn))
+          m.update({f"skipped_{r}": n for r, n in skipped_acc.items()})
           if not math.isfinite(m["loss"]):
             raise FloatingPointError(f"loss is {m['loss']} at step {done}: lower optim.lr or "
                                      "set optim.grad_clip; the last checkpoint is intact")
@@ -412,6 +416,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> State:
           bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}",
                           mfu=f"{m['mfu']:.2f}")
           t_last, tok_acc, real_acc, steps_acc = time.perf_counter(), 0, 0, 0
+          skipped_acc = dict.fromkeys(skipped_acc, 0)
         bar.update(1)
         if done % config.train.ckpt_every == 0 or done == total or stop.stop:
           ckpt_lib.save(mngr, done, state, it.get_state(), config)
