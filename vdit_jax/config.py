@@ -34,6 +34,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   d.seq_len = 512  # L: tokens per row
   d.max_segments = 4  # S: videos per row at most
   d.label_dropout = 0.1  # fraction of videos trained with the null label (for guidance)
+  d.shards = 0  # packing streams per batch (0 = one per process; fixed: same batch on any hosts)
   d.worker_count = 0  # grain worker processes (0 = in the main process)
   d.prefetch = 2  # batches buffered per worker
 
@@ -100,6 +101,13 @@ def get_base_config() -> ml_collections.ConfigDict:
       ("token", None),
       ("vocab", None),
   )
+
+  # ---- multi-host (jax.distributed); a single process needs none of it ----
+  p = c.distributed = ml_collections.ConfigDict()
+  p.coordinator_address = ""  # process 0's host:port ("" = $JAX_COORDINATOR_ADDRESS; "auto" =
+  # jax's cluster detection on TPU pods, SLURM, Open MPI)
+  p.num_processes = 0  # processes in the run (0 = $JAX_NUM_PROCESSES, else 1)
+  p.process_id = -1  # this process's index (-1 = $JAX_PROCESS_ID)
 
   # ---- sampling ----
   s = c.sample = ml_collections.ConfigDict()
