@@ -60,7 +60,7 @@ def p0_batch(config, exact_layouts: bool = False) -> dict:
                    "grid": tokens.grid_shape((T, S, S), config.model.patch), "label": 1}])
   batch = tokens.pack_rows(items, config.data.seq_len, config.data.max_segments, P,
                            seg_fields={"label": (np.int32, config.model.num_classes)})
-  if config.model.attention_backend == "blocksparse":
+  if config.model.attention_backend in layout.LAYOUT_BACKENDS:
     # As the training pipeline makes them: the static bound for this data config (or exact).
     batch["layouts"] = layout.batch_layouts(
         layout.BLOCK_PATTERNS[config.model.block], batch["segment_ids"], batch["coords"],

@@ -19,6 +19,8 @@ def get_config(arg: str | None = None):
   c.model.depth = 2
   c.model.num_heads = 2
   c.model.head_dim = 16
+  # The reference backend: tests compare against it and call the model without layouts.
+  c.model.attention_backend = "dense"
   c.optim.warmup_steps = 2
   c.train.steps = 4
   c.train.log_every = 2

@@ -93,7 +93,7 @@ class BatchMaker:
     self.null_label = int(config.model.num_classes)
     # blocksparse attention needs per-pattern block layouts; they are made here, on the host.
     self.layout_patterns = (layout.BLOCK_PATTERNS[config.model.block]
-                            if config.model.attention_backend == "blocksparse" else ())
+                            if config.model.attention_backend in layout.LAYOUT_BACKENDS else ())
     self.attention_block = int(config.model.attention_block)
     # Fail at start-up, not at the first unlucky step thousands of steps in.
     largest = self.source.largest_video()

@@ -9,12 +9,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = re.compile(r"^target [\w.-]+: [-\d.e+]+ \(goal (<=|>=) [-\d.e+]+\) (PASS|FAIL)$")
 
 
-def test_step_bench_quick_prints_targets():
+def quick_targets(script: str) -> list[str]:
+  """The target lines of ``script --quick --repeats 1``, each checked against the format."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  out = subprocess.run([sys.executable, "bench/step.py", "--quick", "--repeats", "1"], cwd=ROOT,
+  out = subprocess.run([sys.executable, script, "--quick", "--repeats", "1"], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]
   lines = [l for l in out.stdout.splitlines() if l.startswith("target ")]
-  assert len(lines) == 5, out.stdout
   for line in lines:
     assert TARGET.match(line), line
+  return lines
+
+
+def test_step_bench_quick_prints_targets():
+  assert len(quick_targets("bench/step.py")) == 5
+
+
+def test_attention_bench_quick_prints_targets():
+  lines = quick_targets("bench/attention.py")
+  assert len(lines) == 6, lines
+  # The model's FLOP counter and the bench's analytic count are the same numbers.
+  assert lines[-1].startswith("target model_flops_attention_rel_diff: 0 ") and "PASS" in lines[-1]

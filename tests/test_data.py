@@ -331,15 +331,17 @@ def test_iterator_resumes_exactly_with_worker_processes():
   assert time.perf_counter() - start < 20, "worker start-up is unexpectedly slow"
 
 
+@pytest.mark.parametrize("backend", ["blocksparse", "auto"])
 @pytest.mark.parametrize("block", ["full3d", "factorized"])
-def test_blocksparse_batches_carry_complete_static_layouts(block):
-  """With the blocksparse backend every batch carries one layout per pattern of the block type,
-  with the same shapes at every step (one compile), listing every allowed pair of the batch."""
+def test_blocksparse_batches_carry_complete_static_layouts(block, backend):
+  """With the blocksparse backend (or auto, which may pick it) every batch carries one layout per
+  pattern of the block type, with the same shapes at every step (one compile), listing every
+  allowed pair of the batch."""
   from vdit_jax import layout
 
   c = tiny_config()
   c.model.block = block
-  c.model.attention_backend = "blocksparse"
+  c.model.attention_backend = backend
   shapes = None
   for step in range(4):
     batch = pipeline.make_batch(c, step)

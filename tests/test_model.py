@@ -230,17 +230,19 @@ def test_factorized_masks_equal_attention_by_reshape():
   assert not np.allclose(want_s, want_t, atol=1e-3)  # the patterns really differ
 
 
+@pytest.mark.parametrize("backend", ["blocksparse", "auto"])
 @pytest.mark.parametrize("block", BLOCKS)
-def test_blocksparse_model_equals_dense(block):
-  """The whole model, on a packed batch with padding: blocksparse == dense for real tokens,
-  in outputs and in parameter gradients, with the static (training) layout bound."""
+def test_blocksparse_model_equals_dense(block, backend):
+  """The whole model, on a packed batch with padding: blocksparse (also as ``auto`` picks it on
+  CPU) == dense for real tokens, in outputs and in parameter gradients, with the static
+  (training) layout bound."""
   from vdit_jax import layout as layout_lib
 
   _, params, items, order, packed, _ = packed_case(block)
   graphdef_dense = _model(block)[0]
   config = helpers.tiny_config(block)
   config.unlock()
-  config.model.attention_backend = "blocksparse"
+  config.model.attention_backend = backend
   graphdef_bs = nnx.split(model_lib.build_model(config, seed=0), nnx.Param)[0]
   layouts = layout_lib.batch_layouts(layout_lib.BLOCK_PATTERNS[block], packed["segment_ids"],
                                      packed["coords"], GRIDS)

@@ -22,7 +22,9 @@ pattern is then a tuple of one pattern per head, and each group of heads sharing
 computed with that pattern's mask or layout (``AttentionContext.attend``).
 
 Backends compute the same function: `dense` is the reference (an explicit ``[B, L, L]`` mask);
-`blocksparse` computes only the key blocks a host-side layout lists (``vdit_jax.layout``).
+`blocksparse` computes only the key blocks a host-side layout lists (``vdit_jax.layout``); `sdpa`
+hands the mask to ``jax.nn.dot_product_attention`` (XLA off GPU, cuDNN on GPU). `auto` stands
+for one of them per platform and row shape (``resolve_backend``).
 """
 
 from __future__ import annotations
@@ -33,7 +35,28 @@ import jax.numpy as jnp
 from vdit_jax import blocksparse, flash, layout
 
 PATTERNS = layout.PATTERNS
-BACKENDS = ("dense", "blocksparse")
+# What config.model.attention_backend may name; AttentionContext takes the concrete ones.
+BACKENDS = ("auto", "dense", "blocksparse", "sdpa")
+
+
+def resolve_backend(backend: str, patterns: tuple[str, ...], max_segments: int,
+                    platform: str | None = None) -> str:
+  """The concrete backend that ``backend`` stands for on ``platform`` (default: JAX's).
+
+  ``auto``: on GPU, ``sdpa`` (cuDNN) when every pattern is ``full`` and a row holds one video
+  (nothing to skip, and cuDNN has no segment ids), else ``blocksparse``; on CPU and TPU,
+  ``blocksparse`` (TPU has no splash-attention path yet). On CPU blocksparse measured faster
+  than dense even on the default config's 512-token rows (bench/README.md); the GPU and TPU
+  choices are untested. Other names come back unchanged.
+  """
+  if backend not in BACKENDS:
+    raise ValueError(f"unknown attention backend {backend!r}: use one of {BACKENDS}")
+  if backend != "auto":
+    return backend
+  platform = platform or jax.default_backend()
+  if platform == "gpu" and set(patterns) == {"full"} and max_segments == 1:
+    return "sdpa"
+  return "blocksparse"
 
 
 def pattern_mask(pattern: str, segment_ids_BL: jax.Array, coords_BL3: jax.Array) -> jax.Array:
@@ -64,18 +87,34 @@ def dense_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array,
                                    mask_BLL[:, None])
 
 
+def sdpa_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array, mask_BLL: jax.Array,
+                   implementation: str | None = None) -> jax.Array:
+  """``jax.nn.dot_product_attention`` with the pattern's mask.
+
+  ``implementation``: ``"xla"`` or ``"cudnn"``; None picks cuDNN on GPU and XLA elsewhere. XLA
+  materialises the ``[B, H, L, L]`` logits (no chunking), so it is a second reference rather than
+  a fast path on CPU; cuDNN needs a GPU and bf16/fp16 inputs and is untested here.
+  """
+  if implementation is None:
+    implementation = "cudnn" if jax.default_backend() == "gpu" else "xla"
+  return jax.nn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK, mask=mask_BLL[:, None],
+                                      implementation=implementation)
+
+
 class AttentionContext:
   """What a block needs to run a pattern on one packed batch, built once per forward pass.
 
-  ``dense``: one mask per pattern, shared by every block that uses it. ``blocksparse``: the
-  per-pattern layouts that travel in the batch (``layout.batch_layouts``).
+  ``dense`` and ``sdpa``: one mask per pattern, shared by every block that uses it.
+  ``blocksparse``: the per-pattern layouts that travel in the batch (``layout.batch_layouts``).
+  ``backend`` must be concrete: resolve ``auto`` with ``resolve_backend`` first.
   """
 
   def __init__(self, backend: str, segment_ids_BL: jax.Array, coords_BL3: jax.Array,
                patterns: tuple[str, ...], layouts: dict | None = None,
                kv_chunk: int | None = None):
-    if backend not in BACKENDS:
-      raise ValueError(f"unknown attention backend {backend!r}: use one of {BACKENDS}")
+    if backend not in BACKENDS[1:]:
+      raise ValueError(f"attention backend {backend!r} is not a concrete one: use one of "
+                       f"{BACKENDS[1:]}, or resolve 'auto' with resolve_backend")
     self.backend = backend
     if backend == "blocksparse":
       missing = [p for p in patterns if p not in (layouts or {})]
@@ -95,6 +134,8 @@ class AttentionContext:
     if self.backend == "blocksparse":
       return blocksparse.blocksparse_attention(q_BLHK, k_BLHK, v_BLHK, pattern,
                                                self._layouts[pattern], kv_chunk=self._kv_chunk)
+    if self.backend == "sdpa":
+      return sdpa_attention(q_BLHK, k_BLHK, v_BLHK, self._masks[pattern])
     return dense_attention(q_BLHK, k_BLHK, v_BLHK, self._masks[pattern])
 
   def _attend_per_head(self, head_patterns, q_BLHK, k_BLHK, v_BLHK):

@@ -48,6 +48,9 @@ PATTERNS = ("full", "spatial", "temporal")
 # Windowed patterns take integer parameters, written as a call: name -> number of parameters.
 # ``window(kt,kh,kw)``; ``local(kt,r)`` and ``cross(kt,r)`` (per-head sparse sub-patterns).
 WINDOWED = {"window": 3, "local": 2, "cross": 2}
+# Attention backends that read layouts from the batch: the pipeline makes them for these
+# (``auto`` may resolve to blocksparse; when it does not, the model ignores them).
+LAYOUT_BACKENDS = ("blocksparse", "auto")
 # What make_layout returns; blocksparse_attention reads these and nothing else.
 LAYOUT_KEYS = ("perm", "inv_perm", "perm_segment", "perm_coords", "kv_blocks", "kv_valid",
                "kv_readers", "kv_readers_valid")

@@ -235,7 +235,9 @@ class VideoDiT(nnx.Module):
     c_BSD = c_BSD + self.label_embed(label_BS)
     angles = rope_angles(coords_BL3, cfg.head_dim, cfg.rope_theta)[:, :, None, :]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
-    ctx = attn_lib.AttentionContext(cfg.attention_backend, segment_ids_BL, coords_BL3,
+    backend = attn_lib.resolve_backend(cfg.attention_backend, self.patterns,
+                                       max_segments=t_BS.shape[1])
+    ctx = attn_lib.AttentionContext(backend, segment_ids_BL, coords_BL3,
                                     self.patterns, layouts=layouts,
                                     kv_chunk=cfg.attention_kv_chunk or None)
 

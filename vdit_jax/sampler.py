@@ -82,7 +82,7 @@ def sample(model: model_lib.VideoDiT, config: ml_collections.ConfigDict,
   batch = tokens_lib.pack_rows([items], L, len(items), P,
                                seg_fields={"label": (np.int32, config.model.num_classes)})
   layouts = None
-  if config.model.attention_backend == "blocksparse":
+  if config.model.attention_backend in layout_lib.LAYOUT_BACKENDS:
     # Sized for exactly this row: sampling compiles per call anyway.
     layouts = layout_lib.batch_layouts(layout_lib.BLOCK_PATTERNS[config.model.block],
                                        batch["segment_ids"], batch["coords"], grids,

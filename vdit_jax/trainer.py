@@ -147,7 +147,7 @@ def batch_shardings(config, mesh) -> dict[str, Any]:
   rules = config.mesh.rules
   out: dict[str, Any] = {k: NamedSharding(mesh, shard_lib.logical_to_spec(v, rules))
                          for k, v in BATCH_AXES.items()}
-  if config.model.attention_backend == "blocksparse":
+  if config.model.attention_backend in layout_lib.LAYOUT_BACKENDS:
     rows = NamedSharding(mesh, shard_lib.logical_to_spec(("batch",), rules))
     out["layouts"] = {p: {k: rows for k in layout_lib.LAYOUT_KEYS}
                       for p in layout_lib.BLOCK_PATTERNS[config.model.block]}

@@ -1,0 +1,267 @@
+"""Attention backends side by side: time, analytic FLOPs and memory, forward + backward.
+
+  python bench/attention.py [--quick] [--repeats 3]
+
+Default sizes: one 16x32x32-token video (L=16384); a row of 4 videos of 16x16x16 (L=16384);
+one 16x16x16 video alone (L=4096) for the comparison with ``jax.nn.dot_product_attention``.
+One row, 2 heads x 64, f32; each time is the median over ``--repeats`` rounds of forward +
+backward (gradients of q, k, v), the variants taking turns within a round. Blocksparse uses the
+layouts the training pipeline makes for data of exactly the row's video sizes, packed back to
+back (``layout.batch_layouts`` with ``max_segments``: static block size and ``max_kv_blocks``);
+rows marked "exact" use layouts sized for this very row.
+``dense`` on these rows goes through ``flash.attend_chunked`` (64-query chunks), since the whole
+``[L, L]`` f32 logits would be 2 GiB per head.
+
+Memory: the largest L (doubling, one video of 16 frames, so a frame holds L/16 tokens) whose
+compiled forward + backward fits 16 GiB by XLA's ``memory_analysis()`` (arguments + outputs +
+temporaries), compiled only, never run. Analytic FLOPs: 4 K per allowed pair and head, forward (``attention.pattern_pairs``), the
+numbers ``model.forward_flops`` counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from vdit_jax import attention, layout, tokens  # noqa: E402
+from vdit_jax import config as config_lib  # noqa: E402
+from vdit_jax import model as model_lib  # noqa: E402
+
+HEADS, HEAD_DIM = 2, 64
+MEMORY_BUDGET = 16 * 2**30
+SIZES = {
+    # video alone, 4 equal videos packed in one row, video for the sdpa comparison, memory L range
+    "default": {"video": (16, 32, 32), "packed": (16, 16, 16), "sdpa": (16, 16, 16),
+                "memory": (4096, 2**21)},
+    "quick": {"video": (4, 8, 16), "packed": (4, 4, 8), "sdpa": (4, 8, 8),
+              "memory": (512, 2048)},
+}
+
+
+def make_row(grids, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+  """``segment_ids [1, L]`` and ``coords [1, L, 3]`` of one row holding ``grids`` in order."""
+  seg = np.zeros((1, seq_len), np.int32)
+  coords = np.zeros((1, seq_len, 3), np.int32)
+  start = 0
+  for s, g in enumerate(grids, 1):
+    n = tokens.num_tokens(g)
+    seg[0, start:start + n] = s
+    coords[0, start:start + n] = tokens.grid_coords(g)
+    start += n
+  if start > seq_len:
+    raise ValueError(f"grids {grids} hold {start} tokens > seq_len={seq_len}")
+  return seg, coords
+
+
+def grad_fn(backend: str, patterns: tuple[str, ...], kv_chunk: int | None = None):
+  """jitted (q, k, v, seg, coords, layouts) -> gradients of <sum of patterns' outputs, g>."""
+
+  def loss(q, k, v, g, seg, coords, layouts):
+    ctx = attention.AttentionContext(backend, seg, coords, patterns, layouts=layouts,
+                                     kv_chunk=kv_chunk)
+    out = sum(ctx.attend(p, q, k, v) for p in patterns)
+    return jnp.sum(out * g)
+
+  return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def qkvg(seq_len: int, seed: int = 0) -> list[jax.Array]:
+  keys = jax.random.split(jax.random.key(seed), 4)
+  return [jax.random.normal(k, (1, seq_len, HEADS, HEAD_DIM), jnp.float32) for k in keys]
+
+
+def time_side_by_side(cases: dict, repeats: int) -> dict[str, float]:
+  """Median seconds per call of each ``name: (fn, args)``; the cases take turns each round."""
+  for fn, args in cases.values():
+    jax.block_until_ready(fn(*args))
+  times = {name: [] for name in cases}
+  for _ in range(repeats):
+    for name, (fn, args) in cases.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[name].append(time.perf_counter() - t0)
+  return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def pairs_of(pattern: str, grids) -> int:
+  return sum(attention.pattern_pairs(pattern, g) for g in grids)
+
+
+def model_attention_flops(block: str, grids, seq_len: int) -> float:
+  """The attention term of ``model.forward_flops`` for one block of this head shape."""
+  cfg = config_lib.get_base_config().model
+  cfg.block, cfg.depth, cfg.num_heads, cfg.head_dim = block, 1, HEADS, HEAD_DIM
+  return (model_lib.forward_flops(cfg, grids, seq_len, 16)
+          - model_lib.forward_flops(cfg, [], seq_len, 16))
+
+
+def video_grid(seq_len: int) -> tuple[int, int, int]:
+  """A 16-frame token grid of exactly ``seq_len`` tokens (a power of two >= 64)."""
+  k = int(math.log2(seq_len // 16))
+  return (16, 2 ** (k // 2), 2 ** (k - k // 2))
+
+
+def pipeline_layouts(patterns, seg, coords, grids, exact: bool = False) -> dict:
+  """Layouts as the pipeline makes them for data of exactly these grids, one row of them."""
+  return layout.batch_layouts(patterns, seg, coords, grids, exact=exact, max_segments=len(grids))
+
+
+def layout_shapes(pattern: str, seq_len: int, grid) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes of ``pipeline_layouts(...)[pattern]`` for one video, without building it (huge L)."""
+  block, J = layout.block_and_bound(pattern, seq_len, [grid], max_segments=1)
+  N = seq_len // block
+  i32, b8 = jnp.int32, jnp.bool_
+  shapes = {"perm": ((1, seq_len), i32), "inv_perm": ((1, seq_len), i32),
+            "perm_segment": ((1, seq_len), i32), "perm_coords": ((1, seq_len, 3), i32),
+            # Equal query and key blocks: R = max_kv_blocks readers per key block.
+            "kv_blocks": ((1, N, J), i32), "kv_valid": ((1, N, J), b8),
+            "kv_readers": ((1, N, J), i32), "kv_readers_valid": ((1, N, J), b8)}
+  return {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in shapes.items()}
+
+
+def compiled_bytes(backend: str, patterns, seq_len: int, kv_chunk: int | None) -> int:
+  grid = video_grid(seq_len)
+  x = jax.ShapeDtypeStruct((1, seq_len, HEADS, HEAD_DIM), jnp.float32)
+  seg = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+  coords = jax.ShapeDtypeStruct((1, seq_len, 3), jnp.int32)
+  layouts = ({p: layout_shapes(p, seq_len, grid) for p in patterns}
+             if backend == "blocksparse" else None)
+  fn = grad_fn(backend, patterns, kv_chunk)
+  ma = fn.lower(x, x, x, x, seg, coords, layouts).compile().memory_analysis()
+  return (ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
+          - ma.alias_size_in_bytes)
+
+
+def largest_len(backend: str, patterns, lo: int, hi: int, kv_chunk: int | None = None):
+  """Largest L in lo, 2 lo, ..., hi within MEMORY_BUDGET, and the bytes it needs (or None)."""
+  best, best_bytes = None, None
+  seq_len = lo
+  while seq_len <= hi:
+    need = compiled_bytes(backend, patterns, seq_len, kv_chunk)
+    if need > MEMORY_BUDGET:
+      break
+    best, best_bytes = seq_len, need
+    seq_len *= 2
+  return best, best_bytes
+
+
+def target(name: str, value: float, op: str, goal: float) -> None:
+  ok = value <= goal if op == "<=" else value >= goal
+  print(f"target {name}: {value:.4g} (goal {op} {goal:.4g}) {'PASS' if ok else 'FAIL'}")
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--quick", action="store_true", help="small sizes, for smoke tests")
+  ap.add_argument("--repeats", type=int, default=3)
+  args = ap.parse_args()
+  size = SIZES["quick" if args.quick else "default"]
+  video, packed, sdpa_video = size["video"], size["packed"], size["sdpa"]
+  fact = layout.BLOCK_PATTERNS["factorized"]
+
+  # ---- timed variants: name -> (row, backend, patterns, layouts sized for this row?)
+  L = tokens.num_tokens(video)
+  L_sdpa = tokens.num_tokens(sdpa_video)
+  rows = {
+      "video": ([video], L),
+      "packed": ([packed] * 4, L),
+      "sdpa": ([sdpa_video], L_sdpa),
+  }
+  variants = {
+      "video: dense full": ("video", "dense", ("full",), False),
+      "video: blocksparse factorized": ("video", "blocksparse", fact, False),
+      "video: blocksparse factorized, exact": ("video", "blocksparse", fact, True),
+      "packed: dense full": ("packed", "dense", ("full",), False),
+      "packed: blocksparse full": ("packed", "blocksparse", ("full",), False),
+      "packed: blocksparse full, exact": ("packed", "blocksparse", ("full",), True),
+      "alone: dense full": ("sdpa", "dense", ("full",), False),
+      "alone: sdpa (xla) full": ("sdpa", "sdpa", ("full",), False),
+      "alone: blocksparse full": ("sdpa", "blocksparse", ("full",), False),
+  }
+  cases, pair_ratio = {}, {}
+  for name, (row, backend, patterns, exact) in variants.items():
+    grids, seq_len = rows[row]
+    seg, coords = make_row(grids, seq_len)
+    layouts = None
+    if backend == "blocksparse":
+      layouts = pipeline_layouts(patterns, seg, coords, grids, exact=exact)
+      layouts = jax.tree.map(jnp.asarray, layouts)
+    cases[name] = (grad_fn(backend, patterns),
+                   (*qkvg(seq_len), jnp.asarray(seg), jnp.asarray(coords), layouts))
+    pair_ratio[name] = sum(pairs_of(p, grids) for p in patterns) / seq_len ** 2
+  sec = time_side_by_side(cases, args.repeats)
+
+  print(f"\nf32 forward+backward, one row, {HEADS} heads x {HEAD_DIM}; medians of {args.repeats}")
+  print(f"video {'x'.join(map(str, video))} (L={L}); packed: 4 x {'x'.join(map(str, packed))} "
+        f"(L={L}); alone: {'x'.join(map(str, sdpa_video))} (L={L_sdpa})")
+  print(f"{'variant':40s} {'pairs/L^2':>10s} {'ms':>10s}")
+  for name in variants:
+    print(f"{name:40s} {pair_ratio[name]:10.4f} {1e3 * sec[name]:10.1f}")
+
+  # ---- analytic FLOPs per pattern, and the model's count of the same
+  print(f"\nanalytic attention FLOPs, forward, {HEADS} heads x {HEAD_DIM} (4 K per pair and head)")
+  print(f"{'pattern':10s} {'row':8s} {'pairs':>14s} {'pairs/L^2':>10s} {'GFLOP':>10s}")
+  for row in ("video", "packed"):
+    grids, seq_len = rows[row]
+    for p in layout.PATTERNS:
+      pairs = pairs_of(p, grids)
+      print(f"{p:10s} {row:8s} {pairs:14d} {pairs / seq_len**2:10.4f} "
+            f"{4 * HEADS * HEAD_DIM * pairs / 1e9:10.3f}")
+  model_diff = 0.0
+  for block, patterns in layout.BLOCK_PATTERNS.items():
+    for row in ("video", "packed"):
+      grids, seq_len = rows[row]
+      ours = 4 * HEADS * HEAD_DIM * sum(pairs_of(p, grids) for p in patterns)
+      model_diff = max(model_diff, abs(model_attention_flops(block, grids, seq_len) - ours) / ours)
+
+  # ---- memory: largest L within 16 GiB, compiled only
+  lo, hi = size["memory"]
+  seg, coords = make_row([video_grid(lo)], lo)
+  for p, lay in pipeline_layouts(layout.PATTERNS, seg, coords, [video_grid(lo)]).items():
+    shapes = {k: v.shape for k, v in layout_shapes(p, lo, video_grid(lo)).items()}
+    if shapes != {k: v.shape for k, v in lay.items()}:
+      raise AssertionError(f"layout_shapes({p!r}) {shapes} differ from pipeline_layouts")
+  memory = {
+      "dense full": largest_len("dense", ("full",), lo, hi),
+      "sdpa (xla) full": largest_len("sdpa", ("full",), lo, hi),
+      "blocksparse full": largest_len("blocksparse", ("full",), lo, hi),
+      "blocksparse full, kv_chunk=8": largest_len("blocksparse", ("full",), lo, hi, 8),
+      "blocksparse factorized": largest_len("blocksparse", fact, lo, hi),
+      "blocksparse factorized, kv_chunk=8": largest_len("blocksparse", fact, lo, hi, 8),
+  }
+  print(f"\nlargest L (one 16-frame video, doubling from {lo} up to {hi}) whose forward+backward "
+        f"compiles within {MEMORY_BUDGET / 2**30:.0f} GiB")
+  print(f"{'variant':36s} {'largest L':>10s} {'GiB there':>10s}")
+  for name, (best, need) in memory.items():
+    shown = "none" if best is None else f"{best}{'+' if best == hi else ''}"
+    print(f"{name:36s} {shown:>10s} {(need or 0) / 2**30:10.2f}")
+  print("(+ = the largest L tried)\n")
+
+  dense_video = sec["video: dense full"]
+  ratio = sec["video: blocksparse factorized"] / dense_video
+  target("video_factorized_blocksparse_over_full_dense", ratio, "<=",
+         1.5 * pair_ratio["video: blocksparse factorized"])
+  ratio = sec["packed: blocksparse full"] / sec["packed: dense full"]
+  target("packed4_full_blocksparse_over_dense", ratio, "<=",
+         1.3 * pair_ratio["packed: blocksparse full"])
+  target("alone_full_blocksparse_over_sdpa_xla",
+         sec["alone: blocksparse full"] / sec["alone: sdpa (xla) full"], "<=", 1.2)
+  dense_len = memory["dense full"][0] or 0
+  target("max_len_16gib_blocksparse_full_over_dense",
+         (memory["blocksparse full"][0] or 0) / max(dense_len, 1), ">=", 1.0)
+  target("max_len_16gib_blocksparse_factorized_over_dense_full",
+         (memory["blocksparse factorized"][0] or 0) / max(dense_len, 1), ">=", 1.0)
+  target("model_flops_attention_rel_diff", model_diff, "<=", 0.0)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,81 @@
+"""The `sdpa` backend against dense, how `auto` resolves, and the analytic pair counts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests import helpers
+from tests.test_blocksparse import ROWS, allowed_np, packed, random_qkv
+from vdit_jax import attention, layout
+from vdit_jax import model as model_lib
+
+
+def attend_and_grads(backend, pattern, seg, coords, dtype=jnp.float32):
+  """Outputs and gradients of q, k, v of a weighted sum over real outputs, jitted."""
+  q, k, v, w = (x.astype(dtype) for x in random_qkv(seg))
+
+  def loss(q, k, v):
+    ctx = attention.AttentionContext(backend, jnp.asarray(seg), jnp.asarray(coords), (pattern,))
+    out = ctx.attend(pattern, q, k, v)
+    return jnp.sum(out.astype(jnp.float32) * w), out
+
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+  return out, grads
+
+
+@pytest.mark.parametrize("pattern", attention.PATTERNS)
+def test_sdpa_xla_matches_dense(pattern):
+  """Packed rows of odd grids with padding: outputs (padding included) and gradients."""
+  seg, coords = packed()
+  out_d, g_d = attend_and_grads("dense", pattern, seg, coords)
+  out_s, g_s = attend_and_grads("sdpa", pattern, seg, coords)
+  np.testing.assert_allclose(out_s, out_d, atol=1e-5)
+  for name, gd, gs in zip("qkv", g_d, g_s):
+    assert float(jnp.abs(gd).max()) > 0
+    np.testing.assert_allclose(gs, gd, atol=1e-5, err_msg=f"d loss / d {name}")
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
+def test_sdpa_cudnn_matches_dense_on_gpu():
+  """Full attention, one video per row, bf16 (what cuDNN takes): real outputs and gradients."""
+  seg, coords = packed([[g] for g in ROWS[1]], seq_len=64)
+  real = (seg > 0)[:, :, None, None]
+  out_d, g_d = attend_and_grads("dense", "full", seg, coords, jnp.bfloat16)
+  out_s, g_s = attend_and_grads("sdpa", "full", seg, coords, jnp.bfloat16)
+  np.testing.assert_allclose(np.where(real, out_s, 0).astype(np.float32),
+                             np.where(real, out_d, 0).astype(np.float32), atol=2e-2)
+  for gd, gs in zip(g_d, g_s):
+    np.testing.assert_allclose(np.asarray(gs, np.float32), np.asarray(gd, np.float32),
+                               atol=5e-2)
+
+
+def test_auto_resolves_per_platform():
+  full, fact = ("full",), layout.BLOCK_PATTERNS["factorized"]
+  resolve = attention.resolve_backend
+  assert resolve("auto", full, 1, "gpu") == "sdpa"  # unpacked full attention: cuDNN
+  assert resolve("auto", full, 4, "gpu") == "blocksparse"  # packed rows skip other videos
+  assert resolve("auto", fact, 1, "gpu") == "blocksparse"
+  for platform in ("cpu", "tpu"):
+    assert resolve("auto", full, 1, platform) == "blocksparse"
+  assert resolve("auto", full, 1) in ("sdpa", "blocksparse")  # this machine's platform
+  assert resolve("dense", full, 4, "gpu") == "dense"  # a named backend stays
+  with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
+    resolve("flash", full, 1)
+  seg, coords = packed()
+  with pytest.raises(ValueError, match="resolve 'auto'"):
+    attention.AttentionContext("auto", seg, coords, full)
+
+
+@pytest.mark.parametrize("block", sorted(layout.BLOCK_PATTERNS))
+def test_forward_flops_attention_term_counts_allowed_pairs(block):
+  """The model's FLOP count spends 4 K FLOPs per head on each pair the masks allow."""
+  seg, coords = packed()
+  cfg = helpers.tiny_config(block).model
+  for b, grids in enumerate(ROWS):
+    real = seg[b] > 0
+    pairs = sum(int(allowed_np(p, seg[b:b + 1], coords[b:b + 1])[0][real][:, real].sum())
+                for p in layout.BLOCK_PATTERNS[block])
+    attn = (model_lib.forward_flops(cfg, grids, seg.shape[1], 16)
+            - model_lib.forward_flops(cfg, [], seg.shape[1], 16))
+    assert attn == 4 * cfg.num_heads * cfg.head_dim * cfg.depth * pairs > 0
