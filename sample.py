@@ -1,4 +1,4 @@
-"""Writes videos (mp4 + gif per video) from any checkpoint of a run.
+"""Writes videos (mp4 + gif per video, + npy for latents) from any checkpoint of a run.
 
   python sample.py --workdir runs/default --shapes 8x32x32,8x24x40 --labels 0,7 --cfg 3 \
       --steps 30 --seed 0 --out runs/default/videos
@@ -38,10 +38,12 @@ def main(argv):
   videos = sampler.sample(model, config, shapes, labels, cfg_scale=_CFG.value,
                           num_steps=_STEPS.value, seed=_SEED.value)
   out = _OUT.value or os.path.join(_WORKDIR.value, "videos")
+  # Latent videos are for an external VAE to decode: keep their values, not only a preview.
+  formats = ("mp4", "gif", "npy") if config.data.source == "latents" else ("mp4", "gif")
   for i, (video, label) in enumerate(zip(videos, labels)):
     t, h, w = video.shape[:3]
     stem = os.path.join(out, f"step{step}_{i:02d}_{t}x{h}x{w}_label{label}")
-    for path in video_io.write_video(stem, video, _FPS.value):
+    for path in video_io.write_video(stem, video, _FPS.value, formats=formats):
       print(path)
 
 

@@ -1,17 +1,21 @@
 """The training input pipeline: step -> packed batch, served by a grain iterator.
 
-Every batch is a pure function of ``(config.seed, step, process_index)``: the videos are drawn
-with ``np.random.default_rng([seed, step, process_index, 1])`` (the trailing 1 keeps this stream
-apart from the sources' per-index ``[seed, index]`` streams; numpy pads seeds with zeros, so
-``[s, i]`` and ``[s, i, 0]`` would be the same stream). Resuming at step k therefore needs
-nothing but k, and grain's iterator state (which records it) round-trips exactly, in process or
-with worker processes.
+A global batch is ``data.shards`` independent packing streams of ``data.batch_rows // shards``
+rows each (0 shards = one per process); a process makes the streams of its share of the rows, in
+order. Stream ``s`` of a step is a pure function of ``(config.seed, step, s)``: its videos are
+drawn with ``np.random.default_rng([seed, step, s, 1])`` (the trailing 1 keeps this stream apart
+from the sources' per-index ``[seed, index]`` streams; numpy pads seeds with zeros, so ``[s, i]``
+and ``[s, i, 0]`` would be the same stream). With a fixed ``data.shards`` the global batch is
+the same on any number of processes that divides it. Resuming at step k therefore needs nothing
+but k, and grain's iterator state (which records it) round-trips exactly, in process or with
+worker processes.
 
-Per step: draw video indices, ask the source for their sizes only, best-fit them into
-``data.batch_rows // process_count`` rows of ``data.seq_len`` tokens with at most
-``data.max_segments`` videos each (stopping after ``_MAX_MISSES`` consecutive videos that fit
-nowhere), render and patchify only the placed videos, and drop labels to the null id
-(``model.num_classes``) with probability ``data.label_dropout``.
+Per step and stream: draw video indices, ask the source for their sizes only, best-fit them into
+the stream's rows of ``data.seq_len`` tokens with at most ``data.max_segments`` videos each
+(stopping after ``_MAX_MISSES`` consecutive videos that fit nowhere), render and patchify only
+the placed videos, and drop labels to the null id (``model.num_classes``) with probability
+``data.label_dropout``. File sources pass over unusable files (see ``data.files``); the batch
+counts them per reason in ``batch["skipped"]``.
 
 Videos that fit nowhere are discarded, so with mixed sizes batches hold slightly smaller videos
 than the source: frames (4, 16), side (16, 48), five aspect ratios, L=2304, S=4: the source
@@ -24,11 +28,14 @@ Nothing here uses jax: batches are made in grain worker processes that must not 
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 import grain
 
-from data import packing
+from data import files, packing
+from data.moving_digits import MovingDigits
 from data.synthetic_shapes import SyntheticShapes
 from vdit_jax import layout
 from vdit_jax import tokens as tok
@@ -39,7 +46,12 @@ _MAX_MISSES = 8
 _BATCH_STREAM = 1  # see the module docstring
 _END_STEP = 2**62  # the iterator is endless in practice; grain needs a finite range
 
-SOURCES = {"synthetic_shapes": SyntheticShapes.from_config}
+SOURCES = {
+    "synthetic_shapes": SyntheticShapes.from_config,
+    "moving_digits": MovingDigits.from_config,
+    "video_folder": functools.partial(files.FolderSource.from_config, kind="video_folder"),
+    "latents": functools.partial(files.FolderSource.from_config, kind="latents"),
+}
 
 
 def make_source(config):
@@ -55,17 +67,24 @@ class BatchMaker:
 
   def __init__(self, config, process_index: int = 0, process_count: int = 1):
     d = config.data
-    if d.batch_rows % process_count:
-      raise ValueError(f"data.batch_rows={d.batch_rows} does not split over {process_count} "
-                       f"processes: use a multiple of {process_count}")
+    shards = int(d.shards) or process_count
+    if shards < 0 or shards % process_count:
+      raise ValueError(f"data.shards={d.shards} does not split over {process_count} processes: "
+                       f"use 0 (one per process) or a multiple of {process_count}")
+    if d.batch_rows % shards:
+      raise ValueError(f"data.batch_rows={d.batch_rows} does not split into {shards} packing "
+                       f"streams ({process_count} processes, data.shards={d.shards}): use a "
+                       f"multiple of {shards}")
     if not 0 <= process_index < process_count:
       raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
     if not 0.0 <= d.label_dropout <= 1.0:
       raise ValueError(f"data.label_dropout={d.label_dropout} must be a probability in [0, 1]")
     self.source = make_source(config)
+    self.skip_reasons = tuple(getattr(self.source, "skip_reasons", ()))
     self.seed = int(config.seed)
-    self.process_index = int(process_index)
-    self.num_rows = d.batch_rows // process_count
+    mine = shards // process_count
+    self.shards = range(process_index * mine, (process_index + 1) * mine)
+    self.rows_per_shard = d.batch_rows // shards
     self.seq_len = int(d.seq_len)
     self.max_segments = int(d.max_segments)
     self.channels = int(d.channels)
@@ -93,32 +112,63 @@ class BatchMaker:
           f"({'x'.join(map(str, largest))} = {n} tokens with patch {self.patch}): raise "
           f"data.seq_len to at least {n} or lower data.side/data.frames")
 
-  def plan(self, step: int) -> tuple[list[list[int]], list[list[bool]]]:
-    """Which source videos go into which row at ``step``, and whose label is dropped."""
-    rng = np.random.default_rng([self.seed, int(step), self.process_index, _BATCH_STREAM])
+  def plan(self, step: int, skipped: dict[str, int] | None = None,
+           ) -> tuple[list[list[int]], list[list[bool]]]:
+    """Which source videos go into which row at ``step``, and whose label is dropped.
+
+    Drawn files that the source's scan found unusable are passed over and counted by reason
+    in ``skipped``.
+    """
+    rows: list[list[int]] = []
+    dropped: list[list[bool]] = []
+    for shard in self.shards:
+      shard_rows, shard_dropped = self._plan_shard(step, shard, skipped)
+      rows += shard_rows
+      dropped += shard_dropped
+    return rows, dropped
+
+  def _plan_shard(self, step: int, shard: int, skipped: dict[str, int] | None,
+                  ) -> tuple[list[list[int]], list[list[bool]]]:
+    rng = np.random.default_rng([self.seed, int(step), shard, _BATCH_STREAM])
     indices: list[int] = []
 
     def token_counts():
       while True:
         index = int(rng.integers(len(self.source)))
+        try:
+          size = self.source.video_size(index)
+        except files.Skip as e:
+          if skipped is not None:
+            skipped[e.reason] += 1
+          continue
         indices.append(index)
-        yield tok.num_tokens(tok.grid_shape(self.source.video_size(index), self.patch))
+        yield tok.num_tokens(tok.grid_shape(size, self.patch))
 
-    rows, _ = packing.pack_greedy(token_counts(), self.num_rows, self.seq_len,
+    rows, _ = packing.pack_greedy(token_counts(), self.rows_per_shard, self.seq_len,
                                   self.max_segments, max_misses=_MAX_MISSES)
     rows = [[indices[i] for i in row] for row in rows]
     dropped = [(rng.random(len(row)) < self.label_dropout).tolist() for row in rows]
     return rows, dropped
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
-    rows, dropped = self.plan(step)
-    items = [[self.source[i] for i in row] for row in rows]
-    for row, row_dropped in zip(items, dropped):
-      for item, drop in zip(row, row_dropped):
+    skipped = dict.fromkeys(self.skip_reasons, 0)
+    rows, dropped = self.plan(step, skipped)
+    items = []
+    for row, row_dropped in zip(rows, dropped):
+      items.append([])
+      for index, drop in zip(row, row_dropped):
+        try:
+          item = self.source[index]
+        except files.Skip as e:  # found only when loading: the video leaves a gap in its row
+          skipped[e.reason] += 1
+          continue
         if drop:
           item["label"] = self.null_label
+        items[-1].append(item)
     batch = packing.pack_videos(items, self.patch, self.seq_len, self.max_segments,
                                 self.channels, self.null_label)
+    if self.skip_reasons:  # host-side: the trainer reports them as skipped_<reason> metrics
+      batch["skipped"] = {r: np.int64(n) for r, n in skipped.items()}
     if self.layout_patterns:
       batch["layouts"] = layout.batch_layouts(self.layout_patterns, batch["segment_ids"],
                                               batch["coords"], self.layout_grids,
@@ -133,7 +183,8 @@ def make_batch(config, step: int, process_index: int = 0,
 
   Returns ``tokens f32 [B, L, P]``, ``segment_ids i32 [B, L]``, ``coords i32 [B, L, 3]``,
   ``seg_grid i32 [B, S, 3]`` and ``seg_label i32 [B, S]`` with ``B = data.batch_rows //
-  process_count``; empty slots hold the null label ``model.num_classes``.
+  process_count`` (rows ``process_index * B`` onwards of the global batch); empty slots hold the
+  null label ``model.num_classes``.
   """
   return BatchMaker(config, process_index, process_count)(step)
 

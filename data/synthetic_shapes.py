@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from vdit_jax import tokens as tok
+from data import motion
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = {
@@ -41,7 +41,6 @@ _RGB = np.array(list(COLORS.values()), np.float32)
 # of r. 1.15 makes it about as wide as the circle; its box is centred on the object position.
 _TRI_R = 1.15
 _HALF_EXTENT = {0: (1.0, 1.0), 1: (1.0, 1.0), 2: (0.75 * _TRI_R, 0.5 * math.sqrt(3) * _TRI_R)}
-_DIRECTIONS = ("right", "up-right", "up", "up-left", "left", "down-left", "down", "down-right")
 
 
 def label_name(label: int) -> str:
@@ -67,22 +66,6 @@ def parse_label(label: int | str) -> int:
     raise ValueError(f"unknown label {label!r}: use an id 0..{NUM_CLASSES - 1} or one of "
                      + ", ".join(repr(n) for n in names))
   return names.index(text)
-
-
-def _direction_name(vy: float, vx: float) -> str:
-  # y grows downwards, so "up" is negative vy.
-  angle = math.atan2(-vy, vx)
-  return _DIRECTIONS[int(round(angle / (math.pi / 4))) % 8]
-
-
-def _bounce(p0: float, v: float, lo: float, hi: float, t_T: np.ndarray) -> np.ndarray:
-  """Positions of a point moving at constant speed ``v`` and reflecting off ``lo`` and ``hi``."""
-  span = hi - lo
-  if span <= 0:
-    return np.full(t_T.shape, 0.5 * (lo + hi), np.float32)
-  # Unfold the reflections: move freely on a circle of length 2*span, then fold back.
-  u_T = np.mod(p0 - lo + v * t_T, 2 * span)
-  return (lo + np.where(u_T > span, 2 * span - u_T, u_T)).astype(np.float32)
 
 
 def _signed_distance(shape: int, dy_THW: np.ndarray, dx_THW: np.ndarray, r: float) -> np.ndarray:
@@ -116,12 +99,10 @@ class SyntheticShapes:
       raise ValueError(f"model.num_classes={num_classes} but synthetic_shapes has {NUM_CLASSES} "
                        f"labels ({len(SHAPES)} shapes x {len(COLORS)} colours): set "
                        f"model.num_classes={NUM_CLASSES}")
-    for name, rng_ in (("frames", frames), ("side", side), ("num_objects", num_objects),
-                       ("object_size", object_size), ("speed", speed)):
-      if len(rng_) != 2 or rng_[0] > rng_[1] or rng_[0] <= 0:
-        raise ValueError(f"data.{name}={tuple(rng_)} must be (min, max) with 0 < min <= max")
-    if not aspect_ratios or min(aspect_ratios) <= 0:
-      raise ValueError(f"data.aspect_ratios={tuple(aspect_ratios)} must be positive W/H ratios")
+    for name, value in (("frames", frames), ("side", side), ("num_objects", num_objects),
+                        ("object_size", object_size), ("speed", speed)):
+      motion.check_range(name, value)
+    motion.check_aspect_ratios(aspect_ratios)
     self.frames = tuple(int(v) for v in frames)
     self.side = tuple(float(v) for v in side)
     self.aspect_ratios = tuple(float(a) for a in aspect_ratios)
@@ -143,20 +124,9 @@ class SyntheticShapes:
   def __len__(self) -> int:
     return self.num_videos
 
-  def _size(self, t: int, side: float, aspect: float) -> tuple[int, int, int]:
-    return tok.video_size(t, side, aspect, self.patch)
-
-  def _draw_size(self, rng: np.random.Generator) -> tuple[int, int, int]:
-    t = int(rng.integers(self.frames[0], self.frames[1] + 1))
-    side = rng.uniform(*self.side)
-    aspect = self.aspect_ratios[int(rng.integers(len(self.aspect_ratios)))]
-    return self._size(t, side, aspect)
-
   def largest_video(self) -> tuple[int, int, int]:
     """The ``(T, H, W)`` with the most pixels this source can draw, to check a token budget."""
-    # Sizes grow with frames and side, so the largest uses both maxima; only the aspect varies.
-    return max((self._size(self.frames[1], self.side[1], a) for a in self.aspect_ratios),
-               key=lambda thw: thw[0] * thw[1] * thw[2])
+    return motion.largest_size(self.frames, self.side, self.aspect_ratios, self.patch)
 
   def possible_grids(self) -> list[tuple[int, int, int]]:
     """Every token grid this source can draw (the layouts' static bounds come from them)."""
@@ -164,7 +134,8 @@ class SyntheticShapes:
 
   def video_size(self, index: int) -> tuple[int, int, int]:
     """``(T, H, W)`` of item ``index`` without rendering it (the packer only needs sizes)."""
-    return self._draw_size(self._rng(index))
+    return motion.draw_size(self._rng(index), self.frames, self.side, self.aspect_ratios,
+                            self.patch)
 
   def _rng(self, index: int) -> np.random.Generator:
     index = int(index)
@@ -174,7 +145,7 @@ class SyntheticShapes:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     rng = self._rng(index)
-    T, H, W = self._draw_size(rng)
+    T, H, W = motion.draw_size(rng, self.frames, self.side, self.aspect_ratios, self.patch)
     k = int(rng.integers(self.num_objects[0], self.num_objects[1] + 1))
     shapes_K = rng.integers(len(SHAPES), size=k)
     colors_K = rng.integers(len(COLORS), size=k)
@@ -188,14 +159,8 @@ class SyntheticShapes:
     for j in range(k):
       r = 0.5 * rng.uniform(*self.object_size) * min(H, W)
       half_y, half_x = (f * r for f in _HALF_EXTENT[int(shapes_K[j])])
-      y0 = rng.uniform(min(half_y, H / 2), max(H - half_y, H / 2))
-      x0 = rng.uniform(min(half_x, W / 2), max(W - half_x, W / 2))
-      angle = rng.uniform(0, 2 * math.pi)
-      speed = rng.uniform(*self.speed)
-      vy, vx = speed * H * math.sin(angle), speed * W * math.cos(angle)
-      directions.append(_direction_name(vy, vx))
-      cy_T = _bounce(y0, vy, half_y, H - half_y, t_T)
-      cx_T = _bounce(x0, vx, half_x, W - half_x, t_T)
+      cy_T, cx_T, direction = motion.draw_track(rng, H, W, half_y, half_x, self.speed, t_T)
+      directions.append(direction)
       dist_THW = _signed_distance(int(shapes_K[j]), y_H[None, :, None] - cy_T[:, None, None],
                                   x_W[None, None, :] - cx_T[:, None, None], r)
       masks_KTHW[j] = dist_THW <= 0

@@ -61,7 +61,11 @@ def videos_for(grids, patch, channels: int, rng: np.random.Generator) -> list[di
 # data x fsdp = 4 (tiny's batch_rows=2 does not divide over 8 data-parallel devices).
 RUN_FIELDS = {
     "data.batch_rows": 4,
+    # Two packing streams, as two processes make them: test_multihost compares against these runs.
+    "data.shards": 2,
     "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
+    # 8 heads (and tiny's MLP of 128) split over tensor=8: the checkpoints restore on (1, 1, 8).
+    "model.num_heads": 8, "model.head_dim": 8,
     # Warm-up ends before step 3, so the lr of steps 0..2 is the same whether train.steps is
     # 3 or 5 (test_train checks this): the 3-then-5 run must equal the straight 5-step run.
     "optim.warmup_steps": 2,

@@ -1,9 +1,12 @@
-"""The blocksparse backend and its host-side layouts against the dense reference.
+"""The blocksparse backend and its host-side layouts against the dense reference, and the
+patterns themselves (predicates, pair counts).
 
 Padding outputs of ``blocksparse`` differ from ``dense`` by design (a padding query sees only its
 own block's padding, see vdit_jax/layout.py), so outputs are compared on real tokens and
 gradients of losses that read only real tokens' outputs.
 """
+
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +16,8 @@ import pytest
 from vdit_jax import attention, blocksparse, layout, tokens
 
 PATTERNS = ("full", "spatial", "temporal")
+# Windowed patterns, sized so that on ROWS' small grids they are neither empty nor everything.
+WINDOWED = ("window(1,1,2)", "local(1,3)", "cross(1,4)")
 # Odd grids, several videos per row, padding at the end of both rows (72 and 76 of 128 tokens).
 ROWS = [[(3, 5, 2), (2, 3, 7)], [(2, 3, 7), (1, 4, 4), (3, 2, 3)]]
 L, H, K = 128, 2, 8
@@ -86,10 +91,11 @@ def dense_fn(pattern, seg, coords):
   return lambda q, k, v: attention.dense_attention(q, k, v, mask)
 
 
-def assert_matches_dense(pattern, seg, coords, lay, kv_chunk=None):
+def assert_matches_dense(pattern, seg, coords, lay, kv_chunk=None, dense_pattern=None):
+  """blocksparse ``pattern`` == dense ``dense_pattern`` (default: the same) on real tokens."""
   q, k, v, w = random_qkv(seg)
   real = (seg > 0)[:, :, None, None]
-  dense, sparse = dense_fn(pattern, seg, coords), bs_fn(pattern, kv_chunk)
+  dense, sparse = dense_fn(dense_pattern or pattern, seg, coords), bs_fn(pattern, kv_chunk)
   lay = {name: jnp.asarray(x) for name, x in lay.items()}
   o_dense = dense(q, k, v)
   o_sparse = jax.jit(sparse)(q, k, v, lay)
@@ -136,12 +142,37 @@ def test_matches_dense_on_other_row_orders(pattern, rows):
   assert_matches_dense(pattern, seg, coords, lay)
 
 
-@pytest.mark.parametrize("pattern", PATTERNS)
+ROW_KINDS = {"packed": packed, "shuffled": lambda: shuffled(*packed(), seed=1), "gaps": with_gaps}
+
+
+@pytest.mark.parametrize("pattern,rows,block_q,block_k,max_kv_blocks,kv_chunk", [
+    ("window(1,1,2)", "packed", 16, 16, None, None),
+    ("window(1,1,2)", "shuffled", 16, 32, None, None),
+    ("window(1,1,2)", "gaps", 16, 16, 6, 4),     # online softmax in chunks
+    ("local(1,3)", "packed", 16, 16, None, None),
+    ("local(1,3)", "gaps", 32, 16, None, None),
+    ("cross(1,4)", "packed", 16, 16, None, None),
+    ("cross(1,4)", "shuffled", 16, 16, 8, None),  # every key block: the one-matmul path
+])
+def test_windowed_matches_dense(pattern, rows, block_q, block_k, max_kv_blocks, kv_chunk):
+  seg, coords = ROW_KINDS[rows]()
+  lay = layout.make_layout(pattern, seg, coords, block_q, block_k, max_kv_blocks)
+  assert_matches_dense(pattern, seg, coords, lay, kv_chunk)
+
+
+def test_window_covering_every_video_equals_full():
+  seg, coords = packed()
+  big = "window(5,7,7)"  # ROWS' grids are at most 3 x 5 x 7
+  np.testing.assert_array_equal(allowed_np(big, seg, coords), allowed_np("full", seg, coords))
+  lay = layout.make_layout(big, seg, coords, 16, 16)
+  assert_matches_dense(big, seg, coords, lay, dense_pattern="full")
+
+
+@pytest.mark.parametrize("pattern", PATTERNS + WINDOWED)
 @pytest.mark.parametrize("block_q,block_k", [(16, 16), (32, 16), (16, 32)])
 @pytest.mark.parametrize("rows", ["packed", "shuffled", "gaps"])
 def test_layout_lists_exactly_the_nonempty_blocks(pattern, block_q, block_k, rows):
-  seg, coords = {"packed": packed, "shuffled": lambda: shuffled(*packed(), seed=1),
-                 "gaps": with_gaps}[rows]()
+  seg, coords = ROW_KINDS[rows]()
   lay = layout.make_layout(pattern, seg, coords, block_q, block_k, max_kv_blocks=7)
   B = seg.shape[0]
   nQ, nK = L // block_q, L // block_k
@@ -352,3 +383,85 @@ def test_default_block():
   assert layout.default_block(1024, 64) == 64
   assert layout.default_block(64, 512) == 64
   assert layout.default_block(96, 512) == 32
+
+
+def predicate_np(pattern, c_q, c_k):
+  """The table of vdit_jax/attention.py for one pair of one video, written out."""
+  name, args = layout.parse_pattern(pattern)
+  dt, dh, dw = (abs(int(a) - int(b)) for a, b in zip(c_q, c_k))
+  if name == "window":
+    return dt <= args[0] and dh <= args[1] and dw <= args[2]
+  kt, r = args
+  reach = r // 2**dt
+  if name == "local":
+    return dt <= kt and dh <= reach and dw <= reach
+  return dt <= kt and ((dh == 0 and dw <= reach) or (dw == 0 and dh <= reach))
+
+
+@pytest.mark.parametrize("pattern", WINDOWED + ("local(3,9)", "cross(2,1)", "window(0,1,0)"))
+def test_windowed_mask_matches_the_predicate_table(pattern):
+  grid = (4, 5, 6)
+  c = tokens.grid_coords(grid)
+  want = np.array([[predicate_np(pattern, a, b) for b in c] for a in c])
+  seg = np.ones((1, len(c)), np.int32)
+  np.testing.assert_array_equal(allowed_np(pattern, seg, c[None])[0], want)
+  assert want.any() and not want.all()
+
+
+@pytest.mark.parametrize("pattern", PATTERNS + WINDOWED + ("local(3,9)", "window(2,0,5)"))
+def test_pattern_pairs_counts_the_mask(pattern):
+  """The FLOP counter's pair count is exact, windows clipped at the borders included."""
+  for grid in [(3, 5, 2), (1, 4, 4), (5, 3, 7), (1, 1, 1)]:
+    c = tokens.grid_coords(grid)
+    n = allowed_np(pattern, np.ones((1, len(c)), np.int32), c[None]).sum()
+    assert attention.pattern_pairs(pattern, grid) == n, grid
+  heads = (pattern, "full")
+  assert attention.pattern_pairs(heads, (3, 5, 2)) == (attention.pattern_pairs(pattern, (3, 5, 2))
+                                                       + 30 * 30)
+
+
+@pytest.mark.parametrize("bad", ["window", "window(1,2)", "window(1,-1,2)", "local(a,2)",
+                                 "cross(1,2,3)", "full(1)"])
+def test_bad_patterns_raise(bad):
+  with pytest.raises(ValueError, match="unknown attention pattern"):
+    layout.parse_pattern(bad)
+
+
+def test_windowed_order_keeps_videos_in_place():
+  """Tile-major inside each video, videos (and padding) keep their positions."""
+  seg, coords = with_gaps()
+  for pattern in WINDOWED:
+    perm = layout.pattern_order(pattern, seg, coords, block=16)
+    np.testing.assert_array_equal(np.take_along_axis(seg, perm, 1), seg)
+    tile = np.array(layout.window_tile(pattern, 16))
+    assert np.prod(tile) == 16
+    c_p = np.take_along_axis(coords, perm[..., None], 1)
+    for b in range(seg.shape[0]):
+      for s in set(seg[b].tolist()) - {0}:
+        key = [tuple(x // tile) + tuple(x) for x in c_p[b][seg[b] == s]]
+        assert key == sorted(key)
+
+
+def test_windowed_bound_fits_random_packings():
+  """The static bound from the largest grids fits rows packed with any smaller videos."""
+  rng = np.random.default_rng(2)
+  largest = [(3, 6, 4), (2, 4, 7)]
+  for pattern in WINDOWED + ("window(0,2,1)",):
+    for bq, bk in [(16, 16), (8, 16)]:
+      bound = layout.windowed_bound(pattern, L, bq, bk, largest)
+      worst = 0
+      for _ in range(12):
+        rows = []
+        for _ in range(3):
+          row, used = [], 0
+          while len(row) < 4:  # packed() allows 4 videos per row
+            big = largest[rng.integers(len(largest))]
+            g = tuple(int(rng.integers(1, x + 1)) for x in big)
+            if used + tokens.num_tokens(g) > L:
+              break
+            row.append(g)
+            used += tokens.num_tokens(g)
+          rows.append(row)
+        seg, coords = shuffled(*packed(rows), seed=int(rng.integers(99)))
+        worst = max(worst, layout.needed_kv_blocks(pattern, seg, coords, bq, bk))
+      assert worst <= bound, (pattern, bq, bk)

@@ -265,6 +265,20 @@ def test_make_batch_is_a_function_of_step_and_process():
     pipeline.make_batch(c, 0, process_index=0, process_count=3)
 
 
+def test_fixed_shards_make_the_same_global_batch_on_any_process_count():
+  """data.shards=2 on one process == the rows two processes make between them (one stream
+  each), so a multi-host run can be compared with a single-process one."""
+  c = tiny_config()
+  c.data.batch_rows = 4
+  parts = [pipeline.make_batch(c, 5, process_index=p, process_count=2) for p in (0, 1)]
+  c.data.shards = 2
+  one = pipeline.make_batch(c, 5)
+  assert_batches_equal(one, {k: np.concatenate([p[k] for p in parts]) for k in one})
+  assert_batches_equal(pipeline.make_batch(c, 5, process_index=1, process_count=2), parts[1])
+  with pytest.raises(ValueError, match="data.shards=2 does not split over 4 processes"):
+    pipeline.make_batch(c, 5, process_index=0, process_count=4)
+
+
 def test_label_dropout_rate():
   for rate in (0.0, 0.3, 1.0):
     c = tiny_config(label_dropout=rate)

@@ -120,6 +120,9 @@ def test_run_writes_metrics_config_and_samples(runs):
       assert key in m and math.isfinite(m[key]), (key, m)
     assert m["tokens_per_s"] > 0 and m["step_time"] > 0 and m["loss"] > 0
     assert m["compiles"] == 1
+    assert 0 < m["useful_tokens_per_s"] < m["tokens_per_s"] and 0 < m["packing"] < 1
+    # CPU devices report no memory statistics: the host's peak RSS stands in, named as such
+    assert m["peak_host_rss_gb"] > 0.1 and "peak_device_memory_gb" not in m
   with open(os.path.join(workdir, "config.json")) as f:
     saved = config_lib.from_dict(json.load(f))
   assert saved.to_dict() == helpers.run_config(5).to_dict()
@@ -131,6 +134,27 @@ def test_run_writes_metrics_config_and_samples(runs):
   n_shapes = len(helpers.run_config(5).sample.shapes.split(","))
   assert len([n for n in names if n.endswith(".mp4")]) == n_shapes
   assert len([n for n in names if n.endswith(".gif")]) == n_shapes
+
+
+def test_a_recompile_after_the_first_step_warns(capsys):
+  """The compile count train() logs comes from the jitted step's cache; a second shape is a
+  second compile, and the warning names it."""
+  fn = jax.jit(lambda x: x * 2)
+  fn(jnp.ones(2))
+  assert trainer._cache_size(fn) == 1 and not trainer.warn_on_recompile(1, 1)
+  fn(jnp.ones(3))
+  assert trainer._cache_size(fn) == 2 and trainer.warn_on_recompile(2, 7)
+  assert "compiled 2 times by step 7" in capsys.readouterr().err
+
+
+def test_one_process_needs_no_distributed_setup(monkeypatch):
+  for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: pytest.fail("initialised"))
+  trainer.initialize_distributed(helpers.run_config(3).distributed)
+  config = helpers.run_config(3, **{"distributed.num_processes": 2})
+  with pytest.raises(ValueError, match="needs distributed.coordinator_address"):
+    trainer.initialize_distributed(config.distributed)
 
 
 # ----------------------------------------------------------------------------- bad configs
@@ -157,7 +181,7 @@ def test_bad_config_fails_before_anything_is_compiled_or_written(tmp_path, monke
   assert not workdir.exists()
 
 
-@pytest.mark.parametrize("mesh_sizes", [(4, 2, 1), (1, 4, 2), "single"])
+@pytest.mark.parametrize("mesh_sizes", [(4, 2, 1), (1, 4, 2), (1, 1, 8), "single"])
 def test_checkpoint_restores_onto_another_mesh(runs, mesh_sizes):
   """A checkpoint written on mesh (2, 2, 2) restores on other meshes (and one device) with the
   same values, laid out by the new mesh's shardings."""
@@ -185,23 +209,26 @@ def test_checkpoint_restores_onto_another_mesh(runs, mesh_sizes):
                                                                 else 8)
 
 
-def test_a_mesh_that_cannot_split_a_parameter_fails_clearly(runs):
-  """tiny has 2 heads: tensor=8 cannot shard them, and the error says which parameter and why."""
-  config = helpers.run_config(5, **{"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 8})
+def test_a_mesh_that_cannot_split_a_parameter_fails_clearly():
+  """2 heads: tensor=8 cannot shard them, and the error says which parameter and why."""
+  config = helpers.run_config(5, **{"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 8,
+                                    "model.num_heads": 2})
   mesh = shard_lib.make_mesh(config.mesh)
   with pytest.raises(ValueError, match=r"cannot be split over mesh axes \('tensor',\)"):
     trainer.abstract_state(config, mesh)
 
 
-def test_training_continues_on_another_mesh(runs, tmp_path, monkeypatch):
-  """Steps 3 -> 5 on mesh (1, 4, 2) from a (2, 2, 2) checkpoint match the straight (2, 2, 2)
+@pytest.mark.parametrize("mesh_sizes", [(1, 4, 2), (1, 1, 8)])
+def test_training_continues_on_another_mesh(runs, tmp_path, monkeypatch, mesh_sizes):
+  """Steps 3 -> 5 on another mesh from a (2, 2, 2) checkpoint match the straight (2, 2, 2)
   run up to float reassociation (the reductions are split differently)."""
   monkeypatch.setattr(trainer, "measured_peak_flops", lambda: 1e12)
   workdir = tmp_path / "moved"
   shutil.copytree(runs["resumed"], workdir)
   shutil.rmtree(workdir / "checkpoints" / "5")
-  trainer.train(helpers.run_config(5, **{"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2}),
-                str(workdir))
+  data, fsdp, tensor = mesh_sizes
+  trainer.train(helpers.run_config(5, **{"mesh.data": data, "mesh.fsdp": fsdp,
+                                         "mesh.tensor": tensor}), str(workdir))
   moved = helpers.restore_state(str(workdir), 5)
   straight = helpers.restore_state(runs["straight"], 5)
   assert int(moved["step"]) == 5

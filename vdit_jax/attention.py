@@ -3,12 +3,23 @@
 A pattern is a predicate over a (query, key) token pair. Every pattern also requires both tokens
 to be in the same segment; padding (segment 0) forms a segment of its own, so a padding query
 attends only to padding and no real token ever sees padding, while no softmax row is empty.
+With ``dt, dh, dw`` the absolute coordinate differences and ``reach(dt) = r >> dt`` (``r``
+halved per frame of distance, rounded down):
 
-| pattern    | attend when                             |
-| ---------- | --------------------------------------- |
-| `full`     | same video                              |
-| `spatial`  | same video, same t                      |
-| `temporal` | same video, same (h, w)                 |
+| pattern             | attend when (and same video)                                        |
+| ------------------- | ------------------------------------------------------------------- |
+| `full`              | always                                                              |
+| `spatial`           | dt = 0                                                              |
+| `temporal`          | dh = 0 and dw = 0                                                   |
+| `window(kt,kh,kw)`  | dt <= kt, dh <= kh, dw <= kw                                        |
+| `local(kt,r)`       | dt <= kt, dh <= reach(dt), dw <= reach(dt)                          |
+| `cross(kt,r)`       | dt <= kt, and (dh = 0, dw <= reach(dt)) or (dw = 0, dh <= reach(dt)) |
+
+The per-head sparse pattern (block type ``sparse``, in the spirit of Compact Attention) gives
+each equal group of heads one of ``local``, ``cross`` (same row or column) or ``global``
+(``full``), the first two with a spatial reach that halves per frame of distance; a sublayer
+pattern is then a tuple of one pattern per head, and each group of heads sharing a pattern is
+computed with that pattern's mask or layout (``AttentionContext.attend``).
 
 Backends compute the same function: `dense` is the reference (an explicit ``[B, L, L]`` mask);
 `blocksparse` computes only the key blocks a host-side layout lists (``vdit_jax.layout``); `sdpa`
@@ -46,6 +57,7 @@ def resolve_backend(backend: str, patterns: tuple[str, ...], max_segments: int,
   if platform == "gpu" and set(patterns) == {"full"} and max_segments == 1:
     return "sdpa"
   return "blocksparse"
+
 
 def pattern_mask(pattern: str, segment_ids_BL: jax.Array, coords_BL3: jax.Array) -> jax.Array:
   """Boolean ``[B, L, L]`` mask: True where query l may attend to key m.
@@ -114,8 +126,11 @@ class AttentionContext:
     else:
       self._masks = {p: pattern_mask(p, segment_ids_BL, coords_BL3) for p in patterns}
 
-  def attend(self, pattern: str, q_BLHK: jax.Array, k_BLHK: jax.Array,
+  def attend(self, pattern: str | tuple[str, ...], q_BLHK: jax.Array, k_BLHK: jax.Array,
              v_BLHK: jax.Array) -> jax.Array:
+    """Attention under ``pattern``, or under ``pattern[h]`` for head h when it is a tuple."""
+    if isinstance(pattern, tuple):
+      return self._attend_per_head(pattern, q_BLHK, k_BLHK, v_BLHK)
     if self.backend == "blocksparse":
       return blocksparse.blocksparse_attention(q_BLHK, k_BLHK, v_BLHK, pattern,
                                                self._layouts[pattern], kv_chunk=self._kv_chunk)
@@ -123,18 +138,65 @@ class AttentionContext:
       return sdpa_attention(q_BLHK, k_BLHK, v_BLHK, self._masks[pattern])
     return dense_attention(q_BLHK, k_BLHK, v_BLHK, self._masks[pattern])
 
+  def _attend_per_head(self, head_patterns, q_BLHK, k_BLHK, v_BLHK):
+    """Heads grouped by pattern, each group attended once, outputs put back in head order."""
+    H = q_BLHK.shape[2]
+    if len(head_patterns) != H:
+      raise ValueError(f"{len(head_patterns)} head patterns for {H} heads: give one per head")
+    groups = {}
+    for h, p in enumerate(head_patterns):
+      groups.setdefault(p, []).append(h)
+    outs, order = [], []
+    for p, heads in groups.items():
+      outs.append(self.attend(p, *(_take_heads(x, heads) for x in (q_BLHK, k_BLHK, v_BLHK))))
+      order += heads
+    o_BLHK = jnp.concatenate(outs, axis=2)
+    if order == list(range(H)):
+      return o_BLHK
+    inverse = [order.index(h) for h in range(H)]
+    return o_BLHK[:, :, inverse]
 
-def pattern_pairs(pattern: str, grid: tuple[int, int, int]) -> int:
-  """Number of allowed (query, key) pairs of ``pattern`` within one video of token grid ``grid``.
+
+def _take_heads(x_BLHK: jax.Array, heads: list[int]) -> jax.Array:
+  """Heads ``heads`` of ``x``: a slice when they are contiguous (sparse's groups are)."""
+  if heads == list(range(heads[0], heads[-1] + 1)):
+    return x_BLHK[:, :, heads[0]:heads[-1] + 1]
+  return x_BLHK[:, :, jnp.asarray(heads)]
+
+
+def _pairs_1d(n: int, k: int) -> int:
+  """Ordered pairs (i, j) in range(n) with abs(i - j) <= k."""
+  k = min(k, n - 1)
+  return n + 2 * (k * n - k * (k + 1) // 2)
+
+
+def pattern_pairs(pattern: str | tuple[str, ...], grid: tuple[int, int, int]) -> int:
+  """Allowed (query, key) pairs of ``pattern`` within one video of token grid ``grid``, exactly
+  (windows clipped at the video's borders); for a per-head tuple, summed over its heads.
 
   Used for analytic FLOP counts: attention costs 4*K FLOPs per pair and head, forward.
   """
+  if isinstance(pattern, tuple):
+    return sum(pattern_pairs(p, grid) for p in pattern)
   t, h, w = (int(g) for g in grid)
   n = t * h * w
-  if pattern == "full":
+  name, args = layout.parse_pattern(pattern)
+  if name == "full":
     return n * n
-  if pattern == "spatial":
+  if name == "spatial":
     return n * h * w
-  if pattern == "temporal":
+  if name == "temporal":
     return n * t
-  raise ValueError(f"unknown attention pattern {pattern!r}: use one of {PATTERNS}")
+  if name == "window":
+    kt, kh, kw = args
+    return _pairs_1d(t, kt) * _pairs_1d(h, kh) * _pairs_1d(w, kw)
+  kt, r = args
+  total = 0
+  for dt in range(-min(kt, t - 1), min(kt, t - 1) + 1):
+    reach = int(layout.spatial_reach(r, abs(dt)))
+    if name == "local":
+      plane = _pairs_1d(h, reach) * _pairs_1d(w, reach)
+    else:  # cross: the row and the column through each query, the query counted once
+      plane = h * _pairs_1d(w, reach) + w * _pairs_1d(h, reach) - h * w
+    total += (t - abs(dt)) * plane
+  return total

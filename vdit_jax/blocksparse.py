@@ -30,7 +30,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from vdit_jax import flash
+from vdit_jax import flash, layout
 from vdit_jax.layout import LAYOUT_KEYS
 
 # Same finite "minus infinity" as attention.dense_attention, so masked entries match exactly.
@@ -150,16 +150,10 @@ def pair_mask(pattern: str, seg_q: jax.Array, c_q: jax.Array, seg_k: jax.Array,
   """Whether a query may attend to a key under ``pattern``, on broadcastable operands.
 
   ``seg_*`` are segment ids (here: padding already split into per-block chunks) and ``c_*``
-  the coordinates with a trailing axis of 3. ``attention.pattern_mask`` uses it too.
+  the coordinates with a trailing axis of 3. ``layout.allowed`` in jax: the host-side layouts
+  test block pairs with the very same predicate, and ``attention.pattern_mask`` uses it too.
   """
-  mask = seg_q == seg_k
-  if pattern == "full":
-    return mask
-  if pattern == "spatial":
-    return mask & (c_q[..., 0] == c_k[..., 0])
-  if pattern == "temporal":
-    return mask & (c_q[..., 1] == c_k[..., 1]) & (c_q[..., 2] == c_k[..., 2])
-  raise ValueError(f"unknown attention pattern {pattern!r}: use full, spatial or temporal")
+  return layout.allowed(pattern, seg_q, c_q, seg_k, c_k, xp=jnp)
 
 
 def _check_layout(layout, B: int, L: int) -> tuple[int, int, int]:
@@ -181,7 +175,7 @@ def blocksparse_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Arra
 
   Args:
     q_BLHK, k_BLHK, v_BLHK: queries, keys, values ``[B, L, H, K]`` in the batch's token order.
-    pattern: ``full``, ``spatial`` or ``temporal``; must be the one ``layout`` was built for.
+    pattern: one pattern (``attention`` lists them); must be the one ``layout`` was built for.
     layout: ``layout.make_layout(pattern, segment_ids, coords, ...)`` of this batch, as arrays
       (numpy or jax). It carries the segment ids and coordinates (permuted), so they are not
       arguments here. Block sizes are read off its shapes, so they are static under ``jit``.

@@ -4,6 +4,8 @@ Other configs start from ``get_base_config()`` and change values only; the confi
 misspelt override (``--config.model.widht=8``) fails at once instead of being ignored.
 """
 
+import os
+
 import ml_collections
 
 from vdit_jax import layout, tokens
@@ -15,12 +17,16 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # ---- data: what a training batch is made of ----
   d = c.data = ml_collections.ConfigDict()
-  d.source = "synthetic_shapes"  # synthetic_shapes (embedded); more sources come with the data issue
+  # synthetic_shapes | moving_digits (both embedded) | video_folder | latents (files in data.path)
+  d.source = "synthetic_shapes"
+  d.path = ""  # video_folder: mp4/webm/gif/npy files; latents: npy/npz arrays [T, H, W, C]
+  d.manifest = ""  # optional JSONL of {"path", "caption", "label"}, paths relative to data.path
+  d.frame_stride = 1  # file sources: take every k-th stored frame
   d.channels = 3  # C of the videos (3 for pixels, the VAE's latent channels for latents)
   d.frames = (8, 8)  # (min, max) frames per video, rounded down to the temporal patch
   d.side = (32, 32)  # (min, max) sqrt(H*W) in pixels; H and W follow from the aspect ratio
   d.aspect_ratios = (1.0,)  # W/H ratios to draw from
-  d.num_objects = (1, 1)  # (min, max) moving shapes per video; the first one sets the label
+  d.num_objects = (1, 1)  # (min, max) moving shapes or digits per video; the first sets the label
   d.object_size = (0.25, 0.45)  # (min, max) shape size as a fraction of the shorter side
   d.speed = (0.03, 0.08)  # (min, max) pixels per frame as a fraction of the side it moves along
   d.num_videos = 1_000_000  # size of the (procedural) source; indices are drawn from it
@@ -28,6 +34,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   d.seq_len = 512  # L: tokens per row
   d.max_segments = 4  # S: videos per row at most
   d.label_dropout = 0.1  # fraction of videos trained with the null label (for guidance)
+  d.shards = 0  # packing streams per batch (0 = one per process; fixed: same batch on any hosts)
   d.worker_count = 0  # grain worker processes (0 = in the main process)
   d.prefetch = 2  # batches buffered per worker
 
@@ -95,6 +102,13 @@ def get_base_config() -> ml_collections.ConfigDict:
       ("vocab", None),
   )
 
+  # ---- multi-host (jax.distributed); a single process needs none of it ----
+  p = c.distributed = ml_collections.ConfigDict()
+  p.coordinator_address = ""  # process 0's host:port ("" = $JAX_COORDINATOR_ADDRESS; "auto" =
+  # jax's cluster detection on TPU pods, SLURM, Open MPI)
+  p.num_processes = 0  # processes in the run (0 = $JAX_NUM_PROCESSES, else 1)
+  p.process_id = -1  # this process's index (-1 = $JAX_PROCESS_ID)
+
   # ---- sampling ----
   s = c.sample = ml_collections.ConfigDict()
   s.shapes = "8x32x32,8x32x48"  # TxHxW of the videos sampled during/after training
@@ -147,6 +161,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      f"data.batch_rows={d.batch_rows}")
   if not 0.0 <= d.label_dropout <= 1.0:
     raise ValueError(f"data.label_dropout={d.label_dropout} must be in [0, 1]")
+  if d.source in ("video_folder", "latents"):
+    if not d.path or not os.path.isdir(d.path):
+      raise ValueError(f"data.source={d.source} reads files, but data.path={d.path!r} is not a "
+                       "directory: set --config.data.path=/path/to/folder")
+    if d.manifest and not os.path.isfile(d.manifest):
+      raise ValueError(f"data.manifest={d.manifest!r} is not a file: give a JSONL path, or leave "
+                       "it empty to use every file in data.path")
+  if d.frame_stride < 1:
+    raise ValueError(f"data.frame_stride={d.frame_stride} must be >= 1 (1 = every frame)")
   if config.optim.lr <= 0 or config.train.steps < 1:
     raise ValueError(f"optim.lr={config.optim.lr} and train.steps={config.train.steps} must be "
                      "positive")

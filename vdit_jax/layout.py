@@ -10,6 +10,13 @@ an order where every group of the pattern is a contiguous run:
 | `spatial`  | one frame of one video  | (t, h, w)                          |
 | `temporal` | one (h, w) of one video | (h, w, t)                          |
 
+Windowed patterns (``window``, ``local``, ``cross``: see ``vdit_jax.attention``) have no groups:
+each token sees a box around itself. Inside a video their tokens go in tile-major order, with
+tiles of one query block's size shaped like the window (``window_tile``), so a block is a
+compact box and its window touches few key blocks. Their lists come from an exact block-pair
+test (bounding boxes of blocks first, then every token pair of the candidate block pairs), not
+from contiguous ranges, and their static bound from the largest grids (``windowed_bound``).
+
 Videos are ordered by segment id, and each run of padding stays right after the video it follows
 (leading padding first). So ``full`` and ``spatial`` orders are the identity on any row of
 contiguous t-major videos (``tokens.pack_rows``, with or without gaps between videos), and
@@ -35,7 +42,12 @@ import math
 
 import numpy as np
 
+from vdit_jax import tokens
+
 PATTERNS = ("full", "spatial", "temporal")
+# Windowed patterns take integer parameters, written as a call: name -> number of parameters.
+# ``window(kt,kh,kw)``; ``local(kt,r)`` and ``cross(kt,r)`` (per-head sparse sub-patterns).
+WINDOWED = {"window": 3, "local": 2, "cross": 2}
 # Attention backends that read layouts from the batch: the pipeline makes them for these
 # (``auto`` may resolve to blocksparse; when it does not, the model ignores them).
 LAYOUT_BACKENDS = ("blocksparse", "auto")
@@ -49,9 +61,70 @@ _GROUP_AXES = {"full": (), "spatial": (0,), "temporal": (1, 2)}
 _ORDER_AXES = {"full": (), "spatial": (0, 1, 2), "temporal": (1, 2, 0)}
 
 
+@functools.lru_cache(maxsize=256)
+def parse_pattern(pattern: str) -> tuple[str, tuple[int, ...]]:
+  """``"window(1,2,2)"`` -> ``("window", (1, 2, 2))``; ``"full"`` -> ``("full", ())``."""
+  if pattern in PATTERNS:
+    return pattern, ()
+  name, _, rest = str(pattern).partition("(")
+  if name in WINDOWED and rest.endswith(")"):
+    try:
+      args = tuple(int(a) for a in rest[:-1].split(","))
+    except ValueError:
+      args = ()
+    if len(args) == WINDOWED[name] and min(args) >= 0:
+      return name, args
+  raise ValueError(f"unknown attention pattern {pattern!r}: use one of {PATTERNS}, "
+                   "window(kt,kh,kw), local(kt,r) or cross(kt,r) with integers >= 0")
+
+
 def _check_pattern(pattern: str) -> None:
-  if pattern not in PATTERNS:
-    raise ValueError(f"unknown attention pattern {pattern!r}: use one of {PATTERNS}")
+  parse_pattern(pattern)
+
+
+def is_windowed(pattern: str) -> bool:
+  return parse_pattern(pattern)[0] in WINDOWED
+
+
+def window_reach(pattern: str) -> tuple[int, int, int]:
+  """Largest (|dt|, |dh|, |dw|) a windowed pattern allows."""
+  name, args = parse_pattern(pattern)
+  if name == "window":
+    return args
+  kt, r = args
+  return kt, r, r
+
+
+def spatial_reach(r, dt, xp=np):
+  """Reach of ``local``/``cross`` at frame distance ``dt``: ``r`` halved per frame, rounded
+  down (``r >> dt``; shifts capped at 30 so large ``dt`` give 0, not undefined bits)."""
+  return xp.right_shift(r, xp.minimum(dt, 30))
+
+
+def allowed(pattern: str, seg_q, c_q, seg_k, c_k, xp=np):
+  """The predicate of ``pattern`` on broadcastable operands, in numpy or ``xp=jax.numpy``.
+
+  ``seg_*`` are segment ids (padding may be split into chunks by the caller), ``c_*`` the
+  coordinates with a trailing axis of 3. Symmetric in (query, key) for every pattern.
+  """
+  name, args = parse_pattern(pattern)
+  mask = seg_q == seg_k
+  same = lambda a: c_q[..., a] == c_k[..., a]
+  if name == "full":
+    return mask
+  if name == "spatial":
+    return mask & same(0)
+  if name == "temporal":
+    return mask & same(1) & same(2)
+  dt, dh, dw = (xp.abs(c_q[..., a] - c_k[..., a]) for a in range(3))
+  if name == "window":
+    kt, kh, kw = args
+    return mask & (dt <= kt) & (dh <= kh) & (dw <= kw)
+  kt, r = args
+  reach = spatial_reach(r, dt, xp)
+  if name == "local":
+    return mask & (dt <= kt) & (dh <= reach) & (dw <= reach)
+  return mask & (dt <= kt) & (((dh == 0) & (dw <= reach)) | ((dw == 0) & (dh <= reach)))
 
 
 def _check_inputs(segment_ids_BL, coords_BL3) -> tuple[np.ndarray, np.ndarray]:
@@ -73,11 +146,25 @@ def check_blocks(seq_len: int, block_q: int, block_k: int) -> None:
                        f"of {b}")
 
 
-def pattern_order(pattern: str, segment_ids_BL, coords_BL3) -> np.ndarray:
+def window_tile(pattern: str, block: int) -> tuple[int, int, int]:
+  """Tile (t, h, w) of a windowed pattern's token order: ``block`` tokens (rounded down to a
+  power of two), shaped like the window's box, so a block that starts on a tile is one compact
+  box and its keys lie in the tiles around it. Sides are powers of two, grown one axis at a time
+  (the axis smallest against its window side, w first on ties)."""
+  box = [2 * k + 1 for k in window_reach(pattern)]
+  tile = [1, 1, 1]
+  while 2 * math.prod(tile) <= max(int(block), 1):
+    a = min((2, 1, 0), key=lambda a: tile[a] / box[a])
+    tile[a] *= 2
+  return tuple(tile)
+
+
+def pattern_order(pattern: str, segment_ids_BL, coords_BL3, block: int = 64) -> np.ndarray:
   """Permutation ``perm [B, L]`` (int32) making every group of ``pattern`` contiguous.
 
   Position ``i`` of the permuted row holds original token ``perm[b, i]``. Tokens are sorted by
-  (owner segment, padding after real, the pattern's coordinate order), stably; a padding token's
+  (owner segment, padding after real, the pattern's coordinate order; for windowed patterns
+  tile-major with ``window_tile(pattern, block)``), stably; a padding token's
   owner is the video before it, so padding keeps its place and videos keep their extent.
   """
   _check_pattern(pattern)
@@ -87,7 +174,12 @@ def pattern_order(pattern: str, segment_ids_BL, coords_BL3) -> np.ndarray:
   last_real = np.maximum.accumulate(np.where(is_pad, -1, np.arange(L)), axis=1)
   owner = np.where(last_real >= 0, np.take_along_axis(seg, np.maximum(last_real, 0), 1), 0)
   # np.lexsort sorts by the last key first and is stable.
-  keys = [coords[..., a] for a in reversed(_ORDER_AXES[pattern])] + [is_pad, owner]
+  if is_windowed(pattern):
+    tile = window_tile(pattern, block)
+    keys = ([coords[..., a] for a in (2, 1, 0)] + [coords[..., a] // tile[a] for a in (2, 1, 0)]
+            + [is_pad, owner])
+  else:
+    keys = [coords[..., a] for a in reversed(_ORDER_AXES[pattern])] + [is_pad, owner]
   return np.lexsort(keys, axis=-1).astype(np.int32)
 
 
@@ -133,9 +225,11 @@ def needed_kv_blocks(pattern: str, segment_ids_BL, coords_BL3, block_q: int,
   _check_pattern(pattern)
   seg, coords = _check_inputs(segment_ids_BL, coords_BL3)
   check_blocks(seg.shape[1], block_q, block_k)
-  perm = pattern_order(pattern, seg, coords)
+  perm = pattern_order(pattern, seg, coords, block_q)
   seg_p = np.take_along_axis(seg, perm, axis=1)
   coords_p = np.take_along_axis(coords, perm[..., None], axis=1)
+  if is_windowed(pattern):
+    return int(_block_pairs(pattern, seg_p, coords_p, block_q, block_k).sum(-1).max())
   first, last = _block_ranges(pattern, seg_p, coords_p, block_q, block_k)
   return int((last - first).max()) + 1
 
@@ -169,9 +263,11 @@ def make_layout(pattern: str, segment_ids_BL, coords_BL3, block_q: int, block_k:
   seg, coords = _check_inputs(segment_ids_BL, coords_BL3)
   B, L = seg.shape
   check_blocks(L, block_q, block_k)
-  perm = pattern_order(pattern, seg, coords)
+  perm = pattern_order(pattern, seg, coords, block_q)
   seg_p = np.take_along_axis(seg, perm, axis=1)
   coords_p = np.take_along_axis(coords, perm[..., None], axis=1)
+  if is_windowed(pattern):
+    return _windowed_layout(pattern, perm, seg_p, coords_p, block_q, block_k, max_kv_blocks)
   first, last = _block_ranges(pattern, seg_p, coords_p, block_q, block_k)
   needed = int((last - first).max()) + 1
   if max_kv_blocks is None:
@@ -207,6 +303,122 @@ def make_layout(pattern: str, segment_ids_BL, coords_BL3, block_q: int, block_k:
       "kv_readers": (i * max_kv_blocks + slot).astype(np.int32),
       "kv_readers_valid": i_lo[..., None] + np.arange(max_readers) <= i_hi[..., None],
   }
+
+
+def _attention_segments(seg_p: np.ndarray, block_q: int) -> np.ndarray:
+  """Segment ids of permuted rows with padding split per query block: ``-1 - chunk``."""
+  chunk = np.arange(seg_p.shape[1], dtype=np.int32) // block_q
+  return np.where(seg_p == 0, -1 - chunk, seg_p).astype(np.int32)
+
+
+def _block_pairs(pattern: str, seg_p: np.ndarray, coords_p: np.ndarray, block_q: int,
+                 block_k: int) -> np.ndarray:
+  """``[B, nQ, nK]`` bool: whether (query block, key block) holds an allowed pair, exactly.
+
+  Candidates first, at block level: blocks whose bounding boxes of (segment, t, h, w) over real
+  tokens come within the pattern's reach, plus the key blocks overlapping a query block's own
+  positions when both hold padding. Only candidates get the token-pair test, and ``window``
+  candidates whose boxes lie wholly within reach of each other need none. So host cost follows
+  the listed pairs, not L^2.
+  """
+  B, L = seg_p.shape
+  nQ, nK = L // block_q, L // block_k
+  real = seg_p > 0
+  att = _attention_segments(seg_p, block_q)
+  big = np.int32(2**30)  # far beyond any coordinate plus reach, and no overflow
+
+  def boxes(block):
+    vals = np.concatenate([seg_p[..., None], coords_p], -1).astype(np.int32)
+    vals = vals.reshape(B, L // block, block, 4)
+    r = real.reshape(B, L // block, block, 1)
+    return np.where(r, vals, big).min(2), np.where(r, vals, -big).max(2)  # [B, n, 4]
+
+  (q_lo, q_hi), (k_lo, k_hi) = boxes(block_q), boxes(block_k)
+  reach = (0,) + tuple(window_reach(pattern))
+  q_lo, q_hi = q_lo[:, :, None], q_hi[:, :, None]
+  k_lo, k_hi = k_lo[:, None], k_hi[:, None]
+  cand = np.ones((B, nQ, nK), bool)
+  for a in range(4):  # one axis at a time: [B, nQ, nK] temporaries only
+    cand &= (q_lo[..., a] - reach[a] <= k_hi[..., a]) & (k_lo[..., a] <= q_hi[..., a] + reach[a])
+  i, j = np.arange(nQ)[:, None], np.arange(nK)[None, :]
+  own = (j * block_k < (i + 1) * block_q) & (i * block_q < (j + 1) * block_k)
+  pad_q = (~real).reshape(B, nQ, block_q).any(-1)[:, :, None]
+  pad_k = (~real).reshape(B, nK, block_k).any(-1)[:, None, :]
+  cand |= own & pad_q & pad_k
+  sure = np.zeros_like(cand)
+  if parse_pattern(pattern)[0] == "window":
+    one_video = ((q_lo[..., 0] == q_hi[..., 0]) & (k_lo[..., 0] == k_hi[..., 0])
+                 & (q_lo[..., 0] == k_lo[..., 0]))
+    sure = cand & one_video
+    for a in (1, 2, 3):
+      sure &= np.maximum(q_hi[..., a] - k_lo[..., a], k_hi[..., a] - q_lo[..., a]) <= reach[a]
+  pairs = sure.copy()
+  b, i, j = np.nonzero(cand & ~sure)
+  att_q, att_k = att.reshape(B, nQ, block_q), att.reshape(B, nK, block_k)
+  c_q, c_k = coords_p.reshape(B, nQ, block_q, 3), coords_p.reshape(B, nK, block_k, 3)
+  step = max(1, 2**21 // (block_q * block_k))
+  for s in range(0, len(b), step):
+    bb, ii, jj = b[s:s + step], i[s:s + step], j[s:s + step]
+    hit = allowed(pattern, att_q[bb, ii][:, :, None], c_q[bb, ii][:, :, None, :],
+                  att_k[bb, jj][:, None, :], c_k[bb, jj][:, None, :, :]).any(axis=(1, 2))
+    pairs[bb[hit], ii[hit], jj[hit]] = True
+  return pairs
+
+
+def _windowed_layout(pattern, perm, seg_p, coords_p, block_q, block_k, max_kv_blocks):
+  """``make_layout`` for windowed patterns: lists from the exact block-pair test."""
+  B, L = seg_p.shape
+  nQ, nK = L // block_q, L // block_k
+  pairs = _block_pairs(pattern, seg_p, coords_p, block_q, block_k)
+  count = pairs.sum(-1)
+  needed = int(count.max())
+  if max_kv_blocks is None:
+    max_kv_blocks = needed
+  if needed > max_kv_blocks:
+    raise ValueError(f"pattern {pattern!r} needs max_kv_blocks >= {needed} for this batch "
+                     f"(block_q={block_q}, block_k={block_k}) but got {max_kv_blocks}: raise it "
+                     f"to {needed}, or to max_kv_blocks_bound(...) so every batch fits")
+  J = int(max_kv_blocks)
+  # Listed blocks first, ascending (a stable sort of "not listed").
+  order = np.argsort(~pairs, axis=-1, kind="stable")
+  if J > nK:
+    order = np.concatenate([order, np.repeat(order[..., -1:], J - nK, -1)], -1)
+  order = order[..., :J]
+  valid = np.arange(J) < count[..., None]
+  last = np.take_along_axis(order, np.maximum(count - 1, 0)[..., None], -1)
+  kv = np.where(valid, order, last)
+  # Transposed list: slots n * J + j sorted by the key block they read (unused slots last).
+  key = np.where(valid, kv, nK).reshape(B, nQ * J)
+  by_key = np.argsort(key, axis=-1, kind="stable")
+  n_read = np.stack([np.bincount(k, minlength=nK + 1)[:nK] for k in key])
+  start = np.cumsum(n_read, -1) - n_read
+  # The block-pair matrix is symmetric with equal block sizes (so R = J); otherwise a key block
+  # meets at most w query blocks' worth of positions, each reading at most w * J blocks.
+  w = _window_blocks(block_k, block_q, 0)
+  R = min(nQ, w * w * J)
+  if int(n_read.max()) > R:  # cannot happen: R is a bound (see above)
+    raise AssertionError(f"key block read by {int(n_read.max())} query blocks > {R}")
+  r = np.arange(R)
+  idx = np.minimum(start[..., None] + np.minimum(r, np.maximum(n_read[..., None] - 1, 0)),
+                   nQ * J - 1)
+  readers = np.take_along_axis(by_key, idx.reshape(B, -1), -1).reshape(B, nK, R)
+  return {
+      "perm": perm,
+      "inv_perm": _inverse(perm),
+      "perm_segment": _attention_segments(seg_p, block_q),
+      "perm_coords": coords_p.astype(np.int32),
+      "kv_blocks": kv.astype(np.int32),
+      "kv_valid": valid,
+      "kv_readers": readers.astype(np.int32),
+      "kv_readers_valid": r < n_read[..., None],
+  }
+
+
+def _inverse(perm: np.ndarray) -> np.ndarray:
+  inv = np.empty_like(perm)
+  B, L = perm.shape
+  np.put_along_axis(inv, perm, np.broadcast_to(np.arange(L, dtype=perm.dtype), (B, L)), axis=1)
+  return inv
 
 
 def _window_blocks(size_a: int, size_b: int, reach: int) -> int:
@@ -248,7 +460,9 @@ def max_kv_blocks_bound(pattern: str, seq_len: int, block_q: int, block_k: int,
   for ``full`` to the key blocks of one video (e.g. 2 instead of 5 for 512-token videos in
   256-token blocks). It does not help the other patterns, whose groups are not aligned.
   """
-  _check_pattern(pattern)
+  if is_windowed(pattern):
+    raise ValueError(f"pattern {pattern!r} has no groups: use windowed_bound for its "
+                     "max_kv_blocks")
   check_blocks(seq_len, block_q, block_k)
   reach = max(int(max_group_tokens), 1) - 1
   bound = _window_blocks(block_q, block_k, reach)
@@ -283,16 +497,171 @@ def default_block(seq_len: int, max_group_tokens: int) -> int:
   return block
 
 
-# Which patterns each block type applies, in order (the model and the data pipeline agree here).
+_MAX_UNITS = 4096  # a [units, units] pair matrix of 16M booleans
+
+
+@functools.lru_cache(maxsize=64)
+def _video_needs(pattern: str, grid: tuple[int, int, int], block_q: int,
+                 block_k: int) -> tuple[int, int, int]:
+  """Upper bounds on the key blocks holding real keys of one video that a query block lists,
+  over every alignment of the video against the blocks: for any query block, for one holding
+  the video's first token, and for one holding its last.
+
+  From one exact pair matrix over units of ``u`` tokens (u divides both block sizes; 1, which
+  makes the bounds exact, unless the video has more than ``_MAX_UNITS`` tokens): for offsets in
+  ``[m u, (m + 1) u)`` a block lies within a fixed run of ``block / u (+ 1 if u > 1)`` units, so
+  a block pair is non-empty only if its two unit runs hold a non-empty unit pair. Prefix sums
+  make each offset class cost O(blocks x units).
+  """
+  n = tokens.num_tokens(grid)
+  u = 1  # exact when 1; grown (dividing both blocks) only to keep the unit matrix small
+  while -(-n // u) > _MAX_UNITS and math.gcd(block_q, block_k) % (2 * u) == 0:
+    u *= 2
+  nU = -(-n // u)
+  c = tokens.grid_coords(grid)
+  c = c[pattern_order(pattern, np.ones((1, n), np.int32), c[None], block_q)[0]]
+  seg = np.zeros((1, nU * u), np.int32)
+  coords = np.zeros((1, nU * u, 3), np.int32)
+  seg[0, :n], coords[0, :n] = 1, c
+  if u == 1:
+    unit_pairs = allowed(pattern, seg[0, :, None], coords[0, :, None], seg[0, None, :],
+                         coords[0, None, :])
+  else:
+    unit_pairs = _block_pairs(pattern, seg, coords, u, u)[0]
+  rows = np.concatenate([np.zeros((1, nU), np.int32), np.cumsum(unit_pairs, 0, np.int32)])
+  period = math.lcm(block_q, block_k)
+
+  def runs(block, m):
+    """Unit runs [lo, hi) of every block that may overlap the video, raw and clipped."""
+    i = np.arange(-(-(n + period) // block) + 1)
+    lo, hi = i * (block // u) - m - (u > 1), (i + 1) * (block // u) - m
+    return lo, hi, np.clip(lo, 0, nU), np.clip(hi, 0, nU)
+
+  most = head = tail = 0
+  for m in range(period // u):
+    lo, hi, lo_c, hi_c = runs(block_q, m)
+    touched = (rows[hi_c] - rows[lo_c]) > 0  # [query blocks, units]: a unit it may pair with
+    cols = np.concatenate([np.zeros((len(lo), 1), np.int32), np.cumsum(touched, 1, np.int32)],
+                          1)
+    _, _, klo, khi = runs(block_k, m)
+    count = ((cols[:, khi] - cols[:, klo]) > 0).sum(1)
+    most = max(most, int(count.max()))
+    head = max(head, int(count[(lo <= 0) & (0 < hi)].max()))
+    tail = max(tail, int(count[(lo <= nU - 1) & (nU - 1 < hi)].max()))
+  return most, head, tail
+
+
+def windowed_bound(pattern: str, seq_len: int, block_q: int, block_k: int, grids) -> int:
+  """A ``max_kv_blocks`` for a windowed pattern that fits rows of videos of ``grids``.
+
+  Every video of ``grids`` alone, at every alignment, bounds what any of its query blocks
+  lists (``_video_needs``); a query block shared by videos lists at most the last block's need
+  of one, the first block's need of another, and the key blocks over its own positions (videos
+  wholly inside it and padding see only those). Smaller videos than ``grids`` are assumed to
+  need no more (tested on random packings); ``make_layout`` raises if one ever does.
+  """
+  _check_pattern(pattern)
+  check_blocks(seq_len, block_q, block_k)
+  needs = [_video_needs(pattern, tuple(int(v) for v in g), block_q, block_k) for g in grids]
+  most = max(n[0] for n in needs)
+  shared = max(n[1] for n in needs) + max(n[2] for n in needs) + _window_blocks(block_q,
+                                                                                block_k, 0)
+  return min(max(most, shared), seq_len // block_k)
+
+
+# Which patterns each block type applies, one per sublayer, in order (the model, the data
+# pipeline and the FLOP counter read this). ``window`` stands for model.window; ``sparse`` for
+# one sub-pattern per head group (model.sparse_heads, model.sparse_window).
 BLOCK_PATTERNS = {
     "full3d": ("full",),
     "factorized": ("spatial", "temporal"),
+    "spatial_only": ("spatial",),
+    "temporal_only": ("temporal",),
+    "window": ("window",),
+    "sparse": ("sparse",),
 }
+# ``alternating`` is a schedule over depth, not a block: these two, in turn.
+ALTERNATING = ("spatial_only", "temporal_only")
+BLOCK_TYPES = tuple(BLOCK_PATTERNS) + ("alternating",)
+SPARSE_HEADS = ("local", "cross", "global")
+
+
+def layer_blocks(block: str, depth: int) -> tuple[str, ...]:
+  """Block type of each layer: ``model.block`` is one type for every layer, ``alternating``,
+  or a comma list with one type per layer."""
+  names = [b.strip() for b in str(block).split(",")]
+  if len(names) == 1 and names[0] == "alternating":
+    return tuple(ALTERNATING[i % 2] for i in range(depth))
+  bad = [b for b in names if b not in BLOCK_PATTERNS]
+  if bad:
+    raise ValueError(f"model.block={block!r} names unknown block types {bad}: use one of "
+                     f"{BLOCK_TYPES}, or a comma list of {tuple(BLOCK_PATTERNS)} with one "
+                     "entry per layer")
+  if len(names) == 1:
+    return tuple(names) * depth
+  if len(names) != depth:
+    raise ValueError(f"model.block={block!r} lists {len(names)} block types but model.depth="
+                     f"{depth}: give exactly one per layer, or a single type for all")
+  return tuple(names)
+
+
+def sparse_head_patterns(model_cfg) -> tuple[str, ...]:
+  """Pattern of each head of a ``sparse`` sublayer, from ``model.sparse_heads`` (sub-patterns of
+  equal contiguous head groups) and ``model.sparse_window = (kt, local reach, cross reach)``."""
+  names = [n.strip() for n in str(model_cfg.sparse_heads).split(",")]
+  heads = int(model_cfg.num_heads)
+  bad = [n for n in names if n not in SPARSE_HEADS]
+  if bad or heads % len(names):
+    raise ValueError(f"model.sparse_heads={model_cfg.sparse_heads!r} must be a comma list of "
+                     f"{SPARSE_HEADS} whose length divides model.num_heads={heads} (each entry "
+                     "is one equal group of heads)")
+  window = tuple(int(v) for v in model_cfg.sparse_window)
+  if len(window) != 3 or min(window) < 0:
+    raise ValueError(f"model.sparse_window={tuple(model_cfg.sparse_window)} must be three "
+                     "integers >= 0: (kt, local reach, cross reach)")
+  kt, r_local, r_cross = window
+  spec = {"local": f"local({kt},{r_local})", "cross": f"cross({kt},{r_cross})",
+          "global": "full"}
+  per = heads // len(names)
+  return tuple(spec[n] for n in names for _ in range(per))
+
+
+def layer_patterns(model_cfg) -> tuple[tuple, ...]:
+  """Per layer, per sublayer: a pattern, or (``sparse``) a tuple of one pattern per head."""
+  window = tuple(int(v) for v in model_cfg.window)
+  out = []
+  for block in layer_blocks(model_cfg.block, int(model_cfg.depth)):
+    subs = []
+    for p in BLOCK_PATTERNS[block]:
+      if p == "window":
+        if len(window) != 3 or min(window) < 0:
+          raise ValueError(f"model.window={tuple(model_cfg.window)} must be three integers "
+                           ">= 0: (kt, kh, kw)")
+        p = "window({},{},{})".format(*window)
+      elif p == "sparse":
+        p = sparse_head_patterns(model_cfg)
+      subs.append(p)
+    out.append(tuple(subs))
+  return tuple(out)
+
+
+def config_patterns(model_cfg) -> tuple[str, ...]:
+  """Every pattern the model's layers use (per head included), each once, in order of use:
+  the masks (``dense``) or layouts (``blocksparse``) a batch needs."""
+  seen = []
+  for layer in layer_patterns(model_cfg):
+    for sub in layer:
+      for p in (sub if isinstance(sub, tuple) else (sub,)):
+        if p not in seen:
+          seen.append(p)
+  return tuple(seen)
 
 
 def group_tokens(pattern: str, grid) -> int:
   """Tokens in one group of ``pattern`` for a video of token grid ``(T', H', W')``."""
-  _check_pattern(pattern)
+  if is_windowed(pattern):
+    raise ValueError(f"pattern {pattern!r} has no groups: a windowed pattern's layouts are "
+                     "sized by windowed_bound")
   t, h, w = (int(g) for g in grid)
   return {"full": t * h * w, "spatial": h * w, "temporal": t}[pattern]
 
@@ -355,16 +724,21 @@ def batch_layouts(patterns, segment_ids_BL, coords_BL3, grids, block: int = 0,
   and the step compiles once. Without ``max_segments`` only the largest group of ``grids``
   matters (e.g. the config's largest video per aspect ratio) and videos may sit anywhere. With
   it, ``grids`` must be every grid the data can produce and rows must be packed back to back
-  (``tokens.pack_rows``, as the pipeline does): the bound is then ``packed_kv_blocks_bound``, and
-  the default block grows while that lists no more keys per query (P0: 256-token frames in
-  blocks of 256, one block each). ``exact=True`` sizes the lists for this batch alone (shapes
-  then depend on the batch: for one-off calls such as sampling). ``block=0`` picks
-  ``default_block`` per pattern.
+  (``tokens.pack_rows``, as the pipeline does): the bound of the grouped patterns is then
+  ``packed_kv_blocks_bound``, and their default block grows while that lists no more keys per
+  query (P0: 256-token frames in blocks of 256, one block each). ``exact=True`` sizes the lists
+  for this batch alone (shapes then depend on the batch: for one-off calls such as sampling).
+  ``block=0`` picks ``default_block`` per pattern (for windowed ones from the window's box
+  volume).
   """
   seq_len = np.shape(segment_ids_BL)[1]
   out = {}
   for p in patterns:
-    b, bound = block_and_bound(p, seq_len, grids, block, max_segments)
+    if is_windowed(p):
+      b = int(block) or default_block(seq_len, math.prod(2 * k + 1 for k in window_reach(p)))
+      bound = windowed_bound(p, seq_len, b, b, grids)
+    else:
+      b, bound = block_and_bound(p, seq_len, grids, block, max_segments)
     out[p] = make_layout(p, segment_ids_BL, coords_BL3, b, b, None if exact else bound)
   return out
 

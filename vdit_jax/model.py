@@ -97,6 +97,18 @@ def layer_norm(x: jax.Array) -> jax.Array:
   return ((x32 - mean) * jax.lax.rsqrt(var + 1e-6)).astype(x.dtype)
 
 
+@jax.custom_vjp
+def _split_qkv(qkv_BL3HK: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """q, k, v of the fused projection. Autodiff would transpose each slice into a zero-padded
+  full-size array and add the three (measured about 7% of a P0 factorized step on CPU); the
+  written-out backward stacks the three gradients once."""
+  return qkv_BL3HK[:, :, 0], qkv_BL3HK[:, :, 1], qkv_BL3HK[:, :, 2]
+
+
+_split_qkv.defvjp(lambda qkv: (_split_qkv(qkv), None),
+                  lambda _, g: (jnp.stack(g, axis=2),))
+
+
 class Attention(nnx.Module):
   """Multi-head self-attention with fused QKV, optional QK-norm and 3D RoPE."""
 
@@ -117,7 +129,7 @@ class Attention(nnx.Module):
   def __call__(self, x_BLD: jax.Array, pattern: str, ctx: attn_lib.AttentionContext,
                cos: jax.Array, sin: jax.Array) -> jax.Array:
     qkv = jnp.einsum("bld,dthk->blthk", x_BLD, self.qkv[...].astype(self.dtype))
-    q_BLHK, k_BLHK, v_BLHK = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q_BLHK, k_BLHK, v_BLHK = _split_qkv(qkv)
     if self.q_norm is not None:
       q_BLHK, k_BLHK = self.q_norm(q_BLHK), self.k_norm(k_BLHK)
     q_BLHK, k_BLHK = apply_rope(q_BLHK, cos, sin), apply_rope(k_BLHK, cos, sin)

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import resource
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vdit_jax import checkpoint as ckpt_lib
@@ -230,7 +232,8 @@ def train_step(state: State, batch: dict[str, jax.Array], *, graphdef: nnx.Graph
   decay = ema_decay_at(state["step"], config.optim.ema_decay)
   ema = jax.tree.map(lambda e, p: e * decay + p * (1.0 - decay), state["ema"], params)
   metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-             "lr": lr_schedule(config.optim, config.train.steps)(state["step"])}
+             "lr": lr_schedule(config.optim, config.train.steps)(state["step"]),
+             "real_tokens": jnp.sum(batch["segment_ids"] > 0)}
   new_state = {"params": params, "ema": ema, "opt": opt, "step": state["step"] + 1,
                "key": state["key"]}
   return new_state, metrics
@@ -246,9 +249,34 @@ def jit_train_step(config, graphdef, state_shardings, mesh):
 # ----------------------------------------------------------------------------- the run
 
 
+def initialize_distributed(cfg: ml_collections.ConfigDict) -> None:
+  """Joins a multi-process run described by ``config.distributed`` (else the ``JAX_COORDINATOR_
+  ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` env vars); one process does nothing.
+
+  Runs before anything touches a device: the global device list depends on it.
+  """
+  address = cfg.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+  if jax.distributed.is_initialized():
+    return
+  if address == "auto":
+    jax.distributed.initialize()
+    return
+  count = int(cfg.num_processes or os.environ.get("JAX_NUM_PROCESSES", 1))
+  index = int(cfg.process_id if cfg.process_id >= 0 else os.environ.get("JAX_PROCESS_ID", -1))
+  if count == 1:
+    return
+  if not address or not 0 <= index < count:
+    raise ValueError(f"a run of {count} processes needs distributed.coordinator_address (got "
+                     f"{address!r}) and distributed.process_id in [0, {count}) (got {index}): set "
+                     "them in the config or as JAX_COORDINATOR_ADDRESS / JAX_PROCESS_ID")
+  jax.distributed.initialize(address, count, index)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Fails on a bad config before anything is compiled or written."""
+  """Fails on a bad config before anything is compiled or written (joins a multi-process run
+  first, since the device count depends on it)."""
   config_lib.validate(config)
+  initialize_distributed(config.distributed)
   # config_lib cannot resolve a -1 mesh axis (it knows no device count); here we can.
   sizes = dict(zip(shard_lib.MESH_AXES, shard_lib.mesh_shape(
       {a: config.mesh[a] for a in shard_lib.MESH_AXES}, jax.device_count())))
@@ -257,6 +285,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"data.batch_rows={config.data.batch_rows} must divide over the "
                      f"data-parallel mesh axes (data x fsdp = {dp} on {jax.device_count()} "
                      f"devices): use a multiple of {dp} or set mesh.data/mesh.fsdp")
+
+
+def check_process_rows(config, mesh) -> None:
+  """The pipeline gives process p rows ``[p B/n, (p+1) B/n)`` of the global batch; raises if
+  the mesh places other rows on p's devices."""
+  n, p = jax.process_count(), jax.process_index()
+  rows = config.data.batch_rows
+  sharding = batch_shardings(config, mesh)["segment_ids"]
+  placed = set()
+  for index in sharding.addressable_devices_indices_map((rows, config.data.seq_len)).values():
+    placed.update(range(*index[0].indices(rows)))
+  share = rows // n
+  if placed != set(range(p * share, (p + 1) * share)):
+    raise ValueError(f"mesh {dict(mesh.shape)} puts batch rows {sorted(placed)} on process {p}, "
+                     f"whose pipeline makes rows {p * share}..{(p + 1) * share - 1}: make "
+                     f"mesh.data x mesh.fsdp a multiple of the process count ({n})")
 
 
 @functools.cache
@@ -345,12 +389,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> State:
   """Trains ``config`` in ``workdir``, resuming from its newest checkpoint if there is one."""
   from data import pipeline  # scripts' side of the arrow: only train() needs the data package
 
-  validate(config)
   git_revision()
+  validate(config)
   is_main = jax.process_index() == 0
   if is_main:
     write_run_info(config, workdir)
   mesh = shard_lib.make_mesh(config.mesh)
+  check_process_rows(config, mesh)
   rules = config.mesh.rules
   mngr = ckpt_lib.manager(workdir, keep=config.train.keep_ckpts)
   with jax.set_mesh(mesh), shard_lib.axis_rules(rules):
@@ -378,7 +423,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> State:
     peak = None
     total = config.train.steps
     bar = _progress(start, total, config.train.progress and is_main)
-    t_last, tok_acc, real_acc, steps_acc = time.perf_counter(), 0, 0, 0
+    t_last, tok_acc, real_acc, steps_acc = time.perf_counter(), 0, [], 0
+    skipped_acc: dict[str, int] = {}  # files the data source passed over, per reason
     warned_recompile = False
     with _StopFlag() as stop:
       for step in range(start, total):
@@ -387,31 +433,32 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> State:
         if flops_per_step is None:
           flops_per_step = step_flops(config, host_batch)
         state, metrics = step_fn(state, batch)
-        tok_acc += host_batch["segment_ids"].size
-        real_acc += int((host_batch["segment_ids"] > 0).sum())
+        tok_acc += host_batch["segment_ids"].size * jax.process_count()
+        real_acc.append(metrics.pop("real_tokens"))  # fetched at the next log line, not now
+        for reason, n in host_batch.get("skipped", {}).items():
+          skipped_acc[reason] = skipped_acc.get(reason, 0) + int(n)
         steps_acc += 1
         done = step + 1
         if done % config.train.log_every == 0 or done == total:
           m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          real = float(sum(jax.device_get(real_acc)))
           dt = time.perf_counter() - t_last
           if peak is None:
             peak = measured_peak_flops()
           m.update(step_time=dt / steps_acc, tokens_per_s=tok_acc / dt,
-                   useful_tokens_per_s=real_acc / dt, packing=real_acc / max(tok_acc, 1),
+                   useful_tokens_per_s=real / dt, packing=real / max(tok_acc, 1),
                    mfu=flops_per_step * steps_acc / dt / peak,
-                   compiles=_cache_size(step_fn))
+                   compiles=_cache_size(step_fn), **peak_memory())
+          m.update({f"skipped_{r}": n for r, n in skipped_acc.items()})
           if not math.isfinite(m["loss"]):
             raise FloatingPointError(f"loss is {m['loss']} at step {done}: lower optim.lr or "
                                      "set optim.grad_clip; the last checkpoint is intact")
           writer.write(done, m)
-          if m["compiles"] > 1 and not warned_recompile:
-            warned_recompile = True
-            print(f"warning: the train step compiled {m['compiles']} times by step {done}; batch "
-                  "shapes or dtypes changed between steps (each compile costs seconds to "
-                  "minutes)", file=sys.stderr)
+          warned_recompile = warned_recompile or warn_on_recompile(m["compiles"], done)
           bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}",
                           mfu=f"{m['mfu']:.2f}")
-          t_last, tok_acc, real_acc, steps_acc = time.perf_counter(), 0, 0, 0
+          t_last, tok_acc, real_acc, steps_acc = time.perf_counter(), 0, [], 0
+          skipped_acc = dict.fromkeys(skipped_acc, 0)
         bar.update(1)
         if done % config.train.ckpt_every == 0 or done == total or stop.stop:
           ckpt_lib.save(mngr, done, state, it.get_state(), config)
@@ -437,6 +484,25 @@ def _device_batch(host_batch: dict[str, Any], shardings) -> dict[str, Any]:
                       {k: host_batch[k] for k in shardings})
 
 
+def warn_on_recompile(compiles: int, step: int) -> bool:
+  """Warns (and says so) if the step compiled more than once: shapes must be static per run."""
+  if compiles <= 1:
+    return False
+  print(f"warning: the train step compiled {compiles} times by step {step}; batch shapes or "
+        "dtypes changed between steps (each compile costs seconds to minutes)", file=sys.stderr)
+  return True
+
+
+def peak_memory() -> dict[str, float]:
+  """Peak device memory (GB, largest local device) where the platform reports it (GPU, TPU);
+  elsewhere (CPU) the peak resident memory of this host process, named as such."""
+  stats = [d.memory_stats() for d in jax.local_devices()]
+  if all(s and "peak_bytes_in_use" in s for s in stats):
+    return {"peak_device_memory_gb": max(s["peak_bytes_in_use"] for s in stats) / 1e9}
+  kib = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+  return {"peak_host_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib / 1e9}
+
+
 def _cache_size(fn) -> int:
   try:
     return int(fn._cache_size())
@@ -456,7 +522,10 @@ def _samples_dir(workdir: str, step: int) -> str:
 
 def _write_samples(config, workdir, graphdef, state, step, is_main) -> None:
   from vdit_jax import sampler, video_io
-  model = nnx.merge(graphdef, jax.device_get(state["ema"]))
+  ema = state["ema"]
+  # Every process gathers the EMA (spread over all of them) and samples; process 0 writes.
+  ema = multihost_utils.process_allgather(ema, tiled=True) if jax.process_count() > 1 else ema
+  model = nnx.merge(graphdef, jax.device_get(ema))
   shapes = sampler.parse_shapes(config.sample.shapes)
   labels = sampler.parse_labels(config.sample.labels, len(shapes), config.model.num_classes)
   videos = sampler.sample(model, config, shapes, labels, cfg_scale=config.sample.cfg,
@@ -471,7 +540,8 @@ def _write_samples(config, workdir, graphdef, state, step, is_main) -> None:
 
 
 def step_flops(config, host_batch: dict[str, np.ndarray]) -> float:
-  """Analytic FLOPs of one train step (forward + backward = 3x forward)."""
+  """Analytic FLOPs of one train step (forward + backward = 3x forward), from this process's
+  rows times the process count."""
   token_size = host_batch["tokens"].shape[-1]
   L = host_batch["tokens"].shape[1]
   fwd = sum(model_lib.forward_flops(config.model, [g for g in grids if np.prod(g) > 0], L,

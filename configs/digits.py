@@ -1,0 +1,24 @@
+"""Moving handwritten digits (scikit-learn's bundled scans, no download), grey, on CPU in minutes.
+
+  python train.py --config configs/digits.py --workdir runs/digits
+  python sample.py --workdir runs/digits --shapes 8x32x32,8x28x36 --labels 3,7 --out runs/digits/videos
+
+The default model on one or two digits per video (label = the first digit) at three aspect
+ratios; one grey channel, so a token is 2x4x4x1 = 32 values. Untuned: a short run learns
+white strokes moving on black; legible digits need longer training than the default's 2000 steps.
+"""
+
+from configs import default
+
+
+def get_config(arg: str | None = None):
+  c = default.get_config(arg)
+  c.unlock()
+  c.data.source = "moving_digits"
+  c.data.channels = 1
+  c.data.num_objects = (1, 2)
+  c.data.object_size = (0.5, 0.7)  # a digit's box as a fraction of the shorter side
+  c.model.num_classes = 10
+  c.sample.labels = "3,7,0"
+  c.lock()
+  return c

@@ -1,0 +1,357 @@
+"""File sources: ``video_folder`` (mp4 / webm / gif / npy) and ``latents`` (npy / npz arrays).
+
+Both read a folder (or a JSONL manifest of ``{"path", "caption", "label"}`` lines, paths relative
+to the folder) and share one scan, one size rule and one way of skipping bad files.
+
+Scan (once, at start-up): each file's header is probed for ``(frames, H, W)`` without decoding
+(npy/npz array headers, ffmpeg's stream info, gif frame count). A file that cannot be used is
+kept in the index with the reason, so the pipeline counts it each time it is drawn and reports
+it with the batch, and the run goes on: ``unreadable``, ``empty`` (0 bytes), ``truncated``
+(less data than the header promises), ``no_frames``, ``too_small`` (under ``_MIN_SIDE`` pixels,
+or under one patch for latents), ``absurd_size`` (a header over ``_MAX_PIXELS`` per frame or
+``_MAX_FRAMES``), ``too_short`` (fewer than ``data.frames[0]`` frames at ``data.frame_stride``),
+``bad_shape`` (an array that is not ``[T, H, W, C]``). Loading can still find ``not_finite``
+(NaN or inf values), ``truncated`` (fewer frames decode than the header said) and
+``unreadable``; those raise ``Skip`` and the pipeline drops the video from its batch. A channel
+count other than ``data.channels`` is a config mistake, not a bad file: it raises.
+
+Size (NaViT style, the rule of ``data.motion``): per index, frames are drawn from
+``data.frames`` (at most what the file has), ``sqrt(H*W)`` from ``data.side``, and the file's
+W/H is snapped to the nearest of ``data.aspect_ratios``, so every video stays inside the
+config's token budget and attention layouts. ``video_folder`` resizes to cover that size
+(antialiased linear filter, aspect kept) and centre-crops the sliver the snapping leaves;
+``latents`` never resample (values of a VAE's latent space do not interpolate meaningfully):
+they are randomly cropped, and shrink to the stored size when that is smaller. Item ``i`` is a
+pure function of ``(seed, i)``: the frame window and crop are drawn from
+``np.random.default_rng([seed, i])``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import warnings
+import zipfile
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from data import motion
+from vdit_jax import tokens as tok
+
+SKIP_REASONS = ("unreadable", "empty", "truncated", "no_frames", "too_small", "absurd_size",
+                "too_short", "bad_shape", "not_finite")
+VIDEO_EXTS = (".mp4", ".webm", ".gif", ".npy")
+LATENT_EXTS = (".npy", ".npz")
+_MIN_SIDE = 4  # pixels: smaller videos hold nothing worth upscaling
+_MAX_PIXELS = 1 << 28  # per frame (16384 x 16384): larger headers are corrupt or not videos
+_MAX_FRAMES = 10_000_000
+
+
+class Skip(Exception):
+  """A file that cannot be used; ``reason`` is one of ``SKIP_REASONS``."""
+
+  def __init__(self, reason: str, detail: str = ""):
+    super().__init__(f"{reason}: {detail}" if detail else reason)
+    self.reason = reason
+
+
+# ----------------------------------------------------------------------------- probing
+
+
+def _npy_header(f) -> tuple[tuple[int, ...], np.dtype]:
+  version = np.lib.format.read_magic(f)
+  read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+          else np.lib.format.read_array_header_2_0)
+  shape, fortran, dtype = read(f)
+  if fortran:
+    raise Skip("bad_shape", "Fortran-ordered array")
+  return tuple(int(s) for s in shape), dtype
+
+
+def _npz_key(names: list[str]) -> str:
+  """The array of an npz to use: its only one, or the one named ``latents``."""
+  if len(names) == 1:
+    return names[0]
+  if "latents" in names:
+    return "latents"
+  raise Skip("bad_shape", f"an npz needs one array or one named 'latents', found {names}")
+
+
+def _probe_array(path: str) -> tuple[int, int, int, int]:
+  """``(frames, H, W, C)`` from an npy/npz header; raises Skip for broken or truncated files."""
+  if path.endswith(".npz"):
+    with zipfile.ZipFile(path) as z:
+      key = _npz_key([n[:-4] for n in z.namelist() if n.endswith(".npy")])
+      info = z.getinfo(key + ".npy")
+      with z.open(info) as f:
+        shape, dtype = _npy_header(f)
+        header = f.tell()
+      expected, stored = header + math.prod(shape) * dtype.itemsize, info.file_size
+  else:
+    with open(path, "rb") as f:
+      shape, dtype = _npy_header(f)
+      header = f.tell()
+    expected, stored = header + math.prod(shape) * dtype.itemsize, os.path.getsize(path)
+  if len(shape) != 4:
+    raise Skip("bad_shape", f"shape {shape} is not [T, H, W, C]")
+  _check_dims(*shape[:3])
+  if stored < expected:
+    raise Skip("truncated", f"{stored} bytes, the header needs {expected}")
+  return shape  # type: ignore[return-value]
+
+
+def _probe_video(path: str) -> tuple[int, int, int, int]:
+  """``(frames, H, W, 3)`` of an mp4/webm (ffmpeg's stream info) or a gif."""
+  if path.endswith(".gif"):
+    import imageio.v3 as iio
+    n, h, w = iio.improps(path, index=None).shape[:3]
+  else:
+    gen = _ffmpeg_frames(path)
+    try:
+      meta = next(gen)
+    finally:
+      gen.close()
+    w, h = meta["size"]
+    # Container duration x rate; loading checks that this many frames really decode.
+    n = int(math.floor(float(meta["duration"]) * float(meta["fps"]) + 1e-6))
+  _check_dims(n, h, w)
+  return n, int(h), int(w), 3
+
+
+def _ffmpeg_frames(path: str):
+  """imageio-ffmpeg's generator: a metadata dict, then each frame's RGB bytes."""
+  import imageio_ffmpeg
+  # ffmpeg starts with fork+exec; the child execs at once, so JAX's warning about forking a
+  # multithreaded process does not apply.
+  warnings.filterwarnings("ignore", message="os.fork\\(\\) was called")
+  return imageio_ffmpeg.read_frames(path)
+
+
+def _check_dims(n: int, h: int, w: int) -> None:
+  if n > _MAX_FRAMES or h * w > _MAX_PIXELS or min(n, h, w) < 0:
+    raise Skip("absurd_size", f"header says {n} frames of {h}x{w}")
+  if n == 0:
+    raise Skip("no_frames")
+  if min(h, w) < 1:
+    raise Skip("too_small", f"{h}x{w} pixels")
+
+
+def probe(path: str) -> tuple[int, int, int, int]:
+  """``(frames, H, W, C)`` of a file from its header; raises Skip(reason) if it is unusable."""
+  try:
+    if os.path.getsize(path) == 0:
+      raise Skip("empty")
+    if path.endswith((".npy", ".npz")):
+      return _probe_array(path)
+    return _probe_video(path)
+  except Skip:
+    raise
+  except Exception as e:  # noqa: BLE001 - any decoder error means the same thing: unreadable
+    raise Skip("unreadable", f"{type(e).__name__}: {e}") from e
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _read_frames(path: str, start: int, count: int, stride: int) -> np.ndarray:
+  """Frames ``start, start + stride, ...`` (``count`` of them) as stored: uint8 or float."""
+  last = start + (count - 1) * stride
+  if path.endswith(".npy"):
+    return np.array(np.load(path, mmap_mode="r")[start:last + 1:stride])
+  if path.endswith(".npz"):
+    with np.load(path) as z:
+      return np.asarray(z[_npz_key(z.files)][start:last + 1:stride])
+  if path.endswith(".gif"):
+    import imageio.v3 as iio
+    frames = np.asarray(iio.imread(path, index=None))
+    if frames.ndim == 3:  # grey gif
+      frames = np.repeat(frames[..., None], 3, -1)
+    return frames[start:last + 1:stride, ..., :3]
+  gen = _ffmpeg_frames(path)
+  try:
+    w, h = next(gen)["size"]
+    out = []
+    for i, raw in enumerate(gen):
+      if i > last:
+        break
+      if i >= start and (i - start) % stride == 0:
+        out.append(np.frombuffer(raw, np.uint8).reshape(h, w, 3))
+  finally:
+    gen.close()
+  return np.stack(out) if out else np.zeros((0, h, w, 3), np.uint8)
+
+
+def _resample_matrix(n_in: int, n_out: int, scale: float, offset: float) -> np.ndarray:
+  """``[n_out, n_in]`` weights of an antialiased linear resize by ``scale``, output shifted by
+  ``offset`` output pixels (a crop). Rows sum to 1."""
+  u_O = (np.arange(n_out) + 0.5 + offset) / scale - 0.5  # input coordinate of each output pixel
+  radius = max(1.0, 1.0 / scale)  # a wider tent when shrinking, so no input pixel is skipped
+  w_OI = np.maximum(0.0, 1.0 - np.abs(u_O[:, None] - np.arange(n_in)) / radius)
+  return (w_OI / w_OI.sum(1, keepdims=True)).astype(np.float32)
+
+
+def resize_cover(video_THWC: np.ndarray, H: int, W: int) -> np.ndarray:
+  """Resizes to cover ``H x W`` with the aspect ratio kept, then crops the centre."""
+  _, h, w, _ = video_THWC.shape
+  scale = max(H / h, W / w)
+  my = _resample_matrix(h, H, scale, 0.5 * (h * scale - H))
+  mx = _resample_matrix(w, W, scale, 0.5 * (w * scale - W))
+  return np.einsum("yh,thwc,xw->tyxc", my, video_THWC, mx, optimize=True).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- the source
+
+
+def read_manifest(folder: str, manifest: str) -> list[dict[str, Any]]:
+  """Entries ``{"path", "caption", "label"}``: the manifest's lines, or the folder's files."""
+  if not manifest:
+    return [{"path": os.path.join(folder, n)} for n in sorted(os.listdir(folder))]
+  entries = []
+  with open(manifest) as f:
+    for line_no, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        entry = json.loads(line)
+        path = entry["path"]
+      except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{manifest} line {line_no}: {line.strip()[:80]!r} is not a JSON object "
+                         'with a "path" (and optional "caption", "label")') from e
+      entries.append({**entry, "path": os.path.join(folder, path)})
+  return entries
+
+
+class FolderSource:
+  """Random-access source over the files of a folder; see the module docstring.
+
+  Items: ``video`` f32 ``[T, H, W, C]`` (uint8 files are mapped from 0..255 to [-1, 1]; float
+  arrays are taken as stored, so npy videos should already be in [-1, 1]), ``label`` int (``model.num_classes``, the null label, when the manifest gives
+  none), ``caption`` str and ``path``.
+  """
+
+  def __init__(self, *, kind: str, path: str, manifest: str, frames, side, aspect_ratios,
+               frame_stride: int, patch, channels: int, seed: int, num_classes: int,
+               verbose: bool = True):
+    if kind not in ("video_folder", "latents"):
+      raise ValueError(f"unknown file source kind {kind!r}: use video_folder or latents")
+    if not path or not os.path.isdir(path):
+      raise ValueError(f"data.path={path!r} is not a directory: point it at the folder of "
+                       f"{'videos' if kind == 'video_folder' else 'npy/npz arrays'}")
+    if kind == "video_folder" and int(channels) != 3:
+      raise ValueError(f"data.channels={channels}: video_folder decodes RGB, so set "
+                       "data.channels=3 (use data.source=latents for other channel counts)")
+    if int(frame_stride) < 1:
+      raise ValueError(f"data.frame_stride={frame_stride} must be >= 1")
+    motion.check_range("frames", frames)
+    motion.check_range("side", side)
+    motion.check_aspect_ratios(aspect_ratios)
+    self.kind = kind
+    self.frames = tuple(int(v) for v in frames)
+    self.side = tuple(float(v) for v in side)
+    self.aspect_ratios = tuple(float(a) for a in aspect_ratios)
+    self.stride = int(frame_stride)
+    self.patch = tuple(int(p) for p in patch)
+    self.channels = int(channels)
+    self.seed = int(seed)
+    self.null_label = int(num_classes)
+    self.skip_reasons = SKIP_REASONS
+    exts = VIDEO_EXTS if kind == "video_folder" else LATENT_EXTS
+    self.entries = [e for e in read_manifest(path, manifest) if e["path"].lower().endswith(exts)]
+    for e in self.entries:
+      e["path"] = os.path.abspath(e["path"])
+      label = e.get("label")
+      e["label"] = self.null_label if label is None else int(label)
+      if not 0 <= e["label"] <= self.null_label:
+        raise ValueError(f"{e['path']}: label {label} is out of range: use 0..{num_classes - 1} "
+                         f"(or leave it out for unconditional) or raise model.num_classes")
+      e["caption"] = str(e.get("caption", ""))
+      e["shape"], e["skip"] = self._scan(e["path"])
+    counts = Counter(e["skip"] for e in self.entries if e["skip"])
+    usable = len(self.entries) - sum(counts.values())
+    if not usable:
+      raise ValueError(f"no usable {kind} files among {len(self.entries)} in {path}"
+                       f"{' (manifest ' + manifest + ')' if manifest else ''} with extensions "
+                       f"{', '.join(exts)}; skipped: {dict(counts) or 'none'}")
+    if counts and verbose:
+      print(f"{kind}: {usable} of {len(self.entries)} files in {path} are usable; skipped: "
+            + ", ".join(f"{r} {n}" for r, n in sorted(counts.items())), file=sys.stderr)
+
+  @classmethod
+  def from_config(cls, config, kind: str) -> "FolderSource":
+    d = config.data
+    return cls(kind=kind, path=d.path, manifest=d.manifest, frames=d.frames, side=d.side,
+               aspect_ratios=d.aspect_ratios, frame_stride=d.frame_stride,
+               patch=config.model.patch, channels=d.channels, seed=config.seed,
+               num_classes=config.model.num_classes)
+
+  def _scan(self, path: str) -> tuple[tuple[int, int, int] | None, str]:
+    try:
+      n, h, w, c = probe(path)
+    except Skip as e:
+      return None, e.reason
+    if c != self.channels:
+      raise ValueError(f"{path} has {c} channels but data.channels={self.channels}: set "
+                       f"data.channels={c}, or keep one channel count per folder")
+    if self.kind == "video_folder" and min(h, w) < _MIN_SIDE:
+      return None, "too_small"
+    if self.kind == "latents" and (h < self.patch[1] or w < self.patch[2]):
+      return None, "too_small"
+    if (n - 1) // self.stride + 1 < self.frames[0]:
+      return None, "too_short"
+    return (n, h, w), ""
+
+  def __len__(self) -> int:
+    return len(self.entries)
+
+  def largest_video(self) -> tuple[int, int, int]:
+    """An upper bound of every ``video_size``: sizes follow the config's ranges."""
+    return motion.largest_size(self.frames, self.side, self.aspect_ratios, self.patch)
+
+  def _plan(self, index: int) -> tuple[tuple[int, int, int], int, tuple[int, int]]:
+    """``((T, H, W), first frame, (y, x) crop offset for latents)`` of item ``index``."""
+    entry = self.entries[int(index)]
+    if entry["skip"]:
+      raise Skip(entry["skip"], entry["path"])
+    n, h, w = entry["shape"]
+    rng = np.random.default_rng([self.seed, int(index)])
+    available = (n - 1) // self.stride + 1
+    t = min(int(rng.integers(self.frames[0], self.frames[1] + 1)), available)
+    aspect = motion.nearest_aspect(w / h, self.aspect_ratios)
+    T, H, W = tok.video_size(t, rng.uniform(*self.side), aspect, self.patch)
+    if self.kind == "latents":  # crop, never upsample: at most the stored size
+      H = min(H, h // self.patch[1] * self.patch[1])
+      W = min(W, w // self.patch[2] * self.patch[2])
+    start = int(rng.integers(0, n - (T - 1) * self.stride))
+    crop = (int(rng.integers(0, h - H + 1)), int(rng.integers(0, w - W + 1))) \
+        if self.kind == "latents" else (0, 0)
+    return (T, H, W), start, crop
+
+  def video_size(self, index: int) -> tuple[int, int, int]:
+    """``(T, H, W)`` of item ``index`` from the scan alone; raises Skip for unusable files."""
+    return self._plan(index)[0]
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    (T, H, W), start, (y, x) = self._plan(index)
+    entry = self.entries[int(index)]
+    try:
+      raw = _read_frames(entry["path"], start, T, self.stride)
+    except Exception as e:  # noqa: BLE001 - a file that changed or lied about its contents
+      raise Skip("unreadable", f"{entry['path']}: {type(e).__name__}: {e}") from e
+    if raw.shape[0] < T:
+      raise Skip("truncated", f"{entry['path']}: {raw.shape[0]} of {T} frames decode")
+    if raw.dtype == np.uint8:
+      video = raw.astype(np.float32) / 127.5 - 1.0
+    else:
+      video = raw.astype(np.float32)
+    if not np.isfinite(video).all():
+      raise Skip("not_finite", entry["path"])
+    if self.kind == "latents":
+      video = video[:, y:y + H, x:x + W]
+    else:
+      video = resize_cover(video, H, W)
+    return {"video": video, "label": entry["label"], "caption": entry["caption"],
+            "path": entry["path"]}

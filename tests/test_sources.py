@@ -1,0 +1,384 @@
+"""The sources beyond synthetic_shapes: moving_digits, video_folder and latents."""
+
+import os
+
+import numpy as np
+import pytest
+
+from data import pipeline
+from data.files import SKIP_REASONS, FolderSource, Skip, resize_cover
+from data.moving_digits import MovingDigits, _load_digits
+from vdit_jax import config as base
+from vdit_jax import tokens as tok
+
+
+def digits_config(**data):
+  c = base.get_base_config()
+  c.data.source = "moving_digits"
+  c.data.channels = 1
+  c.data.frames = (2, 6)
+  c.data.side = (16, 32)
+  c.data.aspect_ratios = (0.5, 1.0, 2.0)
+  c.data.num_objects = (1, 3)
+  c.data.object_size = (0.5, 0.7)
+  c.data.seq_len = 512
+  c.model.patch = (1, 4, 4)
+  c.model.num_classes = 10
+  for k, v in data.items():
+    c.data[k] = v
+  return c
+
+
+def assert_items_equal(a, b):
+  assert a.keys() == b.keys()
+  for k in a:
+    assert np.array_equal(a[k], b[k]), k
+
+
+def check_size_in_ranges(thw, c):
+  T, H, W = thw
+  pt, ph, pw = c.model.patch
+  assert c.data.frames[0] // pt * pt <= T <= c.data.frames[1] and T % pt == 0
+  assert H % ph == 0 and W % pw == 0
+  # H and W are rounded to the nearest patch multiple: the side is off by at most half a patch.
+  assert c.data.side[0] - ph <= np.sqrt(H * W) <= c.data.side[1] + ph
+  assert min(abs(np.log(W / H / a)) for a in c.data.aspect_ratios) < np.log(1 + 2 * pw / W + 2 * ph / H)
+
+
+# ---- moving_digits ----
+
+def test_digits_are_deterministic_per_seed_and_index():
+  src = MovingDigits.from_config(digits_config())
+  assert_items_equal(src[4], src[4])
+  assert not np.array_equal(src[4]["video"], src[5]["video"])
+  c = digits_config()
+  c.seed = 1
+  assert not np.array_equal(MovingDigits.from_config(c)[4]["video"], src[4]["video"])
+
+
+def test_digits_sizes_channels_and_ranges():
+  for channels in (1, 3):
+    c = digits_config(channels=channels)
+    src = MovingDigits.from_config(c)
+    seen = set()
+    for i in range(40):
+      item = src[i]
+      v = item["video"]
+      assert v.dtype == np.float32 and v.shape[-1] == channels
+      assert v.shape[:3] == src.video_size(i)
+      check_size_in_ranges(v.shape[:3], c)
+      assert v.min() >= -1.0 and v.max() <= 1.0 and v.max() > 0.0  # some ink is visible
+      k = len(item["gt_digits"])
+      assert c.data.num_objects[0] <= k <= c.data.num_objects[1]
+      assert item["gt_boxes"].shape == (k, v.shape[0], 4)
+      assert item["label"] == item["gt_digits"][0]
+      seen.add(v.shape[:3])
+    assert len(seen) > 5, "sizes should vary"
+  c = digits_config()
+  c.model.num_classes = 18
+  with pytest.raises(ValueError, match="num_classes=10"):
+    MovingDigits.from_config(c)
+
+
+def test_digit_label_is_the_drawn_first_digit():
+  """The label is the class of the scan drawn first, and that scan is what the video shows:
+  shrinking the first digit's box back to 8x8 gives the scan (single-digit videos)."""
+  images, targets = _load_digits()
+  c = digits_config(num_objects=(1, 1), frames=(2, 2), side=(48, 48), aspect_ratios=(1.0,))
+  src = MovingDigits.from_config(c)
+  labels = set()
+  for i in range(20):
+    item = src[i]
+    (index,) = item["gt_index"]
+    assert item["label"] == targets[index] == item["gt_digits"][0]
+    assert item["caption"].startswith(f"a {item['label']} moving ")
+    labels.add(item["label"])
+    y0, x0, y1, x1 = item["gt_boxes"][0, 0]
+    ink = (item["video"][0, ..., 0] + 1) / 2
+    cell = (y1 - y0) / 8
+    yy, xx = np.mgrid[:ink.shape[0], :ink.shape[1]] + 0.5
+    iy = np.floor((yy - y0) / cell).astype(int)
+    ix = np.floor((xx - x0) / cell).astype(int)
+    inside = (iy >= 0) & (iy < 8) & (ix >= 0) & (ix < 8)
+    small = np.zeros((8, 8))
+    np.add.at(small, (iy[inside], ix[inside]), ink[inside])
+    small /= np.maximum(np.bincount(iy[inside] * 8 + ix[inside], minlength=64).reshape(8, 8), 1)
+    assert np.corrcoef(small.ravel(), images[index].ravel())[0, 1] > 0.9
+    # Bilinear weights reach half a scan pixel beyond the box, and a pixel covers one more half.
+    m = cell / 2 + 0.5
+    outside = (yy < y0 - m) | (yy > y1 + m) | (xx < x0 - m) | (xx > x1 + m)
+    assert outside.any() and ink[outside].max() == 0, "ink outside the digit's box"
+  assert len(labels) > 3
+
+
+def test_digits_pipeline_batches():
+  c = digits_config(batch_rows=2)
+  batch = pipeline.make_batch(c, 0)
+  assert batch["tokens"].shape == (2, c.data.seq_len, tok.token_dim(c.model.patch, 1))
+  real = batch["seg_grid"][..., 0] > 0
+  assert real.sum() >= 2 and np.all(batch["seg_label"][real] <= 10)
+
+
+# ---- video_folder and latents ----
+
+def _write_npy_header(path, shape, dtype="<f4", payload=b"\0" * 64):
+  """An npy whose header claims ``shape`` followed by only ``payload``."""
+  with open(path, "wb") as f:
+    np.lib.format.write_array_header_1_0(f, {"descr": dtype, "fortran_order": False,
+                                             "shape": tuple(shape)})
+    f.write(payload)
+
+
+def make_video_folder(root, rng):
+  """Tiny good files of every kind, and bad files for every skip reason.
+
+  Returns ``{file name: skip reason or ""}``.
+  """
+  import imageio.v2 as imageio
+
+  root.mkdir(exist_ok=True)
+  pixels = lambda *shape: rng.integers(0, 256, shape, dtype=np.uint8)
+  imageio.mimwrite(root / "a.mp4", list(pixels(6, 16, 24, 3)), fps=8, macro_block_size=1,
+                   codec="libx264")
+  imageio.mimwrite(root / "b.webm", list(pixels(6, 24, 16, 3)), fps=8, macro_block_size=1,
+                   codec="libvpx-vp9", output_params=["-crf", "30", "-b:v", "0"])
+  imageio.mimwrite(root / "c.gif", list(pixels(5, 16, 16, 3)), duration=125, loop=0)
+  np.save(root / "d.npy", pixels(7, 20, 20, 3))
+  np.save(root / "e.npy", rng.uniform(-1, 1, (4, 12, 16, 3)).astype(np.float32))
+  (root / "empty.mp4").write_bytes(b"")
+  (root / "garbage.webm").write_bytes(rng.bytes(300))
+  mp4 = (root / "a.mp4").read_bytes()
+  (root / "cut.mp4").write_bytes(mp4[:len(mp4) // 2])
+  np.save(root / "cut.npy", pixels(6, 16, 16, 3))
+  (root / "cut.npy").write_bytes((root / "cut.npy").read_bytes()[:400])
+  np.save(root / "zero_frames.npy", pixels(0, 16, 16, 3))
+  np.save(root / "one_pixel.npy", pixels(4, 1, 1, 3))
+  _write_npy_header(root / "huge.npy", (4, 100_000, 100_000, 3), "|u1")
+  np.save(root / "short.npy", pixels(1, 16, 16, 3))
+  np.save(root / "flat.npy", pixels(16, 16))
+  nan = rng.uniform(-1, 1, (4, 16, 16, 3)).astype(np.float32)
+  nan[2, 3, 4, 1] = np.nan
+  np.save(root / "nan.npy", nan)
+  (root / "notes.txt").write_text("not a video")
+  return {"a.mp4": "", "b.webm": "", "c.gif": "", "d.npy": "", "e.npy": "",
+          "empty.mp4": "empty", "garbage.webm": "unreadable", "cut.mp4": "unreadable",
+          "cut.npy": "truncated", "zero_frames.npy": "no_frames", "one_pixel.npy": "too_small",
+          "huge.npy": "absurd_size", "short.npy": "too_short", "flat.npy": "bad_shape",
+          "nan.npy": ""}  # nan.npy passes the scan; loading finds not_finite
+
+
+def folder_config(path, source="video_folder", **data):
+  c = base.get_base_config()
+  c.data.source = source
+  c.data.path = str(path)
+  c.data.frames = (2, 4)
+  c.data.side = (8, 16)
+  c.data.aspect_ratios = (0.75, 1.0, 1.33)
+  c.data.seq_len = 64
+  c.data.batch_rows = 2
+  c.model.patch = (1, 4, 4)
+  for k, v in data.items():
+    c.data[k] = v
+  return c
+
+
+@pytest.fixture(scope="module")
+def video_folder(tmp_path_factory):
+  root = tmp_path_factory.mktemp("videos")
+  return root, make_video_folder(root, np.random.default_rng(0))
+
+
+def test_folder_scan_skips_every_bad_kind_by_reason(video_folder):
+  root, expected = video_folder
+  src = FolderSource.from_config(folder_config(root), "video_folder")
+  names = {os.path.basename(e["path"]): e["skip"] for e in src.entries}
+  assert names == expected  # notes.txt is not a video: not listed at all
+  for i, e in enumerate(src.entries):
+    name = os.path.basename(e["path"])
+    if expected[name]:
+      with pytest.raises(Skip) as info:
+        src[i]
+      assert info.value.reason == expected[name]
+  (nan,) = [i for i, e in enumerate(src.entries) if e["path"].endswith("nan.npy")]
+  with pytest.raises(Skip, match="not_finite"):
+    src[nan]
+
+
+def test_folder_items_are_deterministic_and_in_range(video_folder):
+  root, expected = video_folder
+  c = folder_config(root)
+  src = FolderSource.from_config(c, "video_folder")
+  good = [i for i, e in enumerate(src.entries) if not e["skip"] and "nan" not in e["path"]]
+  assert len(good) == 5
+  for i in good:
+    a, b = src[i], src[i]
+    assert np.array_equal(a["video"], b["video"])
+    v = a["video"]
+    assert v.dtype == np.float32 and v.shape[-1] == 3 and v.shape[:3] == src.video_size(i)
+    check_size_in_ranges(v.shape[:3], c)
+    assert -1.0 <= v.min() and v.max() <= 1.0
+    assert a["label"] == c.model.num_classes  # no manifest: unconditional
+  c.seed = 1
+  other = FolderSource.from_config(c, "video_folder")
+  assert any(other.video_size(i) != src.video_size(i) for i in good)
+
+
+def test_folder_npy_at_its_own_size_is_a_window_of_the_file(tmp_path):
+  """No resampling when the drawn size equals the stored one: the video is the file's frames
+  (stride 2 from a seeded start), mapped from uint8 to [-1, 1]."""
+  raw = np.random.default_rng(1).integers(0, 256, (9, 16, 16, 3), dtype=np.uint8)
+  np.save(tmp_path / "v.npy", raw)
+  c = folder_config(tmp_path, frames=(3, 3), side=(16, 16), aspect_ratios=(1.0,),
+                    frame_stride=2, seq_len=48)
+  src = FolderSource.from_config(c, "video_folder")
+  starts = set()
+  for seed in range(6):
+    c.seed = seed
+    v = FolderSource.from_config(c, "video_folder")[0]["video"]
+    matches = [s for s in range(9 - 4) if np.allclose(v, raw[s:s + 5:2] / 127.5 - 1, atol=1e-6)]
+    assert len(matches) == 1
+    starts.add(matches[0])
+  assert len(starts) > 1, "the frame window should move with the seed"
+  del src
+
+
+def test_resize_keeps_aspect_and_smooth_content():
+  # A horizontal ramp of a 2:1 frame resized into a square keeps its centre part, still a ramp.
+  x = np.linspace(-1, 1, 64, dtype=np.float32)
+  video = np.broadcast_to(x[None, None, :, None], (2, 32, 64, 1))
+  out = resize_cover(video, 16, 16)
+  assert out.shape == (2, 16, 16, 1)
+  assert np.allclose(out[0, 0, :, 0], out[1, 8, :, 0])
+  assert np.all(np.diff(out[0, 0, :, 0]) > 0)
+  assert -0.6 < out.min() < -0.4 and 0.4 < out.max() < 0.6  # the middle half of the ramp
+  assert np.allclose(resize_cover(video, 32, 64), video, atol=1e-6)  # same size: identity
+
+
+def test_manifest_labels_captions_and_errors(video_folder, tmp_path):
+  root, _ = video_folder
+  manifest = tmp_path / "m.jsonl"
+  manifest.write_text('{"path": "d.npy", "caption": "noise", "label": 3}\n\n'
+                      '{"path": "a.mp4"}\n{"path": "missing.npy", "label": 1}\n')
+  c = folder_config(root, manifest=str(manifest))
+  src = FolderSource.from_config(c, "video_folder")
+  assert [os.path.basename(e["path"]) for e in src.entries] == ["d.npy", "a.mp4", "missing.npy"]
+  assert (src[0]["label"], src[0]["caption"]) == (3, "noise")
+  assert src[1]["label"] == c.model.num_classes
+  assert src.entries[2]["skip"] == "unreadable"
+  manifest.write_text('{"path": "d.npy", "label": 99}\n')
+  with pytest.raises(ValueError, match="label 99 is out of range"):
+    FolderSource.from_config(c, "video_folder")
+  manifest.write_text("d.npy\n")
+  with pytest.raises(ValueError, match="line 1"):
+    FolderSource.from_config(c, "video_folder")
+
+
+def test_folder_config_errors(video_folder, tmp_path):
+  root, _ = video_folder
+  with pytest.raises(ValueError, match="data.path='/nowhere' is not a directory"):
+    base.validate(folder_config("/nowhere"))
+  with pytest.raises(ValueError, match="data.manifest='/nowhere.jsonl' is not a file"):
+    base.validate(folder_config(root, manifest="/nowhere.jsonl"))
+  with pytest.raises(ValueError, match="data.frame_stride=0"):
+    base.validate(folder_config(root, frame_stride=0))
+  with pytest.raises(ValueError, match="set data.channels=3"):
+    FolderSource.from_config(folder_config(root, channels=4), "video_folder")
+  (tmp_path / "bad.npy").write_bytes(b"")
+  with pytest.raises(ValueError, match=r"no usable video_folder files among 1.*empty"):
+    FolderSource.from_config(folder_config(tmp_path), "video_folder")
+
+
+def test_pipeline_counts_every_skipped_draw_and_packs_only_good_videos(video_folder):
+  """batch["skipped"] counts, per reason, exactly the Skips the source raised for that batch
+  (at scan for sizes, at load for NaN), and every packed video is a good file's item."""
+  root, expected = video_folder
+  maker = pipeline.BatchMaker(folder_config(root, batch_rows=2, label_dropout=0.0))
+  raised = []
+
+  class Counting:  # the source, recording every Skip it raises
+    def __init__(self, src):
+      self.src = src
+
+    def __len__(self):
+      return len(self.src)
+
+    def video_size(self, index):
+      return self._count(self.src.video_size, index)
+
+    def __getitem__(self, index):
+      return self._count(self.src.__getitem__, index)
+
+    def _count(self, fn, index):
+      try:
+        return fn(index)
+      except Skip as e:
+        raised.append(e.reason)
+        raise
+
+  maker.source = Counting(maker.source)
+  totals = dict.fromkeys(maker.skip_reasons, 0)
+  for step in range(12):
+    raised.clear()
+    batch = maker(step)
+    assert sorted(batch["skipped"]) == sorted(maker.skip_reasons)
+    assert {r: int(n) for r, n in batch["skipped"].items() if n} == \
+        {r: raised.count(r) for r in set(raised)}
+    for r, n in batch["skipped"].items():
+      totals[r] += int(n)
+    real = batch["segment_ids"] > 0
+    assert real.any() and np.isfinite(batch["tokens"]).all()
+  seen = {r for r, n in totals.items() if n}
+  assert seen == set(filter(None, expected.values())) | {"not_finite"}
+
+
+def test_latents_any_channels_crop_and_errors(tmp_path):
+  rng = np.random.default_rng(0)
+  lat = rng.standard_normal((6, 5, 7, 8)).astype(np.float32)
+  np.save(tmp_path / "a.npy", lat)
+  np.savez(tmp_path / "b.npz", latents=lat[:, :4, :4], other=np.zeros(3))
+  lat_nan = lat.copy()
+  lat_nan[0, 0, 0, 0] = np.nan
+  np.savez(tmp_path / "c.npz", lat_nan)
+  np.savez(tmp_path / "d.npz", x=lat, y=lat)  # which array? neither is named latents
+  c = folder_config(tmp_path, "latents", channels=8, frames=(2, 4), side=(4, 8),
+                    aspect_ratios=(1.0,), seq_len=64)
+  c.model.patch = (1, 2, 2)
+  src = FolderSource.from_config(c, "latents")
+  assert [e["skip"] for e in src.entries] == ["", "", "", "bad_shape"]
+  for i, stored in ((0, lat), (1, lat[:, :4, :4])):
+    v = src[i]["video"]
+    T, H, W = src.video_size(i)
+    assert v.shape == (T, H, W, 8) and 2 <= T <= 4 and H <= 4 and W <= 6
+    # A crop of the stored values, never resampled.
+    hits = [(t, y, x) for t in range(stored.shape[0] - T + 1)
+            for y in range(stored.shape[1] - H + 1) for x in range(stored.shape[2] - W + 1)
+            if np.array_equal(v, stored[t:t + T, y:y + H, x:x + W])]
+    assert len(hits) == 1
+  with pytest.raises(Skip, match="not_finite"):
+    src[2]
+  c.data.channels = 4
+  with pytest.raises(ValueError, match="has 8 channels but data.channels=4: set data.channels=8"):
+    FolderSource.from_config(c, "latents")
+  c.data.channels = 8
+  batch = pipeline.make_batch(c, 0)
+  assert batch["tokens"].shape == (2, 64, tok.token_dim(c.model.patch, 8))
+  assert batch["skipped"]["bad_shape"] + batch["skipped"]["not_finite"] > 0
+
+
+def test_two_step_train_on_a_folder_reports_skips(video_folder, tmp_path, monkeypatch):
+  import json
+
+  from helpers import run_config
+  from vdit_jax import trainer
+
+  root, _ = video_folder
+  monkeypatch.setattr(trainer, "measured_peak_flops", lambda: 1e12)
+  c = run_config(2, **{"data.source": "video_folder", "data.path": str(root),
+                       "train.ckpt_every": 2})
+  trainer.train(c, str(tmp_path / "run"))
+  lines = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+  assert [m["step"] for m in lines] == [1, 2]
+  assert all(np.isfinite(m["loss"]) for m in lines)
+  skipped = {k: sum(m[k] for m in lines) for k in lines[0] if k.startswith("skipped_")}
+  assert sorted(skipped) == sorted(f"skipped_{r}" for r in SKIP_REASONS)
+  assert sum(skipped.values()) > 0
