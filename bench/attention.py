@@ -2,8 +2,9 @@
 
   python bench/attention.py [--quick] [--repeats 3]
 
-Default sizes: one 16x32x32-token video (L=16384); a row of 4 videos of 16x16x16 (L=16384);
-one 16x16x16 video alone (L=4096) for the comparison with ``jax.nn.dot_product_attention``.
+Default sizes: one 16x32x32-token video (L=16384), attended with factorized and with windows of
+about 1/2, 1/4 and 1/8 of its pairs; a row of 4 videos of 16x16x16 (L=16384); one 16x16x16
+video alone (L=4096) for the comparison with ``jax.nn.dot_product_attention``.
 One row, 2 heads x 64, f32; each time is the median over ``--repeats`` rounds of forward +
 backward (gradients of q, k, v), the variants taking turns within a round. Blocksparse uses the
 layouts the training pipeline makes for data of exactly the row's video sizes, packed back to
@@ -39,12 +40,17 @@ from vdit_jax import model as model_lib  # noqa: E402
 HEADS, HEAD_DIM = 2, 64
 MEMORY_BUDGET = 16 * 2**30
 SIZES = {
-    # video alone, 4 equal videos packed in one row, video for the sdpa comparison, memory L range
+    # video alone, 4 equal videos packed in one row, video for the sdpa comparison, memory L
+    # range, windows covering about 1/2, 1/4 and 1/8 of the video's pairs
     "default": {"video": (16, 32, 32), "packed": (16, 16, 16), "sdpa": (16, 16, 16),
-                "memory": (4096, 2**21)},
+                "memory": (4096, 2**21),
+                "windows": ("window(11,15,15)", "window(7,11,11)", "window(4,9,9)")},
     "quick": {"video": (4, 8, 16), "packed": (4, 4, 8), "sdpa": (4, 8, 8),
-              "memory": (512, 2048)},
+              "memory": (512, 2048), "windows": ("window(3,5,5)", "window(2,3,3)",
+                                                  "window(2,2,2)")},
 }
+# Block types whose attention term model.forward_flops is checked against here.
+FLOP_BLOCKS = ("full3d", "factorized")
 
 
 def make_row(grids, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -180,6 +186,8 @@ def main():
       "video: dense full": ("video", "dense", ("full",), False),
       "video: blocksparse factorized": ("video", "blocksparse", fact, False),
       "video: blocksparse factorized, exact": ("video", "blocksparse", fact, True),
+      **{f"video: blocksparse {w}": ("video", "blocksparse", (w,), False)
+         for w in size["windows"]},
       "packed: dense full": ("packed", "dense", ("full",), False),
       "packed: blocksparse full": ("packed", "blocksparse", ("full",), False),
       "packed: blocksparse full, exact": ("packed", "blocksparse", ("full",), True),
@@ -203,21 +211,22 @@ def main():
   print(f"\nf32 forward+backward, one row, {HEADS} heads x {HEAD_DIM}; medians of {args.repeats}")
   print(f"video {'x'.join(map(str, video))} (L={L}); packed: 4 x {'x'.join(map(str, packed))} "
         f"(L={L}); alone: {'x'.join(map(str, sdpa_video))} (L={L_sdpa})")
-  print(f"{'variant':40s} {'pairs/L^2':>10s} {'ms':>10s}")
+  print(f"{'variant':44s} {'pairs/L^2':>10s} {'ms':>10s}")
   for name in variants:
-    print(f"{name:40s} {pair_ratio[name]:10.4f} {1e3 * sec[name]:10.1f}")
+    print(f"{name:44s} {pair_ratio[name]:10.4f} {1e3 * sec[name]:10.1f}")
 
   # ---- analytic FLOPs per pattern, and the model's count of the same
   print(f"\nanalytic attention FLOPs, forward, {HEADS} heads x {HEAD_DIM} (4 K per pair and head)")
-  print(f"{'pattern':10s} {'row':8s} {'pairs':>14s} {'pairs/L^2':>10s} {'GFLOP':>10s}")
+  print(f"{'pattern':18s} {'row':8s} {'pairs':>14s} {'pairs/L^2':>10s} {'GFLOP':>10s}")
   for row in ("video", "packed"):
     grids, seq_len = rows[row]
-    for p in layout.PATTERNS:
+    for p in layout.PATTERNS + (size["windows"] if row == "video" else ()):
       pairs = pairs_of(p, grids)
-      print(f"{p:10s} {row:8s} {pairs:14d} {pairs / seq_len**2:10.4f} "
+      print(f"{p:18s} {row:8s} {pairs:14d} {pairs / seq_len**2:10.4f} "
             f"{4 * HEADS * HEAD_DIM * pairs / 1e9:10.3f}")
   model_diff = 0.0
-  for block, patterns in layout.BLOCK_PATTERNS.items():
+  for block in FLOP_BLOCKS:
+    patterns = layout.BLOCK_PATTERNS[block]
     for row in ("video", "packed"):
       grids, seq_len = rows[row]
       ours = 4 * HEADS * HEAD_DIM * sum(pairs_of(p, grids) for p in patterns)
@@ -253,6 +262,11 @@ def main():
   ratio = sec["packed: blocksparse full"] / sec["packed: dense full"]
   target("packed4_full_blocksparse_over_dense", ratio, "<=",
          1.3 * pair_ratio["packed: blocksparse full"])
+  for w in size["windows"]:
+    name = f"video: blocksparse {w}"
+    target(f"video_window_{'_'.join(map(str, layout.parse_pattern(w)[1]))}_blocksparse_over_"
+           "full_dense",
+           sec[name] / dense_video, "<=", 1.25 * pair_ratio[name] + 0.05)
   target("alone_full_blocksparse_over_sdpa_xla",
          sec["alone: blocksparse full"] / sec["alone: sdpa (xla) full"], "<=", 1.2)
   dense_len = memory["dense full"][0] or 0
