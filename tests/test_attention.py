@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tests import helpers
-from tests.test_blocksparse import ROWS, allowed_np, packed, random_qkv
+from tests.test_blocksparse import ROWS, WINDOWED, allowed_np, packed, random_qkv
 from vdit_jax import attention, layout
 from vdit_jax import model as model_lib
 
@@ -24,7 +24,7 @@ def attend_and_grads(backend, pattern, seg, coords, dtype=jnp.float32):
   return out, grads
 
 
-@pytest.mark.parametrize("pattern", attention.PATTERNS)
+@pytest.mark.parametrize("pattern", attention.PATTERNS + WINDOWED)
 def test_sdpa_xla_matches_dense(pattern):
   """Packed rows of odd grids with padding: outputs (padding included) and gradients."""
   seg, coords = packed()
@@ -67,7 +67,8 @@ def test_auto_resolves_per_platform():
     attention.AttentionContext("auto", seg, coords, full)
 
 
-@pytest.mark.parametrize("block", sorted(layout.BLOCK_PATTERNS))
+# The block types whose sublayers use one pattern for every head (so 4 K H FLOPs per pair).
+@pytest.mark.parametrize("block", ["full3d", "factorized", "spatial_only", "temporal_only"])
 def test_forward_flops_attention_term_counts_allowed_pairs(block):
   """The model's FLOP count spends 4 K FLOPs per head on each pair the masks allow."""
   seg, coords = packed()
