@@ -18,3 +18,14 @@ def test_step_bench_quick_prints_targets():
   assert len(lines) == 5, out.stdout
   for line in lines:
     assert TARGET.match(line), line
+
+
+def test_packing_bench_quick_prints_targets():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  out = subprocess.run([sys.executable, "bench/packing.py", "--quick"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  lines = [l for l in out.stdout.splitlines() if l.startswith("target ")]
+  assert len(lines) == 4, out.stdout
+  for line in lines:
+    assert TARGET.match(line), line

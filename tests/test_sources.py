@@ -230,7 +230,6 @@ def test_folder_npy_at_its_own_size_is_a_window_of_the_file(tmp_path):
   np.save(tmp_path / "v.npy", raw)
   c = folder_config(tmp_path, frames=(3, 3), side=(16, 16), aspect_ratios=(1.0,),
                     frame_stride=2, seq_len=48)
-  src = FolderSource.from_config(c, "video_folder")
   starts = set()
   for seed in range(6):
     c.seed = seed
@@ -239,7 +238,6 @@ def test_folder_npy_at_its_own_size_is_a_window_of_the_file(tmp_path):
     assert len(matches) == 1
     starts.add(matches[0])
   assert len(starts) > 1, "the frame window should move with the seed"
-  del src
 
 
 def test_resize_keeps_aspect_and_smooth_content():
