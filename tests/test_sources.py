@@ -380,3 +380,20 @@ def test_two_step_train_on_a_folder_reports_skips(video_folder, tmp_path, monkey
   skipped = {k: sum(m[k] for m in lines) for k in lines[0] if k.startswith("skipped_")}
   assert sorted(skipped) == sorted(f"skipped_{r}" for r in SKIP_REASONS)
   assert sum(skipped.values()) > 0
+
+
+def test_new_configs_validate_and_make_batches(video_folder, tmp_path):
+  from configs import digits, folder, latents
+
+  root, _ = video_folder
+  np.save(tmp_path / "l.npy", np.zeros((8, 16, 16, 4), np.float32))
+  for module, path in ((digits, None), (folder, root), (latents, tmp_path)):
+    c = module.get_config()
+    if path is not None:
+      c.data.path = str(path)
+    base.validate(c)
+    if module is not folder:  # folder's 8 frames at stride 2 are longer than the fixtures
+      maker = pipeline.BatchMaker(c)
+      a, b = maker(3), maker(3)
+      assert a.keys() == b.keys() and np.array_equal(a["tokens"], b["tokens"])
+      assert (a["segment_ids"] > 0).any()
