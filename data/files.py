@@ -231,8 +231,9 @@ class FolderSource:
   """Random-access source over the files of a folder; see the module docstring.
 
   Items: ``video`` f32 ``[T, H, W, C]`` (uint8 files are mapped from 0..255 to [-1, 1]; float
-  arrays are taken as stored, so npy videos should already be in [-1, 1]), ``label`` int (``model.num_classes``, the null label, when the manifest gives
-  none), ``caption`` str and ``path``.
+  arrays are taken as stored, so npy videos should already be in [-1, 1]), ``label`` int
+  (``model.num_classes``, the null label, when the manifest gives none), ``caption`` str and
+  ``path``.
   """
 
   def __init__(self, *, kind: str, path: str, manifest: str, frames, side, aspect_ratios,

@@ -42,7 +42,9 @@ def check_size_in_ranges(thw, c):
   assert H % ph == 0 and W % pw == 0
   # H and W are rounded to the nearest patch multiple: the side is off by at most half a patch.
   assert c.data.side[0] - ph <= np.sqrt(H * W) <= c.data.side[1] + ph
-  assert min(abs(np.log(W / H / a)) for a in c.data.aspect_ratios) < np.log(1 + 2 * pw / W + 2 * ph / H)
+  # W/H is a configured ratio up to the rounding of H and W to the patch grid.
+  slack = np.log(1 + 2 * pw / W + 2 * ph / H)
+  assert min(abs(np.log(W / H / a)) for a in c.data.aspect_ratios) < slack
 
 
 # ---- moving_digits ----
