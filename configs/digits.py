@@ -6,7 +6,9 @@
 
 The default model on one or two digits per video (label = the first digit) at three aspect
 ratios; one grey channel, so a token is 2x4x4x1 = 32 values. Settings are the default run's, not
-tuned for digits.
+tuned for digits. Checked so far only with a 300-step run (2-core CPU shared with other jobs,
+about 1.5 s per step): the loss fell from 1.46 (step 25) to about 0.23, with 99% real tokens,
+and the samples showed white blobs in motion, not yet legible digits.
 """
 
 from configs import default
