@@ -1,4 +1,4 @@
-"""Moving handwritten digits (scikit-learn's bundled scans, no download), grey, on CPU in minutes.
+"""Moving handwritten digits (scikit-learn's bundled scans, no download), grey, default model.
 
   python train.py --config configs/digits.py --workdir runs/digits
   python sample.py --workdir runs/digits --shapes 8x32x32,8x28x36 --labels 3,7 \
