@@ -1,11 +1,14 @@
-"""Moving handwritten digits (scikit-learn's bundled scans, no download), grey, on CPU in minutes.
+"""Moving handwritten digits (scikit-learn's bundled scans, no download), grey, default model.
 
   python train.py --config configs/digits.py --workdir runs/digits
-  python sample.py --workdir runs/digits --shapes 8x32x32,8x28x36 --labels 3,7 --out runs/digits/videos
+  python sample.py --workdir runs/digits --shapes 8x32x32,8x28x36 --labels 3,7 \
+      --out runs/digits/videos
 
 The default model on one or two digits per video (label = the first digit) at three aspect
-ratios; one grey channel, so a token is 2x4x4x1 = 32 values. Untuned: a short run learns
-white strokes moving on black; legible digits need longer training than the default's 2000 steps.
+ratios; one grey channel, so a token is 2x4x4x1 = 32 values. Settings are the default run's, not
+tuned for digits. Checked so far only with a 300-step run (2-core CPU shared with other jobs,
+about 1.5 s per step): the loss fell from 1.46 (step 25) to about 0.23, with 99% real tokens,
+and the samples showed white blobs in motion, not yet legible digits.
 """
 
 from configs import default

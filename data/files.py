@@ -28,6 +28,7 @@ pure function of ``(seed, i)``: the frame window and crop are drawn from
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import math
 import os
@@ -49,6 +50,7 @@ LATENT_EXTS = (".npy", ".npz")
 _MIN_SIDE = 4  # pixels: smaller videos hold nothing worth upscaling
 _MAX_PIXELS = 1 << 28  # per frame (16384 x 16384): larger headers are corrupt or not videos
 _MAX_FRAMES = 10_000_000
+_SCAN_THREADS = 8
 
 
 class Skip(Exception):
@@ -229,8 +231,9 @@ class FolderSource:
   """Random-access source over the files of a folder; see the module docstring.
 
   Items: ``video`` f32 ``[T, H, W, C]`` (uint8 files are mapped from 0..255 to [-1, 1]; float
-  arrays are taken as stored, so npy videos should already be in [-1, 1]), ``label`` int (``model.num_classes``, the null label, when the manifest gives
-  none), ``caption`` str and ``path``.
+  arrays are taken as stored, so npy videos should already be in [-1, 1]), ``label`` int
+  (``model.num_classes``, the null label, when the manifest gives none), ``caption`` str and
+  ``path``.
   """
 
   def __init__(self, *, kind: str, path: str, manifest: str, frames, side, aspect_ratios,
@@ -269,7 +272,11 @@ class FolderSource:
         raise ValueError(f"{e['path']}: label {label} is out of range: use 0..{num_classes - 1} "
                          f"(or leave it out for unconditional) or raise model.num_classes")
       e["caption"] = str(e.get("caption", ""))
-      e["shape"], e["skip"] = self._scan(e["path"])
+    # Probes wait on file reads and ffmpeg processes, so threads overlap them.
+    with concurrent.futures.ThreadPoolExecutor(_SCAN_THREADS) as pool:
+      scans = list(pool.map(self._scan, [e["path"] for e in self.entries]))
+    for e, (shape, skip) in zip(self.entries, scans):
+      e["shape"], e["skip"] = shape, skip
     counts = Counter(e["skip"] for e in self.entries if e["skip"])
     usable = len(self.entries) - sum(counts.values())
     if not usable:

@@ -46,6 +46,12 @@ def largest_size(frames: Sequence[int], side: Sequence[float], aspect_ratios: Se
              key=lambda thw: thw[0] * thw[1] * thw[2])
 
 
+def possible_grids(frames: Sequence[int], side: Sequence[float], aspect_ratios: Sequence[float],
+                   patch: Sequence[int]) -> list[tuple[int, int, int]]:
+  """Every token grid of a size ``draw_size`` can return (``tokens.possible_grids``)."""
+  return tok.possible_grids(frames, side, aspect_ratios, patch)
+
+
 def nearest_aspect(aspect: float, aspect_ratios: Sequence[float]) -> float:
   """The configured W/H ratio closest to ``aspect`` (in log space: 2 and 1/2 are equally far)."""
   return min(aspect_ratios, key=lambda a: abs(math.log(a / aspect)))

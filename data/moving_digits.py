@@ -90,6 +90,10 @@ class MovingDigits:
     """The ``(T, H, W)`` with the most pixels this source can draw, to check a token budget."""
     return motion.largest_size(self.frames, self.side, self.aspect_ratios, self.patch)
 
+  def possible_grids(self) -> list[tuple[int, int, int]]:
+    """Every token grid this source can draw (the layouts' static bounds come from them)."""
+    return motion.possible_grids(self.frames, self.side, self.aspect_ratios, self.patch)
+
   def video_size(self, index: int) -> tuple[int, int, int]:
     """``(T, H, W)`` of item ``index`` without rendering it (the packer only needs sizes)."""
     return motion.draw_size(self._rng(index), self.frames, self.side, self.aspect_ratios,

@@ -130,7 +130,7 @@ class SyntheticShapes:
 
   def possible_grids(self) -> list[tuple[int, int, int]]:
     """Every token grid this source can draw (the layouts' static bounds come from them)."""
-    return tok.possible_grids(self.frames, self.side, self.aspect_ratios, self.patch)
+    return motion.possible_grids(self.frames, self.side, self.aspect_ratios, self.patch)
 
   def video_size(self, index: int) -> tuple[int, int, int]:
     """``(T, H, W)`` of item ``index`` without rendering it (the packer only needs sizes)."""

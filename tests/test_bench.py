@@ -30,3 +30,7 @@ def test_attention_bench_quick_prints_targets():
   assert len(lines) == 9, lines
   # The model's FLOP counter and the bench's analytic count are the same numbers.
   assert lines[-1].startswith("target model_flops_attention_rel_diff: 0 ") and "PASS" in lines[-1]
+
+
+def test_packing_bench_quick_prints_targets():
+  assert len(quick_targets("bench/packing.py")) == 4

@@ -27,7 +27,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   d.side = (32, 32)  # (min, max) sqrt(H*W) in pixels; H and W follow from the aspect ratio
   d.aspect_ratios = (1.0,)  # W/H ratios to draw from
   d.num_objects = (1, 1)  # (min, max) moving shapes or digits per video; the first sets the label
-  d.object_size = (0.25, 0.45)  # (min, max) shape size as a fraction of the shorter side
+  d.object_size = (0.25, 0.45)  # (min, max) shape or digit size as a fraction of the shorter side
   d.speed = (0.03, 0.08)  # (min, max) pixels per frame as a fraction of the side it moves along
   d.num_videos = 1_000_000  # size of the (procedural) source; indices are drawn from it
   d.batch_rows = 4  # B: packed rows per global batch
