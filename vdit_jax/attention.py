@@ -45,9 +45,10 @@ def resolve_backend(backend: str, patterns: tuple[str, ...], max_segments: int,
 
   ``auto``: on GPU, ``sdpa`` (cuDNN) when every pattern is ``full`` and a row holds one video
   (nothing to skip, and cuDNN has no segment ids), else ``blocksparse``; on CPU and TPU,
-  ``blocksparse`` (TPU has no splash-attention path yet). On CPU blocksparse measured faster
-  than dense even on the default config's 512-token rows (bench/README.md); the GPU and TPU
-  choices are untested. Other names come back unchanged.
+  ``blocksparse`` (TPU has no splash-attention path yet). On CPU blocksparse measured as fast as
+  dense on the default config's 512-token rows with full3d (1.5% slower) and faster with
+  factorized (bench/README.md); the GPU and TPU choices are untested. Other names come back
+  unchanged.
   """
   if backend not in BACKENDS:
     raise ValueError(f"unknown attention backend {backend!r}: use one of {BACKENDS}")

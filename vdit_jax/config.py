@@ -47,7 +47,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.head_dim = 32  # K
   m.mlp_ratio = 4.0  # MLP hidden = mlp_ratio * D
   m.block = "full3d"  # full3d | factorized
-  m.attention_backend = "auto"  # auto | dense | blocksparse | sdpa (attention.resolve_backend)
+  m.attention_backend = "dense"  # dense | auto | blocksparse | sdpa (attention.resolve_backend)
   m.attention_block = 0  # blocksparse block size (0 = layout.default_block per pattern)
   m.attention_kv_chunk = 0  # blocksparse: key blocks per online-softmax step (0 = all at once)
   m.qk_norm = True  # RMS-normalise queries and keys (stabilises attention logits)
