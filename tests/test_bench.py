@@ -15,6 +15,6 @@ def test_step_bench_quick_prints_targets():
                        env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]
   lines = [l for l in out.stdout.splitlines() if l.startswith("target ")]
-  assert len(lines) == 5, out.stdout
+  assert len(lines) == 7, out.stdout
   for line in lines:
     assert TARGET.match(line), line
