@@ -167,18 +167,26 @@ def train_steps(config, sharded: bool):
 
 
 def time_steps(variants: dict, repeats: int) -> dict[str, float]:
-  """Median seconds per step of each variant, run in turns (A, B, C, A, B, C, ...) so that load
-  from other processes spreads over all of them alike; the state is donated and fed back."""
+  """Median seconds per call of each ``(fn, state, batch, ...)``, run in turns (A, B, C, A, B,
+  C, ...) so that load from other processes spreads over all of them alike; ``fn(state, batch)``
+  returns the next state first (train steps donate it)."""
   states = {}
-  for name, (step, state, batch, _) in variants.items():
-    states[name] = jax.block_until_ready(step(state, batch)[0])  # compile + one warm-up step
+  for name, (fn, state, batch, _) in variants.items():
+    states[name] = jax.block_until_ready(fn(state, batch))[0]  # compile + one warm-up call
   times: dict[str, list[float]] = {name: [] for name in variants}
   for _ in range(repeats):
-    for name, (step, _, batch, _) in variants.items():
+    for name, (fn, _, batch, _) in variants.items():
       t0 = time.perf_counter()
-      states[name] = jax.block_until_ready(step(states[name], batch)[0])
+      states[name] = jax.block_until_ready(fn(states[name], batch))[0]
       times[name].append(time.perf_counter() - t0)
   return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def matmul_variant(n: int = 2048):
+  """An f32 ``n x n`` matmul (as trainer.measured_peak_flops times it) and its FLOPs, to time
+  in turns with the steps: a peak measured under the same load as they are."""
+  a = jnp.ones((n, n), jnp.float32)
+  return (jax.jit(lambda x, y: (x, x @ y)), a, a, None), 2.0 * n**3
 
 
 def temp_bytes(config) -> int:
@@ -187,20 +195,24 @@ def temp_bytes(config) -> int:
   return int(step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes)
 
 
-def default_step_bench(quick: bool, repeats: int, peak: float) -> dict[str, float]:
+def default_step_bench(quick: bool, repeats: int) -> dict[str, float]:
   """The default config's train step: MFU, sharding overhead, bf16 and remat, side by side."""
   f32 = default_config(quick)
+  matmul, matmul_flops = matmul_variant()
   variants = {"sharded f32": train_steps(f32, sharded=True),
               "plain jit f32": train_steps(f32, sharded=False),
               "sharded bf16": train_steps(default_config(quick, **{"model.dtype": "bfloat16"}),
-                                          sharded=True)}
+                                          sharded=True),
+              "f32 matmul 2048": matmul}
   sec = time_steps(variants, repeats)
+  peak = matmul_flops / sec.pop("f32 matmul 2048")
   flops = trainer.step_flops(f32, variants["sharded f32"][3])
   mem = {"no remat": temp_bytes(f32), "remat": temp_bytes(default_config(quick,
                                                                          **{"model.remat": True}))}
   size = "quick sizes" if quick else "configs/default.py"
   print(f"\ntrain step (forward, backward, AdamW, EMA) of {size} on one device, "
-        f"{flops / 1e9:.1f} GFLOP analytic")
+        f"{flops / 1e9:.1f} GFLOP analytic; f32 matmul peak timed in turns with the steps: "
+        f"{peak / 1e9:.0f} GFLOP/s")
   print(f"{'variant':24s} {'s/step':>8s} {'GFLOP/s':>8s} {'MFU':>8s}")
   for name, t in sec.items():
     print(f"{name:24s} {t:8.3f} {flops / t / 1e9:8.1f} {flops / t / peak:8.1%}")
@@ -259,7 +271,7 @@ def main():
   for name, sec in PEERS.items():
     print(f"  {name:26s} {sec:.1f}")
   print()
-  scale = default_step_bench(args.quick, args.repeats, peak)
+  scale = default_step_bench(args.quick, args.repeats)
   print()
   full, fact = results["vdit full3d"], results["vdit factorized bsparse"]
   plain = results["plain einsum full"]
