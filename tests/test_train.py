@@ -218,17 +218,15 @@ def test_a_mesh_that_cannot_split_a_parameter_fails_clearly():
     trainer.abstract_state(config, mesh)
 
 
-@pytest.mark.parametrize("mesh_sizes", [(1, 4, 2), (1, 1, 8)])
-def test_training_continues_on_another_mesh(runs, tmp_path, monkeypatch, mesh_sizes):
-  """Steps 3 -> 5 on another mesh from a (2, 2, 2) checkpoint match the straight (2, 2, 2)
-  run up to float reassociation (the reductions are split differently)."""
+def test_training_continues_on_another_mesh(runs, tmp_path, monkeypatch):
+  """Steps 3 -> 5 on mesh (1, 1, 8) (tensor-parallel only) from a (2, 2, 2) checkpoint match
+  the straight (2, 2, 2) run up to float reassociation (the reductions are split differently)."""
   monkeypatch.setattr(trainer, "measured_peak_flops", lambda: 1e12)
   workdir = tmp_path / "moved"
   shutil.copytree(runs["resumed"], workdir)
   shutil.rmtree(workdir / "checkpoints" / "5")
-  data, fsdp, tensor = mesh_sizes
-  trainer.train(helpers.run_config(5, **{"mesh.data": data, "mesh.fsdp": fsdp,
-                                         "mesh.tensor": tensor}), str(workdir))
+  trainer.train(helpers.run_config(5, **{"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 8}),
+                str(workdir))
   moved = helpers.restore_state(str(workdir), 5)
   straight = helpers.restore_state(runs["straight"], 5)
   assert int(moved["step"]) == 5

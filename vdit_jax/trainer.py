@@ -255,9 +255,9 @@ def initialize_distributed(cfg: ml_collections.ConfigDict) -> None:
 
   Runs before anything touches a device: the global device list depends on it.
   """
-  address = cfg.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
   if jax.distributed.is_initialized():
     return
+  address = cfg.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
   if address == "auto":
     jax.distributed.initialize()
     return
