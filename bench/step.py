@@ -63,7 +63,7 @@ def p0_batch(config, exact_layouts: bool = False) -> dict:
   if config.model.attention_backend == "blocksparse":
     # As the training pipeline makes them: the static bound for this data config (or exact).
     batch["layouts"] = layout.batch_layouts(
-        layout.BLOCK_PATTERNS[config.model.block], batch["segment_ids"], batch["coords"],
+        layout.config_patterns(config.model), batch["segment_ids"], batch["coords"],
         config_lib.largest_grids(config), block=config.model.attention_block,
         exact=exact_layouts)
   return batch

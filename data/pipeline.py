@@ -73,7 +73,7 @@ class BatchMaker:
     self.patch = tuple(int(p) for p in config.model.patch)
     self.null_label = int(config.model.num_classes)
     # blocksparse attention needs per-pattern block layouts; they are made here, on the host.
-    self.layout_patterns = (layout.BLOCK_PATTERNS[config.model.block]
+    self.layout_patterns = (layout.config_patterns(config.model)
                             if config.model.attention_backend == "blocksparse" else ())
     self.layout_grids = tok.largest_grids(d.frames[1], d.side[1], d.aspect_ratios, self.patch)
     self.attention_block = int(config.model.attention_block)

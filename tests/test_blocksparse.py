@@ -407,3 +407,21 @@ def test_windowed_bound_fits_random_packings():
         seg, coords = shuffled(*packed(rows), seed=int(rng.integers(99)))
         worst = max(worst, layout.needed_kv_blocks(pattern, seg, coords, bq, bk))
       assert worst <= bound, (pattern, bq, bk)
+
+
+@pytest.mark.parametrize("backend", attention.BACKENDS)
+def test_per_head_patterns_attend_each_head_with_its_own(backend):
+  """A tuple pattern gives head h the pattern at h (groups need not be contiguous)."""
+  seg, coords = packed()
+  heads = ("local(1,3)", "full", "cross(1,4)", "local(1,3)")
+  keys = jax.random.split(jax.random.key(5), 3)
+  q, k, v = (jax.random.normal(key, seg.shape + (len(heads), K)) for key in keys)
+  layouts = {p: layout.make_layout(p, seg, coords, 16, 16) for p in set(heads)}
+  ctx = attention.AttentionContext(backend, jnp.asarray(seg), jnp.asarray(coords), tuple(heads),
+                                   layouts=layouts)
+  out = jax.jit(lambda q, k, v: ctx.attend(heads, q, k, v))(q, k, v)
+  real = (seg > 0)[:, :, None]
+  for h, p in enumerate(heads):
+    want = dense_fn(p, seg, coords)(q[:, :, h:h + 1], k[:, :, h:h + 1], v[:, :, h:h + 1])[:, :, 0]
+    np.testing.assert_allclose(np.where(real, out[:, :, h], 0), np.where(real, want, 0),
+                               atol=1e-5, err_msg=f"head {h}")
