@@ -375,11 +375,11 @@ def test_windowed_order_keeps_videos_in_place():
   for pattern in WINDOWED:
     perm = layout.pattern_order(pattern, seg, coords, block=16)
     np.testing.assert_array_equal(np.take_along_axis(seg, perm, 1), seg)
-    tile = np.array(layout.window_tile(pattern, 16))
-    assert np.prod(tile) == 16
     c_p = np.take_along_axis(coords, perm[..., None], 1)
-    for b in range(seg.shape[0]):
-      for s in set(seg[b].tolist()) - {0}:
+    for b, row in enumerate(ROWS):
+      for s, grid in enumerate(row, 1):
+        tile = np.array(layout.window_tile(pattern, 16, grid))
+        assert np.prod(tile) == 16
         key = [tuple(x // tile) + tuple(x) for x in c_p[b][seg[b] == s]]
         assert key == sorted(key)
 

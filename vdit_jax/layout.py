@@ -12,8 +12,8 @@ an order where every group of the pattern is a contiguous run:
 
 Windowed patterns (``window``, ``local``, ``cross``: see ``vdit_jax.attention``) have no groups:
 each token sees a box around itself. Inside a video their tokens go in tile-major order, with
-tiles of one query block's size shaped like the window (``window_tile``), so a block is a
-compact box and its window touches few key blocks. Their lists come from an exact block-pair
+tiles of one query block's size shaped for the window and the video (``window_tile``), so a
+block is a compact box and its window touches few key blocks. Their lists come from an exact block-pair
 test (bounding boxes of blocks first, then every token pair of the candidate block pairs), not
 from contiguous ranges, and their static bound from the largest grids (``windowed_bound``).
 
@@ -143,17 +143,28 @@ def check_blocks(seq_len: int, block_q: int, block_k: int) -> None:
                        f"of {b}")
 
 
-def window_tile(pattern: str, block: int) -> tuple[int, int, int]:
-  """Tile (t, h, w) of a windowed pattern's token order: ``block`` tokens (rounded down to a
-  power of two), shaped like the window's box, so a block that starts on a tile is one compact
-  box and its keys lie in the tiles around it. Sides are powers of two, grown one axis at a time
-  (the axis smallest against its window side, w first on ties)."""
-  box = [2 * k + 1 for k in window_reach(pattern)]
-  tile = [1, 1, 1]
-  while 2 * math.prod(tile) <= max(int(block), 1):
-    a = min((2, 1, 0), key=lambda a: tile[a] / box[a])
-    tile[a] *= 2
-  return tuple(tile)
+@functools.lru_cache(maxsize=1024)
+def window_tile(pattern: str, block: int, grid: tuple[int, int, int]) -> tuple[int, int, int]:
+  """Tile (t, h, w) of a windowed pattern's token order inside a video of token grid ``grid``.
+
+  Power-of-two sides whose product is ``block`` (rounded down to a power of two), chosen to
+  minimise the keys a tile-sized query block lists: per axis, the tiles within the window's
+  reach either side, clipped to the video (an axis shorter than its side is one partial tile,
+  and then a block spans several tiles). Ties go to the longer w then h side (longer runs).
+  """
+  reach = window_reach(pattern)
+  grid = [max(int(g), 1) for g in grid]
+  logb = max(int(block), 1).bit_length() - 1
+  best = None
+  for a in range(logb + 1):
+    for b in range(logb + 1 - a):
+      tile = (2**a, 2**b, 2**(logb - a - b))
+      eff = [min(s, g) for s, g in zip(tile, grid)]
+      keys = math.prod(min(g, e * (1 + 2 * -(-k // e))) for g, e, k in zip(grid, eff, reach))
+      cost = keys * 2**logb // math.prod(eff)  # tiles per block when clipped
+      if best is None or (cost, -tile[2], -tile[1]) < best[0]:
+        best = (cost, -tile[2], -tile[1]), tile
+  return best[1]
 
 
 def pattern_order(pattern: str, segment_ids_BL, coords_BL3, block: int = 64) -> np.ndarray:
@@ -161,7 +172,7 @@ def pattern_order(pattern: str, segment_ids_BL, coords_BL3, block: int = 64) -> 
 
   Position ``i`` of the permuted row holds original token ``perm[b, i]``. Tokens are sorted by
   (owner segment, padding after real, the pattern's coordinate order; for windowed patterns
-  tile-major with ``window_tile(pattern, block)``), stably; a padding token's
+  tile-major with each video's ``window_tile(pattern, block, grid)``), stably; a padding token's
   owner is the video before it, so padding keeps its place and videos keep their extent.
   """
   _check_pattern(pattern)
@@ -172,8 +183,16 @@ def pattern_order(pattern: str, segment_ids_BL, coords_BL3, block: int = 64) -> 
   owner = np.where(last_real >= 0, np.take_along_axis(seg, np.maximum(last_real, 0), 1), 0)
   # np.lexsort sorts by the last key first and is stable.
   if is_windowed(pattern):
-    tile = window_tile(pattern, block)
-    keys = ([coords[..., a] for a in (2, 1, 0)] + [coords[..., a] // tile[a] for a in (2, 1, 0)]
+    # Each video's tile, from its grid (largest coordinates + 1).
+    B = seg.shape[0]
+    S = int(owner.max()) + 1
+    grid = np.zeros((B, S, 3), np.int64)
+    np.maximum.at(grid, (np.arange(B)[:, None], seg), coords + 1)
+    tile = np.ones((B, S, 3), np.int64)
+    for b, sid in zip(*np.nonzero(grid[:, 1:].min(-1) > 0)):
+      tile[b, sid + 1] = window_tile(pattern, block, tuple(int(g) for g in grid[b, sid + 1]))
+    tile = np.take_along_axis(tile, owner[..., None], 1)
+    keys = ([coords[..., a] for a in (2, 1, 0)] + [coords[..., a] // tile[..., a] for a in (2, 1, 0)]
             + [is_pad, owner])
   else:
     keys = [coords[..., a] for a in reversed(_ORDER_AXES[pattern])] + [is_pad, owner]
