@@ -164,6 +164,25 @@ def test_block_types_share_parameter_names():
         "full3d"], block
 
 
+@pytest.mark.parametrize("block", ALL_BLOCKS)
+def test_flop_counter_counts_the_masks_pairs(block):
+  """Attention FLOPs are 4 K per allowed pair, head and layer, pairs counted on the masks."""
+  m = helpers.tiny_config(block).model
+  packed = packed_case(block)[4]
+  seg, coords = packed["segment_ids"], packed["coords"]
+  real = seg > 0
+  pairs = 0
+  for layer in layout_lib.layer_patterns(m):
+    for sub in layer:
+      for p in (sub if isinstance(sub, tuple) else (sub,) * m.num_heads):
+        mask = np.asarray(attn_lib.pattern_mask(p, jnp.asarray(seg), jnp.asarray(coords)))
+        pairs += int(mask[real].sum())
+  P = _model(block)[2]
+  attn = sum(model_lib.forward_flops(m, packed["seg_grid"][b], L_PACKED, P)
+             - model_lib.forward_flops(m, [], L_PACKED, P) for b in range(len(seg)))
+  assert attn == 4 * m.head_dim * pairs > 0
+
+
 def test_layer_schedule():
   patterns = lambda block, **kw: layout_lib.layer_patterns(
       helpers.tiny_config(block, **{"model.depth": 4, "model.num_heads": 4, **kw}).model)
