@@ -355,7 +355,8 @@ def test_pattern_pairs_counts_the_mask(pattern):
   """The FLOP counter's pair count is exact, windows clipped at the borders included."""
   for grid in [(3, 5, 2), (1, 4, 4), (5, 3, 7), (1, 1, 1)]:
     c = tokens.grid_coords(grid)
-    n = allowed_np(pattern, np.ones((1, len(c)), np.int32), c[None]).sum()
+    one = np.ones(len(c), np.int32)
+    n = layout.allowed(pattern, one[:, None], c[:, None], one[None], c[None]).sum()  # numpy
     assert attention.pattern_pairs(pattern, grid) == n, grid
   heads = (pattern, "full")
   assert attention.pattern_pairs(heads, (3, 5, 2)) == (attention.pattern_pairs(pattern, (3, 5, 2))

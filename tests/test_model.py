@@ -175,7 +175,8 @@ def test_flop_counter_counts_the_masks_pairs(block):
   for layer in layout_lib.layer_patterns(m):
     for sub in layer:
       for p in (sub if isinstance(sub, tuple) else (sub,) * m.num_heads):
-        mask = np.asarray(attn_lib.pattern_mask(p, jnp.asarray(seg), jnp.asarray(coords)))
+        mask = layout_lib.allowed(p, seg[:, :, None], coords[:, :, None], seg[:, None],
+                                  coords[:, None])
         pairs += int(mask[real].sum())
   P = _model(block)[2]
   attn = sum(model_lib.forward_flops(m, packed["seg_grid"][b], L_PACKED, P)
