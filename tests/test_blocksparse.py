@@ -196,7 +196,7 @@ def test_layout_lists_exactly_the_nonempty_blocks(pattern, block_q, block_k, row
 def test_pattern_order(rows):
   seg, coords = packed() if rows == "packed" else with_gaps()
   ident = np.broadcast_to(np.arange(L), seg.shape)
-  for pattern in ("full", "spatial"):  # videos are contiguous and t-major already
+  for pattern in ("full", "spatial") + WINDOWED:  # videos are contiguous and t-major already
     np.testing.assert_array_equal(layout.pattern_order(pattern, seg, coords), ident)
   perm = layout.pattern_order("temporal", seg, coords)
   assert (np.sort(perm, axis=1) == ident).all()
@@ -370,28 +370,26 @@ def test_bad_patterns_raise(bad):
     layout.parse_pattern(bad)
 
 
-def test_windowed_order_keeps_videos_in_place():
-  """Tile-major inside each video, videos (and padding) keep their positions."""
-  seg, coords = with_gaps()
-  for pattern in WINDOWED:
-    perm = layout.pattern_order(pattern, seg, coords, block=16)
-    np.testing.assert_array_equal(np.take_along_axis(seg, perm, 1), seg)
-    c_p = np.take_along_axis(coords, perm[..., None], 1)
-    for b, row in enumerate(ROWS):
-      for s, grid in enumerate(row, 1):
-        tile = np.array(layout.window_tile(pattern, 16, grid))
-        assert np.prod(tile) == 16
-        key = [tuple(x // tile) + tuple(x) for x in c_p[b][seg[b] == s]]
-        assert key == sorted(key)
+@pytest.mark.parametrize("pattern", WINDOWED + ("window(0,2,1)", "window(2,9,0)"))
+def test_window_distance_bounds_allowed_pairs(pattern):
+  """No allowed pair is farther apart in a video's t-major order; for window, one is exactly."""
+  for grid in [(3, 5, 2), (4, 3, 6), (1, 7, 2)]:
+    c = tokens.grid_coords(grid)
+    one = np.ones(len(c), np.int32)
+    ok = layout.allowed(pattern, one[:, None], c[:, None], one[None], c[None])
+    i, j = np.nonzero(ok)
+    farthest, bound = int(np.abs(i - j).max()), layout.window_distance(pattern, grid)
+    assert farthest == bound if pattern.startswith("window") else farthest <= bound, grid
 
 
 def test_windowed_bound_fits_random_packings():
   """The static bound from the largest grids fits rows packed with any smaller videos."""
   rng = np.random.default_rng(2)
   largest = [(3, 6, 4), (2, 4, 7)]
-  for pattern in WINDOWED + ("window(0,2,1)",):
-    for bq, bk in [(16, 16), (8, 16)]:
+  for pattern in ("window(1,1,2)", "local(1,1)", "cross(1,2)", "window(0,2,1)"):
+    for bq, bk in [(8, 8), (8, 16)]:
       bound = layout.windowed_bound(pattern, L, bq, bk, largest)
+      assert bound < L // bk  # a real bound, not every key block
       worst = 0
       for _ in range(12):
         rows = []

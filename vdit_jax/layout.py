@@ -11,15 +11,18 @@ an order where every group of the pattern is a contiguous run:
 | `temporal` | one (h, w) of one video | (h, w, t)                          |
 
 Windowed patterns (``window``, ``local``, ``cross``: see ``vdit_jax.attention``) have no groups:
-each token sees a box around itself. Inside a video their tokens go in tile-major order, with
-tiles of one query block's size shaped for the window and the video (``window_tile``), so a
-block is a compact box and its window touches few key blocks. Their lists come from an exact block-pair
-test (bounding boxes of blocks first, then every token pair of the candidate block pairs), not
-from contiguous ranges, and their static bound from the largest grids (``windowed_bound``).
+each token sees a box around itself. Their tokens keep the t-major order, where a token's keys
+lie within ``kt H W + kh W + kw`` positions of it: that distance grows with every grid side, so
+the largest grids give a static bound that holds for every smaller video and any packing
+(``windowed_bound``). Their lists come from an exact block-pair test (bounding boxes of blocks
+first, then every token pair of the candidate block pairs), so a block pair within that distance
+is listed only if it holds an allowed pair. (Tile-major orders list fewer blocks for one video
+alone, but their need is not monotone in the grid: measured on random packings, smaller videos
+needed 32 key blocks where the largest grids needed 13, so no static bound followed.)
 
 Videos are ordered by segment id, and each run of padding stays right after the video it follows
-(leading padding first). So ``full`` and ``spatial`` orders are the identity on any row of
-contiguous t-major videos (``tokens.pack_rows``, with or without gaps between videos), and
+(leading padding first). So ``full``, ``spatial`` and windowed orders are the identity on any row
+of contiguous t-major videos (``tokens.pack_rows``, with or without gaps between videos), and
 ``temporal`` moves tokens only inside each video.
 
 Padding. In ``dense`` a padding token (segment 0) attends to every padding token, which would
@@ -124,6 +127,10 @@ def allowed(pattern: str, seg_q, c_q, seg_k, c_k, xp=np):
   return mask & (dt <= kt) & (((dh == 0) & (dw <= reach)) | ((dw == 0) & (dh <= reach)))
 
 
+def _order_axes(pattern: str) -> tuple[int, ...]:
+  return (0, 1, 2) if is_windowed(pattern) else _ORDER_AXES[pattern]
+
+
 def _check_inputs(segment_ids_BL, coords_BL3) -> tuple[np.ndarray, np.ndarray]:
   seg = np.asarray(segment_ids_BL)
   coords = np.asarray(coords_BL3)
@@ -143,36 +150,11 @@ def check_blocks(seq_len: int, block_q: int, block_k: int) -> None:
                        f"of {b}")
 
 
-@functools.lru_cache(maxsize=1024)
-def window_tile(pattern: str, block: int, grid: tuple[int, int, int]) -> tuple[int, int, int]:
-  """Tile (t, h, w) of a windowed pattern's token order inside a video of token grid ``grid``.
-
-  Power-of-two sides whose product is ``block`` (rounded down to a power of two), chosen to
-  minimise the keys a tile-sized query block lists: per axis, the tiles within the window's
-  reach either side, clipped to the video (an axis shorter than its side is one partial tile,
-  and then a block spans several tiles). Ties go to the longer w then h side (longer runs).
-  """
-  reach = window_reach(pattern)
-  grid = [max(int(g), 1) for g in grid]
-  logb = max(int(block), 1).bit_length() - 1
-  best = None
-  for a in range(logb + 1):
-    for b in range(logb + 1 - a):
-      tile = (2**a, 2**b, 2**(logb - a - b))
-      eff = [min(s, g) for s, g in zip(tile, grid)]
-      keys = math.prod(min(g, e * (1 + 2 * -(-k // e))) for g, e, k in zip(grid, eff, reach))
-      cost = keys * 2**logb // math.prod(eff)  # tiles per block when clipped
-      if best is None or (cost, -tile[2], -tile[1]) < best[0]:
-        best = (cost, -tile[2], -tile[1]), tile
-  return best[1]
-
-
-def pattern_order(pattern: str, segment_ids_BL, coords_BL3, block: int = 64) -> np.ndarray:
+def pattern_order(pattern: str, segment_ids_BL, coords_BL3) -> np.ndarray:
   """Permutation ``perm [B, L]`` (int32) making every group of ``pattern`` contiguous.
 
   Position ``i`` of the permuted row holds original token ``perm[b, i]``. Tokens are sorted by
-  (owner segment, padding after real, the pattern's coordinate order; for windowed patterns
-  tile-major with each video's ``window_tile(pattern, block, grid)``), stably; a padding token's
+  (owner segment, padding after real, the pattern's coordinate order), stably; a padding token's
   owner is the video before it, so padding keeps its place and videos keep their extent.
   """
   _check_pattern(pattern)
@@ -182,20 +164,7 @@ def pattern_order(pattern: str, segment_ids_BL, coords_BL3, block: int = 64) -> 
   last_real = np.maximum.accumulate(np.where(is_pad, -1, np.arange(L)), axis=1)
   owner = np.where(last_real >= 0, np.take_along_axis(seg, np.maximum(last_real, 0), 1), 0)
   # np.lexsort sorts by the last key first and is stable.
-  if is_windowed(pattern):
-    # Each video's tile, from its grid (largest coordinates + 1).
-    B = seg.shape[0]
-    S = int(owner.max()) + 1
-    grid = np.zeros((B, S, 3), np.int64)
-    np.maximum.at(grid, (np.arange(B)[:, None], seg), coords + 1)
-    tile = np.ones((B, S, 3), np.int64)
-    for b, sid in zip(*np.nonzero(grid[:, 1:].min(-1) > 0)):
-      tile[b, sid + 1] = window_tile(pattern, block, tuple(int(g) for g in grid[b, sid + 1]))
-    tile = np.take_along_axis(tile, owner[..., None], 1)
-    keys = ([coords[..., a] for a in (2, 1, 0)] + [coords[..., a] // tile[..., a] for a in (2, 1, 0)]
-            + [is_pad, owner])
-  else:
-    keys = [coords[..., a] for a in reversed(_ORDER_AXES[pattern])] + [is_pad, owner]
+  keys = [coords[..., a] for a in reversed(_order_axes(pattern))] + [is_pad, owner]
   return np.lexsort(keys, axis=-1).astype(np.int32)
 
 
@@ -241,7 +210,7 @@ def needed_kv_blocks(pattern: str, segment_ids_BL, coords_BL3, block_q: int,
   _check_pattern(pattern)
   seg, coords = _check_inputs(segment_ids_BL, coords_BL3)
   check_blocks(seg.shape[1], block_q, block_k)
-  perm = pattern_order(pattern, seg, coords, block_q)
+  perm = pattern_order(pattern, seg, coords)
   seg_p = np.take_along_axis(seg, perm, axis=1)
   coords_p = np.take_along_axis(coords, perm[..., None], axis=1)
   if is_windowed(pattern):
@@ -279,7 +248,7 @@ def make_layout(pattern: str, segment_ids_BL, coords_BL3, block_q: int, block_k:
   seg, coords = _check_inputs(segment_ids_BL, coords_BL3)
   B, L = seg.shape
   check_blocks(L, block_q, block_k)
-  perm = pattern_order(pattern, seg, coords, block_q)
+  perm = pattern_order(pattern, seg, coords)
   seg_p = np.take_along_axis(seg, perm, axis=1)
   coords_p = np.take_along_axis(coords, perm[..., None], axis=1)
   if is_windowed(pattern):
@@ -510,76 +479,26 @@ def default_block(seq_len: int, max_group_tokens: int) -> int:
   return block
 
 
-_MAX_UNITS = 4096  # a [units, units] pair matrix of 16M booleans
-
-
-@functools.lru_cache(maxsize=64)
-def _video_needs(pattern: str, grid: tuple[int, int, int], block_q: int,
-                 block_k: int) -> tuple[int, int, int]:
-  """Upper bounds on the key blocks holding real keys of one video that a query block lists,
-  over every alignment of the video against the blocks: for any query block, for one holding
-  the video's first token, and for one holding its last.
-
-  From one exact pair matrix over units of ``u`` tokens (u divides both block sizes; 1, which
-  makes the bounds exact, unless the video has more than ``_MAX_UNITS`` tokens): for offsets in
-  ``[m u, (m + 1) u)`` a block lies within a fixed run of ``block / u (+ 1 if u > 1)`` units, so
-  a block pair is non-empty only if its two unit runs hold a non-empty unit pair. Prefix sums
-  make each offset class cost O(blocks x units).
-  """
-  n = tokens.num_tokens(grid)
-  u = 1  # exact when 1; grown (dividing both blocks) only to keep the unit matrix small
-  while -(-n // u) > _MAX_UNITS and math.gcd(block_q, block_k) % (2 * u) == 0:
-    u *= 2
-  nU = -(-n // u)
-  c = tokens.grid_coords(grid)
-  c = c[pattern_order(pattern, np.ones((1, n), np.int32), c[None], block_q)[0]]
-  seg = np.zeros((1, nU * u), np.int32)
-  coords = np.zeros((1, nU * u, 3), np.int32)
-  seg[0, :n], coords[0, :n] = 1, c
-  if u == 1:
-    unit_pairs = allowed(pattern, seg[0, :, None], coords[0, :, None], seg[0, None, :],
-                         coords[0, None, :])
-  else:
-    unit_pairs = _block_pairs(pattern, seg, coords, u, u)[0]
-  rows = np.concatenate([np.zeros((1, nU), np.int32), np.cumsum(unit_pairs, 0, np.int32)])
-  period = math.lcm(block_q, block_k)
-
-  def runs(block, m):
-    """Unit runs [lo, hi) of every block that may overlap the video, raw and clipped."""
-    i = np.arange(-(-(n + period) // block) + 1)
-    lo, hi = i * (block // u) - m - (u > 1), (i + 1) * (block // u) - m
-    return lo, hi, np.clip(lo, 0, nU), np.clip(hi, 0, nU)
-
-  most = head = tail = 0
-  for m in range(period // u):
-    lo, hi, lo_c, hi_c = runs(block_q, m)
-    touched = (rows[hi_c] - rows[lo_c]) > 0  # [query blocks, units]: a unit it may pair with
-    cols = np.concatenate([np.zeros((len(lo), 1), np.int32), np.cumsum(touched, 1, np.int32)],
-                          1)
-    _, _, klo, khi = runs(block_k, m)
-    count = ((cols[:, khi] - cols[:, klo]) > 0).sum(1)
-    most = max(most, int(count.max()))
-    head = max(head, int(count[(lo <= 0) & (0 < hi)].max()))
-    tail = max(tail, int(count[(lo <= nU - 1) & (nU - 1 < hi)].max()))
-  return most, head, tail
+def window_distance(pattern: str, grid) -> int:
+  """Farthest apart two tokens of one video of token grid ``grid`` that ``pattern`` lets attend
+  can be in its (t-major) order: ``kt H W + kh W + kw``, each reach clipped to the grid."""
+  kt, kh, kw = window_reach(pattern)
+  t, h, w = (int(g) for g in grid)
+  return min(kt, t - 1) * h * w + min(kh, h - 1) * w + min(kw, w - 1)
 
 
 def windowed_bound(pattern: str, seq_len: int, block_q: int, block_k: int, grids) -> int:
-  """A ``max_kv_blocks`` for a windowed pattern that fits rows of videos of ``grids``.
+  """A ``max_kv_blocks`` for a windowed pattern that fits every row of videos within ``grids``.
 
-  Every video of ``grids`` alone, at every alignment, bounds what any of its query blocks
-  lists (``_video_needs``); a query block shared by videos lists at most the last block's need
-  of one, the first block's need of another, and the key blocks over its own positions (videos
-  wholly inside it and padding see only those). Smaller videos than ``grids`` are assumed to
-  need no more (tested on random packings); ``make_layout`` raises if one ever does.
+  Every key a query block may see lies within ``window_distance`` positions of it (padding
+  keys within its own positions), whichever videos share the block, so the bound is the key
+  blocks overlapping that window at the worst alignment. The distance grows with each grid
+  side, so the config's largest grids bound every video it can draw.
   """
   _check_pattern(pattern)
   check_blocks(seq_len, block_q, block_k)
-  needs = [_video_needs(pattern, tuple(int(v) for v in g), block_q, block_k) for g in grids]
-  most = max(n[0] for n in needs)
-  shared = max(n[1] for n in needs) + max(n[2] for n in needs) + _window_blocks(block_q,
-                                                                                block_k, 0)
-  return min(max(most, shared), seq_len // block_k)
+  reach = max(window_distance(pattern, g) for g in grids)
+  return min(_window_blocks(block_q, block_k, reach), seq_len // block_k)
 
 
 # Which patterns each block type applies, one per sublayer, in order (the model, the data
