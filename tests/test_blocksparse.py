@@ -370,16 +370,17 @@ def test_bad_patterns_raise(bad):
     layout.parse_pattern(bad)
 
 
-@pytest.mark.parametrize("pattern", WINDOWED + ("window(0,2,1)", "window(2,9,0)"))
+@pytest.mark.parametrize("pattern", WINDOWED + ("window(0,2,1)", "window(2,9,0)", "local(3,9)",
+                                     "cross(2,1)"))
 def test_window_distance_bounds_allowed_pairs(pattern):
-  """No allowed pair is farther apart in a video's t-major order; for window, one is exactly."""
+  """The farthest allowed pair in a video's t-major order is exactly that far apart."""
   for grid in [(3, 5, 2), (4, 3, 6), (1, 7, 2)]:
     c = tokens.grid_coords(grid)
     one = np.ones(len(c), np.int32)
     ok = layout.allowed(pattern, one[:, None], c[:, None], one[None], c[None])
     i, j = np.nonzero(ok)
     farthest, bound = int(np.abs(i - j).max()), layout.window_distance(pattern, grid)
-    assert farthest == bound if pattern.startswith("window") else farthest <= bound, grid
+    assert farthest == bound, grid
 
 
 def test_windowed_bound_fits_random_packings():

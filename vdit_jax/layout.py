@@ -480,11 +480,20 @@ def default_block(seq_len: int, max_group_tokens: int) -> int:
 
 
 def window_distance(pattern: str, grid) -> int:
-  """Farthest apart two tokens of one video of token grid ``grid`` that ``pattern`` lets attend
-  can be in its (t-major) order: ``kt H W + kh W + kw``, each reach clipped to the grid."""
-  kt, kh, kw = window_reach(pattern)
+  """How far apart, in a video's t-major order, two tokens that ``pattern`` lets attend can be:
+  ``dt H W + dh W + dw`` at its largest over the allowed offsets of a video of token grid
+  ``grid`` (``kt H W + kh W + kw`` for ``window``, reaches clipped to the grid)."""
+  name, args = parse_pattern(pattern)
   t, h, w = (int(g) for g in grid)
-  return min(kt, t - 1) * h * w + min(kh, h - 1) * w + min(kw, w - 1)
+  if name == "window":
+    kt, kh, kw = args
+    return min(kt, t - 1) * h * w + min(kh, h - 1) * w + min(kw, w - 1)
+  kt, r = args
+  far = 0
+  for dt in range(min(kt, t - 1) + 1):
+    dh, dw = min(int(spatial_reach(r, dt)), h - 1), min(int(spatial_reach(r, dt)), w - 1)
+    far = max(far, dt * h * w + (dh * w + dw if name == "local" else max(dh * w, dw)))
+  return far
 
 
 def windowed_bound(pattern: str, seq_len: int, block_q: int, block_k: int, grids) -> int:
