@@ -275,13 +275,10 @@ def make_layout(pattern: str, segment_ids_BL, coords_BL3, block_q: int, block_k:
     raise AssertionError(f"key block read by {readers_needed} query blocks > {max_readers}")
   i = np.minimum(i_lo[..., None] + np.arange(max_readers), i_hi[..., None])
   slot = m[None, :, None] - np.take_along_axis(first, i.reshape(B, -1), axis=1).reshape(i.shape)
-  inv_perm = np.empty_like(perm)
-  np.put_along_axis(inv_perm, perm, np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)), axis=1)
-  chunk = np.arange(L, dtype=np.int32) // block_q
   return {
       "perm": perm,
-      "inv_perm": inv_perm,
-      "perm_segment": np.where(seg_p == 0, -1 - chunk, seg_p).astype(np.int32),
+      "inv_perm": _inverse(perm),
+      "perm_segment": _attention_segments(seg_p, block_q),
       "perm_coords": coords_p.astype(np.int32),
       "kv_blocks": np.minimum(kv, last[..., None]).astype(np.int32),
       "kv_valid": kv <= last[..., None],
@@ -362,7 +359,7 @@ def _windowed_layout(pattern, perm, seg_p, coords_p, block_q, block_k, max_kv_bl
   if needed > max_kv_blocks:
     raise ValueError(f"pattern {pattern!r} needs max_kv_blocks >= {needed} for this batch "
                      f"(block_q={block_q}, block_k={block_k}) but got {max_kv_blocks}: raise it "
-                     f"to {needed}, or to max_kv_blocks_bound(...) so every batch fits")
+                     f"to {needed}, or to windowed_bound(...) so every batch fits")
   J = int(max_kv_blocks)
   # Listed blocks first, ascending (a stable sort of "not listed").
   order = np.argsort(~pairs, axis=-1, kind="stable")
