@@ -163,6 +163,8 @@ def test_run_writes_metrics_config_and_samples(runs):
 
 @pytest.mark.parametrize("fields, message", [
     ({"model.block": "nope"}, "model.block"),
+    ({"model.block": "full3d,window,sparse"}, "model.depth=2"),
+    ({"model.block": "sparse", "model.sparse_heads": "local,cross,global"}, "sparse_heads"),
     ({"data.seq_len": 16}, "seq_len"),
     ({"data.batch_rows": 2, "mesh.data": -1, "mesh.fsdp": 1, "mesh.tensor": 1}, "batch_rows"),
     ({"mesh.data": 3, "mesh.fsdp": 1, "mesh.tensor": 1}, "mesh"),
