@@ -368,6 +368,9 @@ def test_pattern_pairs_counts_the_mask(pattern):
 def test_bad_patterns_raise(bad):
   with pytest.raises(ValueError, match="unknown attention pattern"):
     layout.parse_pattern(bad)
+  assert layout.window_pattern(1, 2, 3) == "window(1,2,3)"
+  with pytest.raises(ValueError, match="unknown attention pattern"):
+    layout.window_pattern(1, -2, 3)
 
 
 @pytest.mark.parametrize("pattern", WINDOWED + ("window(0,2,1)", "window(2,9,0)", "local(3,9)",

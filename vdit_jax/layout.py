@@ -78,6 +78,13 @@ def parse_pattern(pattern: str) -> tuple[str, tuple[int, ...]]:
                    "window(kt,kh,kw), local(kt,r) or cross(kt,r) with integers >= 0")
 
 
+def window_pattern(kt: int, kh: int, kw: int) -> str:
+  """The ``window`` pattern with these reaches (checked), e.g. ``"window(1,2,2)"``."""
+  pattern = f"window({int(kt)},{int(kh)},{int(kw)})"
+  parse_pattern(pattern)
+  return pattern
+
+
 def _check_pattern(pattern: str) -> None:
   parse_pattern(pattern)
 
@@ -575,7 +582,7 @@ def layer_patterns(model_cfg) -> tuple[tuple, ...]:
         if len(window) != 3 or min(window) < 0:
           raise ValueError(f"model.window={tuple(model_cfg.window)} must be three integers "
                            ">= 0: (kt, kh, kw)")
-        p = "window({},{},{})".format(*window)
+        p = window_pattern(*window)
       elif p == "sparse":
         p = sparse_head_patterns(model_cfg)
       subs.append(p)
