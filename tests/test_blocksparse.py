@@ -6,8 +6,6 @@ own block's padding, see vdit_jax/layout.py), so outputs are compared on real to
 gradients of losses that read only real tokens' outputs.
 """
 
-import itertools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
