@@ -71,7 +71,7 @@ def p0_batch(config, exact_layouts: bool = False) -> dict:
   if config.model.attention_backend in layout.LAYOUT_BACKENDS:
     # As the training pipeline makes them: the static bound for this data config (or exact).
     batch["layouts"] = layout.batch_layouts(
-        layout.BLOCK_PATTERNS[config.model.block], batch["segment_ids"], batch["coords"],
+        layout.config_patterns(config.model), batch["segment_ids"], batch["coords"],
         config_lib.possible_grids(config), block=config.model.attention_block,
         exact=exact_layouts, max_segments=config.data.max_segments)
   return batch

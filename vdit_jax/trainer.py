@@ -150,7 +150,7 @@ def batch_shardings(config, mesh) -> dict[str, Any]:
   if config.model.attention_backend in layout_lib.LAYOUT_BACKENDS:
     rows = NamedSharding(mesh, shard_lib.logical_to_spec(("batch",), rules))
     out["layouts"] = {p: {k: rows for k in layout_lib.LAYOUT_KEYS}
-                      for p in layout_lib.BLOCK_PATTERNS[config.model.block]}
+                      for p in layout_lib.config_patterns(config.model)}
   return out
 
 
