@@ -468,7 +468,7 @@ def test_windowed_bound_fits_random_packings():
       assert worst <= bound, (pattern, bq, bk)
 
 
-@pytest.mark.parametrize("backend", attention.BACKENDS)
+@pytest.mark.parametrize("backend", [b for b in attention.BACKENDS if b != "auto"])
 def test_per_head_patterns_attend_each_head_with_its_own(backend):
   """A tuple pattern gives head h the pattern at h (groups need not be contiguous)."""
   seg, coords = packed()
