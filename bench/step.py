@@ -5,6 +5,11 @@ patch (1, 2, 2), i.e. 2048 tokens each, one per row; fp32; forward + backward.
 
   python bench/step.py [--quick] [--repeats 5]
 
+Then the whole train step (optimizer and EMA included) of the default config
+(configs/default.py) on one device: its MFU against the matmul peak measured in the same run, the
+step jitted with the trainer's mesh shardings against plain ``jax.jit`` without sharding, bf16
+against f32 compute, and the compiled temporary memory with and without remat.
+
 Prints seconds per forward+backward for full3d and factorized, a plain einsum DiT written the
 obvious way (the "plain JAX" reference, measured here in the same run), achieved GFLOP/s from
 the analytic FLOP count, and the fraction of this machine's measured f32 matmul peak. The peers'
@@ -15,6 +20,7 @@ here) are the goals of the target lines.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -25,10 +31,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from configs import p0  # noqa: E402
+from configs import default, p0  # noqa: E402
+from data import pipeline  # noqa: E402
 from vdit_jax import config as config_lib  # noqa: E402
 from vdit_jax import layout, trainer, tokens  # noqa: E402
 from vdit_jax import model as model_lib  # noqa: E402
+from vdit_jax import sharding as shard_lib  # noqa: E402
 
 # Seconds per fp32 forward+backward at P0, from the project brief (2-core CPU).
 PEERS = {
@@ -63,7 +71,7 @@ def p0_batch(config, exact_layouts: bool = False) -> dict:
   if config.model.attention_backend in layout.LAYOUT_BACKENDS:
     # As the training pipeline makes them: the static bound for this data config (or exact).
     batch["layouts"] = layout.batch_layouts(
-        layout.BLOCK_PATTERNS[config.model.block], batch["segment_ids"], batch["coords"],
+        layout.config_patterns(config.model), batch["segment_ids"], batch["coords"],
         config_lib.possible_grids(config), block=config.model.attention_block,
         exact=exact_layouts, max_segments=config.data.max_segments)
   return batch
@@ -124,6 +132,106 @@ def plain_einsum_grad_fn(config):
   return jax.jit(jax.value_and_grad(loss)), params
 
 
+# ----------------------------------------------------------------------------- default train step
+
+
+def default_config(quick: bool, **fields):
+  """configs/default.py on one device (quick: 4x16x16 videos in 128-token rows)."""
+  c = default.get_config()
+  c.unlock()
+  c.mesh.data = c.mesh.fsdp = c.mesh.tensor = 1
+  if quick:
+    c.data.frames, c.data.side, c.data.seq_len = (4, 4), (16, 16), 128
+  for key, value in fields.items():
+    section, name = key.split(".")
+    c[section][name] = value
+  return c
+
+
+def train_steps(config, sharded: bool):
+  """``(step, state, batch)`` of the trainer's train step: jitted with the run's mesh shardings
+  (as train() does, on a 1-device mesh), or plain ``jax.jit`` with no sharding at all."""
+  host_batch = pipeline.make_batch(config, 0)
+  if not sharded:
+    graphdef, state = trainer.init_state(config)
+    step = jax.jit(functools.partial(trainer.train_step, graphdef=graphdef,
+                                     tx=trainer.make_optimizer(config), config=config),
+                   donate_argnums=0)
+    return step, state, jax.tree.map(jnp.asarray, host_batch), host_batch
+  mesh = shard_lib.make_mesh(config.mesh, jax.devices()[:1])
+  with jax.set_mesh(mesh), shard_lib.axis_rules(config.mesh.rules):
+    graphdef, state, shardings = trainer.create_sharded_state(config, mesh)
+    step = trainer.jit_train_step(config, graphdef, shardings, mesh)
+    batch = trainer._device_batch(host_batch, trainer.batch_shardings(config, mesh))
+  return step, state, batch, host_batch
+
+
+def time_steps(variants: dict, repeats: int) -> dict[str, float]:
+  """Median seconds per call of each ``(fn, state, batch, ...)``, run in turns (A, B, C, A, B,
+  C, ...) so that load from other processes spreads over all of them alike; ``fn(state, batch)``
+  returns the next state first (train steps donate it)."""
+  states = {}
+  for name, (fn, state, batch, _) in variants.items():
+    states[name] = jax.block_until_ready(fn(state, batch))[0]  # compile + one warm-up call
+  times: dict[str, list[float]] = {name: [] for name in variants}
+  for _ in range(repeats):
+    for name, (fn, _, batch, _) in variants.items():
+      t0 = time.perf_counter()
+      states[name] = jax.block_until_ready(fn(states[name], batch))[0]
+      times[name].append(time.perf_counter() - t0)
+  return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def matmul_variant(n: int = 2048):
+  """An f32 ``n x n`` matmul (as trainer.measured_peak_flops times it) and its FLOPs, to time
+  in turns with the steps: a peak measured under the same load as they are."""
+  a = jnp.ones((n, n), jnp.float32)
+  return (jax.jit(lambda x, y: (x, x @ y)), a, a, None), 2.0 * n**3
+
+
+def temp_bytes(config) -> int:
+  """Temporary (activation) memory of the compiled train step, from XLA's memory analysis."""
+  step, state, batch, _ = train_steps(config, sharded=False)
+  return int(step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes)
+
+
+def default_step_bench(quick: bool, repeats: int) -> dict[str, float]:
+  """The default config's train step: MFU, sharding overhead, bf16 and remat, side by side."""
+  f32 = default_config(quick)
+  matmul, matmul_flops = matmul_variant()
+  variants = {"sharded f32": train_steps(f32, sharded=True),
+              "plain jit f32": train_steps(f32, sharded=False),
+              "sharded bf16": train_steps(default_config(quick, **{"model.dtype": "bfloat16"}),
+                                          sharded=True),
+              "f32 matmul 2048": matmul}
+  sec = time_steps(variants, repeats)
+  peak = matmul_flops / sec.pop("f32 matmul 2048")
+  flops = trainer.step_flops(f32, variants["sharded f32"][3])
+  mem = {"no remat": temp_bytes(f32), "remat": temp_bytes(default_config(quick,
+                                                                         **{"model.remat": True}))}
+  size = "quick sizes" if quick else "configs/default.py"
+  print(f"\ntrain step (forward, backward, AdamW, EMA) of {size} on one device, "
+        f"{flops / 1e9:.1f} GFLOP analytic; f32 matmul peak timed in turns with the steps: "
+        f"{peak / 1e9:.0f} GFLOP/s")
+  print(f"{'variant':24s} {'s/step':>8s} {'GFLOP/s':>8s} {'MFU':>8s}")
+  for name, t in sec.items():
+    print(f"{name:24s} {t:8.3f} {flops / t / 1e9:8.1f} {flops / t / peak:8.1%}")
+  print(f"compiled temp memory: {mem['no remat'] / 2**20:.1f} MiB without remat, "
+        f"{mem['remat'] / 2**20:.1f} MiB with remat per block")
+  out = {"mfu": flops / sec["sharded f32"] / peak,
+         "mesh_vs_plain": sec["sharded f32"] / sec["plain jit f32"],
+         "bf16_vs_f32": sec["sharded bf16"] / sec["sharded f32"],
+         "remat_vs_no_remat_temp_bytes": mem["remat"] / mem["no remat"]}
+  print(f"ratios: bf16/f32 step time {out['bf16_vs_f32']:.3f}, remat/no-remat temp memory "
+        f"{out['remat_vs_no_remat_temp_bytes']:.3f}")
+  return out
+
+
+def default_step_targets(results: dict[str, float], target) -> None:
+  target("default_step_mfu_vs_measured_peak", results["mfu"], ">=", 0.35)
+  target("default_step_1dev_mesh_vs_plain_jit", results["mesh_vs_plain"], "<=", 1.05)
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--quick", action="store_true", help="small sizes, for smoke tests")
@@ -163,6 +271,8 @@ def main():
   for name, sec in PEERS.items():
     print(f"  {name:26s} {sec:.1f}")
   print()
+  scale = default_step_bench(args.quick, args.repeats)
+  print()
   full, fact = results["vdit full3d"], results["vdit factorized bsparse"]
   plain = results["plain einsum full"]
 
@@ -175,6 +285,7 @@ def main():
   target("p0_full3d_seconds_vs_pytorch_fused", full, "<=", PEERS["pytorch_fused_full"])
   target("p0_factorized_seconds_vs_latte", fact, "<=", PEERS["latte_factorized"])
   target("p0_factorized_seconds_vs_stdit3", fact, "<=", PEERS["stdit3_factorized"])
+  default_step_targets(scale, target)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,9 @@ def get_config(arg: str | None = None):
   c.model.head_dim = 16
   # The reference backend: tests compare against it and call the model without layouts.
   c.model.attention_backend = "dense"
+  c.model.window = (1, 1, 1)  # smaller than the videos (up to 4 x 3 x 3 tokens)
+  c.model.sparse_heads = "local,cross"
+  c.model.sparse_window = (1, 1, 2)
   c.optim.warmup_steps = 2
   c.train.steps = 4
   c.train.log_every = 2

@@ -92,7 +92,7 @@ class BatchMaker:
     self.patch = tuple(int(p) for p in config.model.patch)
     self.null_label = int(config.model.num_classes)
     # blocksparse attention needs per-pattern block layouts; they are made here, on the host.
-    self.layout_patterns = (layout.BLOCK_PATTERNS[config.model.block]
+    self.layout_patterns = (layout.config_patterns(config.model)
                             if config.model.attention_backend in layout.LAYOUT_BACKENDS else ())
     self.attention_block = int(config.model.attention_block)
     # Fail at start-up, not at the first unlucky step thousands of steps in.

@@ -6,8 +6,6 @@ own block's padding, see vdit_jax/layout.py), so outputs are compared on real to
 gradients of losses that read only real tokens' outputs.
 """
 
-import itertools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -205,7 +203,7 @@ def test_layout_lists_exactly_the_nonempty_blocks(pattern, block_q, block_k, row
 def test_pattern_order(rows):
   seg, coords = packed() if rows == "packed" else with_gaps()
   ident = np.broadcast_to(np.arange(L), seg.shape)
-  for pattern in ("full", "spatial"):  # videos are contiguous and t-major already
+  for pattern in ("full", "spatial") + WINDOWED:  # videos are contiguous and t-major already
     np.testing.assert_array_equal(layout.pattern_order(pattern, seg, coords), ident)
   perm = layout.pattern_order("temporal", seg, coords)
   assert (np.sort(perm, axis=1) == ident).all()
@@ -413,7 +411,8 @@ def test_pattern_pairs_counts_the_mask(pattern):
   """The FLOP counter's pair count is exact, windows clipped at the borders included."""
   for grid in [(3, 5, 2), (1, 4, 4), (5, 3, 7), (1, 1, 1)]:
     c = tokens.grid_coords(grid)
-    n = allowed_np(pattern, np.ones((1, len(c)), np.int32), c[None]).sum()
+    one = np.ones(len(c), np.int32)
+    n = layout.allowed(pattern, one[:, None], c[:, None], one[None], c[None]).sum()  # numpy
     assert attention.pattern_pairs(pattern, grid) == n, grid
   heads = (pattern, "full")
   assert attention.pattern_pairs(heads, (3, 5, 2)) == (attention.pattern_pairs(pattern, (3, 5, 2))
@@ -425,30 +424,32 @@ def test_pattern_pairs_counts_the_mask(pattern):
 def test_bad_patterns_raise(bad):
   with pytest.raises(ValueError, match="unknown attention pattern"):
     layout.parse_pattern(bad)
+  assert layout.window_pattern(1, 2, 3) == "window(1,2,3)"
+  with pytest.raises(ValueError, match="unknown attention pattern"):
+    layout.window_pattern(1, -2, 3)
 
 
-def test_windowed_order_keeps_videos_in_place():
-  """Tile-major inside each video, videos (and padding) keep their positions."""
-  seg, coords = with_gaps()
-  for pattern in WINDOWED:
-    perm = layout.pattern_order(pattern, seg, coords, block=16)
-    np.testing.assert_array_equal(np.take_along_axis(seg, perm, 1), seg)
-    tile = np.array(layout.window_tile(pattern, 16))
-    assert np.prod(tile) == 16
-    c_p = np.take_along_axis(coords, perm[..., None], 1)
-    for b in range(seg.shape[0]):
-      for s in set(seg[b].tolist()) - {0}:
-        key = [tuple(x // tile) + tuple(x) for x in c_p[b][seg[b] == s]]
-        assert key == sorted(key)
+@pytest.mark.parametrize("pattern", WINDOWED + ("window(0,2,1)", "window(2,9,0)", "local(3,9)",
+                                     "cross(2,1)"))
+def test_window_distance_bounds_allowed_pairs(pattern):
+  """The farthest allowed pair in a video's t-major order is exactly that far apart."""
+  for grid in [(3, 5, 2), (4, 3, 6), (1, 7, 2)]:
+    c = tokens.grid_coords(grid)
+    one = np.ones(len(c), np.int32)
+    ok = layout.allowed(pattern, one[:, None], c[:, None], one[None], c[None])
+    i, j = np.nonzero(ok)
+    farthest, bound = int(np.abs(i - j).max()), layout.window_distance(pattern, grid)
+    assert farthest == bound, grid
 
 
 def test_windowed_bound_fits_random_packings():
   """The static bound from the largest grids fits rows packed with any smaller videos."""
   rng = np.random.default_rng(2)
   largest = [(3, 6, 4), (2, 4, 7)]
-  for pattern in WINDOWED + ("window(0,2,1)",):
-    for bq, bk in [(16, 16), (8, 16)]:
+  for pattern in ("window(1,1,2)", "local(1,1)", "cross(1,2)", "window(0,2,1)"):
+    for bq, bk in [(8, 8), (8, 16)]:
       bound = layout.windowed_bound(pattern, L, bq, bk, largest)
+      assert bound < L // bk  # a real bound, not every key block
       worst = 0
       for _ in range(12):
         rows = []
@@ -465,3 +466,21 @@ def test_windowed_bound_fits_random_packings():
         seg, coords = shuffled(*packed(rows), seed=int(rng.integers(99)))
         worst = max(worst, layout.needed_kv_blocks(pattern, seg, coords, bq, bk))
       assert worst <= bound, (pattern, bq, bk)
+
+
+@pytest.mark.parametrize("backend", [b for b in attention.BACKENDS if b != "auto"])
+def test_per_head_patterns_attend_each_head_with_its_own(backend):
+  """A tuple pattern gives head h the pattern at h (groups need not be contiguous)."""
+  seg, coords = packed()
+  heads = ("local(1,3)", "full", "cross(1,4)", "local(1,3)")
+  keys = jax.random.split(jax.random.key(5), 3)
+  q, k, v = (jax.random.normal(key, seg.shape + (len(heads), K)) for key in keys)
+  layouts = {p: layout.make_layout(p, seg, coords, 16, 16) for p in set(heads)}
+  ctx = attention.AttentionContext(backend, jnp.asarray(seg), jnp.asarray(coords), tuple(heads),
+                                   layouts=layouts)
+  out = jax.jit(lambda q, k, v: ctx.attend(heads, q, k, v))(q, k, v)
+  real = (seg > 0)[:, :, None]
+  for h, p in enumerate(heads):
+    want = dense_fn(p, seg, coords)(q[:, :, h:h + 1], k[:, :, h:h + 1], v[:, :, h:h + 1])[:, :, 0]
+    np.testing.assert_allclose(np.where(real, out[:, :, h], 0), np.where(real, want, 0),
+                               atol=1e-5, err_msg=f"head {h}")

@@ -342,7 +342,7 @@ def test_iterator_resumes_exactly_with_worker_processes():
 
 
 @pytest.mark.parametrize("backend", ["blocksparse", "auto"])
-@pytest.mark.parametrize("block", ["full3d", "factorized"])
+@pytest.mark.parametrize("block", ["full3d", "factorized", "window", "sparse"])
 def test_blocksparse_batches_carry_complete_static_layouts(block, backend):
   """With the blocksparse backend (or auto, which may pick it) every batch carries one layout per
   pattern of the block type, with the same shapes at every step (one compile), listing every
@@ -355,7 +355,7 @@ def test_blocksparse_batches_carry_complete_static_layouts(block, backend):
   shapes = None
   for step in range(4):
     batch = pipeline.make_batch(c, step)
-    patterns = layout.BLOCK_PATTERNS[block]
+    patterns = layout.config_patterns(c.model)
     assert sorted(batch["layouts"]) == sorted(patterns)
     step_shapes = {p: {k: v.shape for k, v in batch["layouts"][p].items()} for p in patterns}
     assert shapes is None or step_shapes == shapes

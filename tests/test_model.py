@@ -11,10 +11,14 @@ from flax import nnx
 
 from tests import helpers
 from vdit_jax import attention as attn_lib
+from vdit_jax import layout as layout_lib
 from vdit_jax import model as model_lib
 from vdit_jax import tokens as tok
 
 BLOCKS = ("full3d", "factorized")
+# Every block type: alternating is spatial_only then temporal_only over tiny's two layers, and
+# a per-layer schedule gives one window and one sparse block.
+ALL_BLOCKS = BLOCKS + ("alternating", "window,sparse")
 
 # Three videos of different grids (12, 6 and 12 tokens) for a tiny model with patch (1, 4, 4).
 GRIDS = [(2, 2, 3), (1, 3, 2), (3, 2, 2)]
@@ -66,7 +70,7 @@ def _run(block, params, batch):
                        jnp.asarray(batch["coords"])))
 
 
-@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("block", ALL_BLOCKS)
 def test_packed_equals_alone(block):
   _, params, items, order, packed, alone = packed_case(block)
   out_packed = _run(block, params, packed)
@@ -88,7 +92,7 @@ def test_packed_equals_alone(block):
   assert not np.allclose(_run(block, params, other_t)[0], out_alone[0], atol=1e-3)
 
 
-@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("block", ALL_BLOCKS)
 def test_padding_does_not_change_real_tokens(block):
   _, params, _, _, packed, _ = packed_case(block)
   out = _run(block, params, packed)
@@ -109,7 +113,7 @@ def test_padding_does_not_change_real_tokens(block):
   assert not np.allclose(out_noisy[pad], out[pad])  # padding itself did see the change
 
 
-@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("block", ALL_BLOCKS)
 def test_gradients_stay_inside_each_video(block):
   """A loss on one video's outputs has zero gradient w.r.t. padding and the other videos."""
   _, params, _, _, packed, _ = packed_case(block)
@@ -133,7 +137,7 @@ def test_gradients_stay_inside_each_video(block):
   assert np.all(g_t[:, 1:] == 0) and np.all(g_t[:, 0] != 0)  # only slot 1's t matters
 
 
-@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("block", ALL_BLOCKS)
 def test_fresh_model_outputs_exact_zeros(block):
   _, params, _ = _model(block)
   packed = packed_case(block)[4]
@@ -154,6 +158,54 @@ def test_block_types_share_parameter_names():
   extra = names["factorized"] - names["full3d"]
   assert names["full3d"] <= names["factorized"]
   assert extra and all("attn_t" in n for n in extra)
+  for block in ALL_BLOCKS[len(BLOCKS):]:  # one-sublayer blocks: exactly full3d's parameters
+    params = _model(block)[1]
+    assert {jax.tree_util.keystr(p) for p, _ in jax.tree.leaves_with_path(params)} == names[
+        "full3d"], block
+
+
+@pytest.mark.parametrize("block", ALL_BLOCKS)
+def test_flop_counter_counts_the_masks_pairs(block):
+  """Attention FLOPs are 4 K per allowed pair, head and layer, pairs counted on the masks."""
+  m = helpers.tiny_config(block).model
+  packed = packed_case(block)[4]
+  seg, coords = packed["segment_ids"], packed["coords"]
+  real = seg > 0
+  pairs = 0
+  for layer in layout_lib.layer_patterns(m):
+    for sub in layer:
+      for p in (sub if isinstance(sub, tuple) else (sub,) * m.num_heads):
+        mask = layout_lib.allowed(p, seg[:, :, None], coords[:, :, None], seg[:, None],
+                                  coords[:, None])
+        pairs += int(mask[real].sum())
+  P = _model(block)[2]
+  attn = sum(model_lib.forward_flops(m, packed["seg_grid"][b], L_PACKED, P)
+             - model_lib.forward_flops(m, [], L_PACKED, P) for b in range(len(seg)))
+  assert attn == 4 * m.head_dim * pairs > 0
+
+
+def test_layer_schedule():
+  patterns = lambda block, **kw: layout_lib.layer_patterns(
+      helpers.tiny_config(block, **{"model.depth": 4, "model.num_heads": 4, **kw}).model)
+  assert patterns("alternating") == (("spatial",), ("temporal",)) * 2
+  assert patterns("full3d,window,factorized,sparse") == (
+      ("full",), ("window(1,1,1)",), ("spatial", "temporal"),
+      (("local(1,1)",) * 2 + ("cross(1,2)",) * 2,))
+  assert patterns("sparse", **{"model.sparse_heads": "global,local,local,cross"})[0][0] == (
+      "full", "local(1,1)", "local(1,1)", "cross(1,2)")
+  assert layout_lib.config_patterns(helpers.tiny_config("window,sparse").model) == (
+      "window(1,1,1)", "local(1,1)", "cross(1,2)")
+  for block, kw, match in [
+      ("full3d,window", {}, "lists 2 block types but model.depth=4"),
+      ("full3d,alternating,window,sparse", {}, "unknown block types"),
+      ("diagonal", {}, "unknown block types"),
+      ("sparse", {"model.sparse_heads": "local,cross,global"}, "divides model.num_heads=4"),
+      ("sparse", {"model.sparse_heads": "local,ring"}, "must be a comma list"),
+      ("sparse", {"model.sparse_window": (1, 2)}, "must be three integers"),
+      ("window", {"model.window": (1, -1, 1)}, "must be three integers"),
+  ]:
+    with pytest.raises(ValueError, match=match):
+      patterns(block, **kw)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -230,8 +282,8 @@ def test_factorized_masks_equal_attention_by_reshape():
   assert not np.allclose(want_s, want_t, atol=1e-3)  # the patterns really differ
 
 
-@pytest.mark.parametrize("backend", ["blocksparse", "auto"])
-@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("block,backend", [(b, "blocksparse") for b in BLOCKS]
+                         + [("window,sparse", "blocksparse"), ("full3d", "auto")])
 def test_blocksparse_model_equals_dense(block, backend):
   """The whole model, on a packed batch with padding: blocksparse (also as ``auto`` picks it on
   CPU) == dense for real tokens, in outputs and in parameter gradients, with the static
@@ -244,8 +296,8 @@ def test_blocksparse_model_equals_dense(block, backend):
   config.unlock()
   config.model.attention_backend = backend
   graphdef_bs = nnx.split(model_lib.build_model(config, seed=0), nnx.Param)[0]
-  layouts = layout_lib.batch_layouts(layout_lib.BLOCK_PATTERNS[block], packed["segment_ids"],
-                                     packed["coords"], GRIDS)
+  layouts = layout_lib.batch_layouts(layout_lib.config_patterns(config.model),
+                                     packed["segment_ids"], packed["coords"], GRIDS)
   args = [jnp.asarray(packed[k]) for k in ("tokens", "seg_t", "seg_label", "segment_ids",
                                             "coords")]
   real = jnp.asarray(packed["segment_ids"] > 0)[..., None]
@@ -320,7 +372,7 @@ def test_bfloat16_compute_keeps_float32_params_and_tracks_float32():
   assert 0 < err < 0.05 * scale, (err, scale)  # bf16 really ran, and stayed close
 
 
-@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("block", ALL_BLOCKS)
 def test_every_parameter_names_its_logical_axes(block):
   """Sharding is config-only because every parameter names one logical axis per dim; a new
   parameter created without names would silently be replicated everywhere, so it fails here."""

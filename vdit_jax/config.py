@@ -46,7 +46,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.num_heads = 4  # H
   m.head_dim = 32  # K
   m.mlp_ratio = 4.0  # MLP hidden = mlp_ratio * D
-  m.block = "full3d"  # full3d | factorized
+  # full3d | factorized | alternating | window | sparse | spatial_only | temporal_only, or a
+  # comma list of the single-layer types with one entry per layer (e.g. "window,window,full3d")
+  m.block = "full3d"
+  m.window = (1, 2, 2)  # window blocks: (kt, kh, kw), attend where |dt|<=kt, |dh|<=kh, |dw|<=kw
+  # sparse blocks: one sub-pattern (local | cross | global) per equal group of heads, in order
+  m.sparse_heads = "local,local,cross,global"
+  m.sparse_window = (2, 4, 8)  # sparse: (kt, local reach, cross reach); reach halves per frame
   m.attention_backend = "dense"  # dense | auto | blocksparse | sdpa (attention.resolve_backend)
   m.attention_block = 0  # blocksparse block size (0 = layout.default_block per pattern)
   m.attention_kv_chunk = 0  # blocksparse: key blocks per online-softmax step (0 = all at once)
@@ -127,9 +133,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   ``trainer.validate``.
   """
   m, d = config.model, config.data
-  if m.block not in layout.BLOCK_PATTERNS:
-    raise ValueError(f"model.block={m.block!r} is unknown: use one of "
-                     f"{tuple(layout.BLOCK_PATTERNS)}")
+  layout.layer_patterns(m)  # block types, per-layer schedule, window and sparse heads
   backends = ("auto", "dense", "blocksparse", "sdpa")  # attention.BACKENDS, kept jax-free here
   if m.attention_backend not in backends:
     raise ValueError(f"model.attention_backend={m.attention_backend!r} is unknown: use one of "

@@ -11,15 +11,18 @@ an order where every group of the pattern is a contiguous run:
 | `temporal` | one (h, w) of one video | (h, w, t)                          |
 
 Windowed patterns (``window``, ``local``, ``cross``: see ``vdit_jax.attention``) have no groups:
-each token sees a box around itself. Inside a video their tokens go in tile-major order, with
-tiles of one query block's size shaped like the window (``window_tile``), so a block is a
-compact box and its window touches few key blocks. Their lists come from an exact block-pair
-test (bounding boxes of blocks first, then every token pair of the candidate block pairs), not
-from contiguous ranges, and their static bound from the largest grids (``windowed_bound``).
+each token sees a box around itself. Their tokens keep the t-major order, where a token's keys
+lie within ``kt H W + kh W + kw`` positions of it: that distance grows with every grid side, so
+the largest grids give a static bound that holds for every smaller video and any packing
+(``windowed_bound``). Their lists come from an exact block-pair test (bounding boxes of blocks
+first, then every token pair of the candidate block pairs), so a block pair within that distance
+is listed only if it holds an allowed pair. (Tile-major orders list fewer blocks for one video
+alone, but their need is not monotone in the grid: measured on random packings, smaller videos
+needed 32 key blocks where the largest grids needed 13, so no static bound followed.)
 
 Videos are ordered by segment id, and each run of padding stays right after the video it follows
-(leading padding first). So ``full`` and ``spatial`` orders are the identity on any row of
-contiguous t-major videos (``tokens.pack_rows``, with or without gaps between videos), and
+(leading padding first). So ``full``, ``spatial`` and windowed orders are the identity on any row
+of contiguous t-major videos (``tokens.pack_rows``, with or without gaps between videos), and
 ``temporal`` moves tokens only inside each video.
 
 Padding. In ``dense`` a padding token (segment 0) attends to every padding token, which would
@@ -78,6 +81,13 @@ def parse_pattern(pattern: str) -> tuple[str, tuple[int, ...]]:
                    "window(kt,kh,kw), local(kt,r) or cross(kt,r) with integers >= 0")
 
 
+def window_pattern(kt: int, kh: int, kw: int) -> str:
+  """The ``window`` pattern with these reaches (checked), e.g. ``"window(1,2,2)"``."""
+  pattern = f"window({int(kt)},{int(kh)},{int(kw)})"
+  parse_pattern(pattern)
+  return pattern
+
+
 def _check_pattern(pattern: str) -> None:
   parse_pattern(pattern)
 
@@ -127,6 +137,10 @@ def allowed(pattern: str, seg_q, c_q, seg_k, c_k, xp=np):
   return mask & (dt <= kt) & (((dh == 0) & (dw <= reach)) | ((dw == 0) & (dh <= reach)))
 
 
+def _order_axes(pattern: str) -> tuple[int, ...]:
+  return (0, 1, 2) if is_windowed(pattern) else _ORDER_AXES[pattern]
+
+
 def _check_inputs(segment_ids_BL, coords_BL3) -> tuple[np.ndarray, np.ndarray]:
   seg = np.asarray(segment_ids_BL)
   coords = np.asarray(coords_BL3)
@@ -146,25 +160,11 @@ def check_blocks(seq_len: int, block_q: int, block_k: int) -> None:
                        f"of {b}")
 
 
-def window_tile(pattern: str, block: int) -> tuple[int, int, int]:
-  """Tile (t, h, w) of a windowed pattern's token order: ``block`` tokens (rounded down to a
-  power of two), shaped like the window's box, so a block that starts on a tile is one compact
-  box and its keys lie in the tiles around it. Sides are powers of two, grown one axis at a time
-  (the axis smallest against its window side, w first on ties)."""
-  box = [2 * k + 1 for k in window_reach(pattern)]
-  tile = [1, 1, 1]
-  while 2 * math.prod(tile) <= max(int(block), 1):
-    a = min((2, 1, 0), key=lambda a: tile[a] / box[a])
-    tile[a] *= 2
-  return tuple(tile)
-
-
-def pattern_order(pattern: str, segment_ids_BL, coords_BL3, block: int = 64) -> np.ndarray:
+def pattern_order(pattern: str, segment_ids_BL, coords_BL3) -> np.ndarray:
   """Permutation ``perm [B, L]`` (int32) making every group of ``pattern`` contiguous.
 
   Position ``i`` of the permuted row holds original token ``perm[b, i]``. Tokens are sorted by
-  (owner segment, padding after real, the pattern's coordinate order; for windowed patterns
-  tile-major with ``window_tile(pattern, block)``), stably; a padding token's
+  (owner segment, padding after real, the pattern's coordinate order), stably; a padding token's
   owner is the video before it, so padding keeps its place and videos keep their extent.
   """
   _check_pattern(pattern)
@@ -174,12 +174,7 @@ def pattern_order(pattern: str, segment_ids_BL, coords_BL3, block: int = 64) -> 
   last_real = np.maximum.accumulate(np.where(is_pad, -1, np.arange(L)), axis=1)
   owner = np.where(last_real >= 0, np.take_along_axis(seg, np.maximum(last_real, 0), 1), 0)
   # np.lexsort sorts by the last key first and is stable.
-  if is_windowed(pattern):
-    tile = window_tile(pattern, block)
-    keys = ([coords[..., a] for a in (2, 1, 0)] + [coords[..., a] // tile[a] for a in (2, 1, 0)]
-            + [is_pad, owner])
-  else:
-    keys = [coords[..., a] for a in reversed(_ORDER_AXES[pattern])] + [is_pad, owner]
+  keys = [coords[..., a] for a in reversed(_order_axes(pattern))] + [is_pad, owner]
   return np.lexsort(keys, axis=-1).astype(np.int32)
 
 
@@ -225,7 +220,7 @@ def needed_kv_blocks(pattern: str, segment_ids_BL, coords_BL3, block_q: int,
   _check_pattern(pattern)
   seg, coords = _check_inputs(segment_ids_BL, coords_BL3)
   check_blocks(seg.shape[1], block_q, block_k)
-  perm = pattern_order(pattern, seg, coords, block_q)
+  perm = pattern_order(pattern, seg, coords)
   seg_p = np.take_along_axis(seg, perm, axis=1)
   coords_p = np.take_along_axis(coords, perm[..., None], axis=1)
   if is_windowed(pattern):
@@ -263,7 +258,7 @@ def make_layout(pattern: str, segment_ids_BL, coords_BL3, block_q: int, block_k:
   seg, coords = _check_inputs(segment_ids_BL, coords_BL3)
   B, L = seg.shape
   check_blocks(L, block_q, block_k)
-  perm = pattern_order(pattern, seg, coords, block_q)
+  perm = pattern_order(pattern, seg, coords)
   seg_p = np.take_along_axis(seg, perm, axis=1)
   coords_p = np.take_along_axis(coords, perm[..., None], axis=1)
   if is_windowed(pattern):
@@ -290,13 +285,10 @@ def make_layout(pattern: str, segment_ids_BL, coords_BL3, block_q: int, block_k:
     raise AssertionError(f"key block read by {readers_needed} query blocks > {max_readers}")
   i = np.minimum(i_lo[..., None] + np.arange(max_readers), i_hi[..., None])
   slot = m[None, :, None] - np.take_along_axis(first, i.reshape(B, -1), axis=1).reshape(i.shape)
-  inv_perm = np.empty_like(perm)
-  np.put_along_axis(inv_perm, perm, np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)), axis=1)
-  chunk = np.arange(L, dtype=np.int32) // block_q
   return {
       "perm": perm,
-      "inv_perm": inv_perm,
-      "perm_segment": np.where(seg_p == 0, -1 - chunk, seg_p).astype(np.int32),
+      "inv_perm": _inverse(perm),
+      "perm_segment": _attention_segments(seg_p, block_q),
       "perm_coords": coords_p.astype(np.int32),
       "kv_blocks": np.minimum(kv, last[..., None]).astype(np.int32),
       "kv_valid": kv <= last[..., None],
@@ -377,7 +369,7 @@ def _windowed_layout(pattern, perm, seg_p, coords_p, block_q, block_k, max_kv_bl
   if needed > max_kv_blocks:
     raise ValueError(f"pattern {pattern!r} needs max_kv_blocks >= {needed} for this batch "
                      f"(block_q={block_q}, block_k={block_k}) but got {max_kv_blocks}: raise it "
-                     f"to {needed}, or to max_kv_blocks_bound(...) so every batch fits")
+                     f"to {needed}, or to windowed_bound(...) so every batch fits")
   J = int(max_kv_blocks)
   # Listed blocks first, ascending (a stable sort of "not listed").
   order = np.argsort(~pairs, axis=-1, kind="stable")
@@ -497,76 +489,35 @@ def default_block(seq_len: int, max_group_tokens: int) -> int:
   return block
 
 
-_MAX_UNITS = 4096  # a [units, units] pair matrix of 16M booleans
-
-
-@functools.lru_cache(maxsize=64)
-def _video_needs(pattern: str, grid: tuple[int, int, int], block_q: int,
-                 block_k: int) -> tuple[int, int, int]:
-  """Upper bounds on the key blocks holding real keys of one video that a query block lists,
-  over every alignment of the video against the blocks: for any query block, for one holding
-  the video's first token, and for one holding its last.
-
-  From one exact pair matrix over units of ``u`` tokens (u divides both block sizes; 1, which
-  makes the bounds exact, unless the video has more than ``_MAX_UNITS`` tokens): for offsets in
-  ``[m u, (m + 1) u)`` a block lies within a fixed run of ``block / u (+ 1 if u > 1)`` units, so
-  a block pair is non-empty only if its two unit runs hold a non-empty unit pair. Prefix sums
-  make each offset class cost O(blocks x units).
-  """
-  n = tokens.num_tokens(grid)
-  u = 1  # exact when 1; grown (dividing both blocks) only to keep the unit matrix small
-  while -(-n // u) > _MAX_UNITS and math.gcd(block_q, block_k) % (2 * u) == 0:
-    u *= 2
-  nU = -(-n // u)
-  c = tokens.grid_coords(grid)
-  c = c[pattern_order(pattern, np.ones((1, n), np.int32), c[None], block_q)[0]]
-  seg = np.zeros((1, nU * u), np.int32)
-  coords = np.zeros((1, nU * u, 3), np.int32)
-  seg[0, :n], coords[0, :n] = 1, c
-  if u == 1:
-    unit_pairs = allowed(pattern, seg[0, :, None], coords[0, :, None], seg[0, None, :],
-                         coords[0, None, :])
-  else:
-    unit_pairs = _block_pairs(pattern, seg, coords, u, u)[0]
-  rows = np.concatenate([np.zeros((1, nU), np.int32), np.cumsum(unit_pairs, 0, np.int32)])
-  period = math.lcm(block_q, block_k)
-
-  def runs(block, m):
-    """Unit runs [lo, hi) of every block that may overlap the video, raw and clipped."""
-    i = np.arange(-(-(n + period) // block) + 1)
-    lo, hi = i * (block // u) - m - (u > 1), (i + 1) * (block // u) - m
-    return lo, hi, np.clip(lo, 0, nU), np.clip(hi, 0, nU)
-
-  most = head = tail = 0
-  for m in range(period // u):
-    lo, hi, lo_c, hi_c = runs(block_q, m)
-    touched = (rows[hi_c] - rows[lo_c]) > 0  # [query blocks, units]: a unit it may pair with
-    cols = np.concatenate([np.zeros((len(lo), 1), np.int32), np.cumsum(touched, 1, np.int32)],
-                          1)
-    _, _, klo, khi = runs(block_k, m)
-    count = ((cols[:, khi] - cols[:, klo]) > 0).sum(1)
-    most = max(most, int(count.max()))
-    head = max(head, int(count[(lo <= 0) & (0 < hi)].max()))
-    tail = max(tail, int(count[(lo <= nU - 1) & (nU - 1 < hi)].max()))
-  return most, head, tail
+def window_distance(pattern: str, grid) -> int:
+  """How far apart, in a video's t-major order, two tokens that ``pattern`` lets attend can be:
+  ``dt H W + dh W + dw`` at its largest over the allowed offsets of a video of token grid
+  ``grid`` (``kt H W + kh W + kw`` for ``window``, reaches clipped to the grid)."""
+  name, args = parse_pattern(pattern)
+  t, h, w = (int(g) for g in grid)
+  if name == "window":
+    kt, kh, kw = args
+    return min(kt, t - 1) * h * w + min(kh, h - 1) * w + min(kw, w - 1)
+  kt, r = args
+  far = 0
+  for dt in range(min(kt, t - 1) + 1):
+    dh, dw = min(int(spatial_reach(r, dt)), h - 1), min(int(spatial_reach(r, dt)), w - 1)
+    far = max(far, dt * h * w + (dh * w + dw if name == "local" else max(dh * w, dw)))
+  return far
 
 
 def windowed_bound(pattern: str, seq_len: int, block_q: int, block_k: int, grids) -> int:
-  """A ``max_kv_blocks`` for a windowed pattern that fits rows of videos of ``grids``.
+  """A ``max_kv_blocks`` for a windowed pattern that fits every row of videos within ``grids``.
 
-  Every video of ``grids`` alone, at every alignment, bounds what any of its query blocks
-  lists (``_video_needs``); a query block shared by videos lists at most the last block's need
-  of one, the first block's need of another, and the key blocks over its own positions (videos
-  wholly inside it and padding see only those). Smaller videos than ``grids`` are assumed to
-  need no more (tested on random packings); ``make_layout`` raises if one ever does.
+  Every key a query block may see lies within ``window_distance`` positions of it (padding
+  keys within its own positions), whichever videos share the block, so the bound is the key
+  blocks overlapping that window at the worst alignment. The distance grows with each grid
+  side, so the config's largest grids bound every video it can draw.
   """
   _check_pattern(pattern)
   check_blocks(seq_len, block_q, block_k)
-  needs = [_video_needs(pattern, tuple(int(v) for v in g), block_q, block_k) for g in grids]
-  most = max(n[0] for n in needs)
-  shared = max(n[1] for n in needs) + max(n[2] for n in needs) + _window_blocks(block_q,
-                                                                                block_k, 0)
-  return min(max(most, shared), seq_len // block_k)
+  reach = max(window_distance(pattern, g) for g in grids)
+  return min(_window_blocks(block_q, block_k, reach), seq_len // block_k)
 
 
 # Which patterns each block type applies, one per sublayer, in order (the model, the data
@@ -637,7 +588,7 @@ def layer_patterns(model_cfg) -> tuple[tuple, ...]:
         if len(window) != 3 or min(window) < 0:
           raise ValueError(f"model.window={tuple(model_cfg.window)} must be three integers "
                            ">= 0: (kt, kh, kw)")
-        p = "window({},{},{})".format(*window)
+        p = window_pattern(*window)
       elif p == "sparse":
         p = sparse_head_patterns(model_cfg)
       subs.append(p)

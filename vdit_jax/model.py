@@ -5,10 +5,14 @@ and per-video ``t [B, S]`` and ``label [B, S]``. Everything per video (timestep,
 per slot and reaches tokens by a gather with ``segment_ids``, so one video's output never depends
 on what else shares its row.
 
-Block types:
+Block types (``layout.BLOCK_PATTERNS``; ``model.block`` may also give one per layer):
 - ``full3d``: one attention sublayer with the ``full`` pattern, then the MLP;
-- ``factorized``: a ``spatial`` sublayer, then a ``temporal`` sublayer, then the MLP.
-Both keep the same parameter names for what they share (``attn``, ``mlp``, ``ada``), so ablations
+- ``factorized``: a ``spatial`` sublayer, then a ``temporal`` sublayer, then the MLP;
+- ``alternating``: ``spatial_only`` and ``temporal_only`` blocks in turn over depth;
+- ``window``: one sublayer with ``window(model.window)``;
+- ``sparse``: one sublayer whose heads use per-group sub-patterns (``model.sparse_heads``);
+- ``spatial_only``, ``temporal_only``: one sublayer, the ablation controls.
+All keep the same parameter names for what they share (``attn``, ``mlp``, ``ada``), so ablations
 compare like with like; ``factorized`` adds ``attn_t``.
 """
 
@@ -24,8 +28,6 @@ from vdit_jax import attention as attn_lib
 from vdit_jax import layout as layout_lib
 from vdit_jax import tokens as tokens_lib
 from vdit_jax.sharding import constrain
-
-BLOCK_PATTERNS = layout_lib.BLOCK_PATTERNS
 
 _ACT = ("batch", "length", "embed")
 
@@ -151,10 +153,11 @@ class Mlp(nnx.Module):
 class Block(nnx.Module):
   """A DiT block: adaLN-Zero-modulated attention sublayer(s) and MLP."""
 
-  def __init__(self, cfg, *, rngs: nnx.Rngs):
+  def __init__(self, cfg, patterns: tuple, *, rngs: nnx.Rngs):
+    """``patterns``: one per sublayer, each a pattern or a tuple of one per head."""
     dtype = _dtype(cfg.dtype)
     D = cfg.width
-    self.patterns = BLOCK_PATTERNS[cfg.block]
+    self.patterns = patterns
     self.attn = Attention(D, cfg.num_heads, cfg.head_dim, cfg.qk_norm, dtype, rngs=rngs)
     self.attn_t = (Attention(D, cfg.num_heads, cfg.head_dim, cfg.qk_norm, dtype, rngs=rngs)
                    if len(self.patterns) == 2 else None)
@@ -191,9 +194,7 @@ class VideoDiT(nnx.Module):
 
   def __init__(self, cfg, token_size: int, *, rngs: nnx.Rngs):
     """``cfg`` is ``config.model``; ``token_size`` is P = pt*ph*pw*C."""
-    if cfg.block not in BLOCK_PATTERNS:
-      raise ValueError(f"model.block={cfg.block!r} is unknown: use one of "
-                       f"{sorted(BLOCK_PATTERNS)}")
+    layer_patterns = layout_lib.layer_patterns(cfg)  # raises on a bad block schedule
     if cfg.attention_backend not in attn_lib.BACKENDS:
       raise ValueError(f"model.attention_backend={cfg.attention_backend!r} is unknown: use "
                        f"one of {attn_lib.BACKENDS}")
@@ -215,7 +216,7 @@ class VideoDiT(nnx.Module):
                                  embedding_init=_init(("vocab", "embed"),
                                                       nnx.initializers.normal(1.0)),
                                  rngs=rngs)
-    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
+    self.blocks = nnx.List([Block(cfg, p, rngs=rngs) for p in layer_patterns])
     self.final_ada = nnx.Linear(D, 2 * D, kernel_init=_init(("embed", "mlp"), _ZEROS),
                                 bias_init=_init(("mlp",), _ZEROS), rngs=rngs)
     self.final = nnx.Linear(D, token_size, kernel_init=_init(("embed", "token"), _ZEROS),
@@ -223,7 +224,8 @@ class VideoDiT(nnx.Module):
 
   @property
   def patterns(self) -> tuple[str, ...]:
-    return BLOCK_PATTERNS[self.cfg.block]
+    """Every pattern the layers use, each once (what masks or layouts a batch needs)."""
+    return layout_lib.config_patterns(self.cfg)
 
   def __call__(self, tokens_BLP: jax.Array, t_BS: jax.Array, label_BS: jax.Array,
                segment_ids_BL: jax.Array, coords_BL3: jax.Array,
@@ -261,17 +263,19 @@ def count_params(model: nnx.Module) -> int:
 def forward_flops(cfg, seg_grids, seq_len: int, token_size: int) -> float:
   """Analytic forward FLOPs (2 per multiply-add) of one packed row.
 
-  Dense matmuls are counted over all L tokens (padding is computed too); attention over the
-  pattern's allowed pairs of each real video, so the count stays honest for sparse backends.
+  Dense matmuls are counted over all L tokens (padding is computed too); attention over each
+  sublayer's allowed pairs of each real video (per head for per-head patterns), so the count
+  stays honest for sparse backends.
   """
   D, H, K = cfg.width, cfg.num_heads, cfg.head_dim
   hidden = int(cfg.mlp_ratio * D)
-  patterns = BLOCK_PATTERNS[cfg.block]
-  macs_per_token = len(patterns) * (D * 3 * H * K + H * K * D) + 2 * D * hidden
-  linear = 2 * seq_len * macs_per_token * cfg.depth
-  pairs = sum(attn_lib.pattern_pairs(p, tuple(g)) for g in seg_grids for p in patterns
-              if math.prod(int(v) for v in g) > 0)
-  attn = 4 * H * K * pairs * cfg.depth
+  grids = [tuple(g) for g in seg_grids if math.prod(int(v) for v in g) > 0]
+  linear = attn = 0
+  for layer in layout_lib.layer_patterns(cfg):
+    linear += 2 * seq_len * (len(layer) * (D * 3 * H * K + H * K * D) + 2 * D * hidden)
+    for p in layer:
+      head_pairs = sum(attn_lib.pattern_pairs(p, g) for g in grids)
+      attn += 4 * K * (head_pairs if isinstance(p, tuple) else H * head_pairs)
   io = 2 * seq_len * token_size * D * 2
   return float(linear + attn + io)
 

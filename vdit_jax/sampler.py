@@ -84,7 +84,7 @@ def sample(model: model_lib.VideoDiT, config: ml_collections.ConfigDict,
   layouts = None
   if config.model.attention_backend in layout_lib.LAYOUT_BACKENDS:
     # Sized for exactly this row: sampling compiles per call anyway.
-    layouts = layout_lib.batch_layouts(layout_lib.BLOCK_PATTERNS[config.model.block],
+    layouts = layout_lib.batch_layouts(layout_lib.config_patterns(config.model),
                                        batch["segment_ids"], batch["coords"], grids,
                                        block=config.model.attention_block, exact=True)
   shift = diffusion.video_shift(jnp.asarray(batch["seg_grid"]), config.diffusion)

@@ -150,7 +150,7 @@ def batch_shardings(config, mesh) -> dict[str, Any]:
   if config.model.attention_backend in layout_lib.LAYOUT_BACKENDS:
     rows = NamedSharding(mesh, shard_lib.logical_to_spec(("batch",), rules))
     out["layouts"] = {p: {k: rows for k in layout_lib.LAYOUT_KEYS}
-                      for p in layout_lib.BLOCK_PATTERNS[config.model.block]}
+                      for p in layout_lib.config_patterns(config.model)}
   return out
 
 
@@ -255,9 +255,9 @@ def initialize_distributed(cfg: ml_collections.ConfigDict) -> None:
 
   Runs before anything touches a device: the global device list depends on it.
   """
-  address = cfg.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
   if jax.distributed.is_initialized():
     return
+  address = cfg.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
   if address == "auto":
     jax.distributed.initialize()
     return
