@@ -69,7 +69,7 @@ def make_row(grids, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def grad_fn(backend: str, patterns: tuple[str, ...], kv_chunk: int | None = None):
-  """jitted (q, k, v, seg, coords, layouts) -> gradients of <sum of patterns' outputs, g>."""
+  """jitted (q, k, v, g, seg, coords, layouts) -> gradients in q, k, v of <sum of outputs, g>."""
 
   def loss(q, k, v, g, seg, coords, layouts):
     ctx = attention.AttentionContext(backend, seg, coords, patterns, layouts=layouts,
