@@ -6,6 +6,8 @@ own block's padding, see vdit_jax/layout.py), so outputs are compared on real to
 gradients of losses that read only real tokens' outputs.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +16,13 @@ import pytest
 from vdit_jax import attention, blocksparse, layout, tokens
 
 PATTERNS = ("full", "spatial", "temporal")
+
+
+@pytest.fixture(autouse=True)
+def blocks_unless_every_block_is_listed(monkeypatch):
+  """These tiny rows list a large fraction of their blocks; keep them on the block path (the
+  one the tests are about) unless a list holds every block."""
+  monkeypatch.setattr(blocksparse, "WHOLE_ROW_FRACTION", 1.0)
 # Windowed patterns, sized so that on ROWS' small grids they are neither empty nor everything.
 WINDOWED = ("window(1,1,2)", "local(1,3)", "cross(1,4)")
 # Odd grids, several videos per row, padding at the end of both rows (72 and 76 of 128 tokens).
@@ -120,6 +129,20 @@ def test_matches_dense(pattern, block_q, block_k, max_kv_blocks, kv_chunk):
   seg, coords = packed()
   lay = layout.make_layout(pattern, seg, coords, block_q, block_k, max_kv_blocks)
   assert_matches_dense(pattern, seg, coords, lay, kv_chunk)
+
+
+def test_lists_of_most_blocks_take_the_whole_row_path(monkeypatch):
+  """At the default WHOLE_ROW_FRACTION a list of over half the key blocks is one masked
+  matmul over the row (no [L, L] mask on the block path), with the same result."""
+  seg, coords = packed()
+  lay = layout.make_layout("full", seg, coords, 16, 16, max_kv_blocks=5)  # 5 of 8 blocks
+  q, k, v, _ = random_qkv(seg)
+  jaxpr = lambda: str(jax.make_jaxpr(functools.partial(
+      blocksparse.blocksparse_attention, pattern="full", layout=lay))(q, k, v))
+  assert f"{L},{L}]" not in jaxpr()
+  monkeypatch.undo()  # back to the module's default fraction
+  assert f"{L},{L}]" in jaxpr()
+  assert_matches_dense("full", seg, coords, lay)
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)

@@ -35,6 +35,12 @@ from vdit_jax.layout import LAYOUT_KEYS
 
 # Same finite "minus infinity" as attention.dense_attention, so masked entries match exactly.
 _MASK_VALUE = -1e30
+# Lists of at least this fraction of the key blocks take the whole-row path: gathering keys per
+# query block costs more per pair than one masked matmul over the row. Measured (f32, forward +
+# backward, one 16x32x32-token video, 2 heads x 64, blocks of 128): window(4,9,9) listing 71 of
+# 128 blocks took 10.0 s on blocks and 4.3 s whole-row; window(7,11,11) (119 of 128) 15.1 s and
+# 4.5 s; a row of 4 videos (a quarter of the blocks each) stays 3x faster on blocks.
+WHOLE_ROW_FRACTION = 0.5
 # Segment id of unused key-block slots: matches no query (real ids are > 0, padding's < 0).
 _NO_SEGMENT = jnp.iinfo(jnp.int32).min
 
@@ -204,11 +210,11 @@ def blocksparse_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Arra
   # to 1.4x slower end to end).
   seg_BL, c_BL3 = layout["perm_segment"], layout["perm_coords"]
 
-  if J >= M and kv_chunk is None:
-    # Every key block may be listed, so the lists cannot save anything: one big masked matmul,
-    # as in dense, is faster than blocks (XLA:CPU threads large dots only). Unlisted blocks
-    # hold no allowed pair, so the predicate alone gives the same mask. Token-major einsums
-    # here, as in dense, measured faster than heads-major ones at this size.
+  if J >= WHOLE_ROW_FRACTION * M and kv_chunk is None:
+    # The lists hold (nearly) every key block, so they cannot save enough to pay for gathering
+    # keys per query block: one big masked matmul, as in dense, is faster (XLA:CPU threads large
+    # dots only). Unlisted blocks hold no allowed pair, so the predicate alone gives the same
+    # mask. Token-major einsums here, as in dense, measured faster than heads-major ones.
     mask_B1LL = pair_mask(pattern, seg_BL[:, None, :, None], c_BL3[:, None, :, None, :],
                            seg_BL[:, None, None, :], c_BL3[:, None, None, :, :])
     q_p, k_p, v_p = (_permute(x, perm_BL, inv_perm_BL) for x in (q_BLHK, k_BLHK, v_BLHK))
