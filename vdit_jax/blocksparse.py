@@ -211,7 +211,7 @@ def blocksparse_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Arra
   seg_BL, c_BL3 = layout["perm_segment"], layout["perm_coords"]
 
   if J >= WHOLE_ROW_FRACTION * M and kv_chunk is None:
-    # The lists hold (nearly) every key block, so they cannot save enough to pay for gathering
+    # The lists hold at least half the key blocks, so they cannot save enough to pay for gathering
     # keys per query block: one big masked matmul, as in dense, is faster (XLA:CPU threads large
     # dots only). Unlisted blocks hold no allowed pair, so the predicate alone gives the same
     # mask. Token-major einsums here, as in dense, measured faster than heads-major ones.
