@@ -46,10 +46,60 @@ def largest_size(frames: Sequence[int], side: Sequence[float], aspect_ratios: Se
              key=lambda thw: thw[0] * thw[1] * thw[2])
 
 
-def possible_grids(frames: Sequence[int], side: Sequence[float], aspect_ratios: Sequence[float],
-                   patch: Sequence[int]) -> list[tuple[int, int, int]]:
-  """Every token grid of a size ``draw_size`` can return (``tokens.possible_grids``)."""
-  return tok.possible_grids(frames, side, aspect_ratios, patch)
+class MovingSource:
+  """What the procedural sources share: their configured ranges, ``len``, sizes drawn per index
+  (``[seed, index]`` streams, so an item's size is known without rendering it) and the sizes'
+  bounds. Subclasses render ``__getitem__`` from ``self._rng(index)``, drawing the size first."""
+
+  def __init__(self, *, frames: Sequence[int], side: Sequence[float],
+               aspect_ratios: Sequence[float], num_objects: Sequence[int],
+               object_size: Sequence[float], speed: Sequence[float], patch: Sequence[int],
+               num_videos: int, seed: int):
+    for name, value in (("frames", frames), ("side", side), ("num_objects", num_objects),
+                        ("object_size", object_size), ("speed", speed)):
+      check_range(name, value)
+    check_aspect_ratios(aspect_ratios)
+    self.frames = tuple(int(v) for v in frames)
+    self.side = tuple(float(v) for v in side)
+    self.aspect_ratios = tuple(float(a) for a in aspect_ratios)
+    self.num_objects = tuple(int(v) for v in num_objects)
+    self.object_size = tuple(float(v) for v in object_size)
+    self.speed = tuple(float(v) for v in speed)
+    self.patch = tuple(int(p) for p in patch)
+    self.num_videos = int(num_videos)
+    self.seed = int(seed)
+
+  @staticmethod
+  def config_fields(config) -> dict:
+    """The constructor's arguments that come straight from a config."""
+    d = config.data
+    return dict(frames=d.frames, side=d.side, aspect_ratios=d.aspect_ratios,
+                num_objects=d.num_objects, object_size=d.object_size, speed=d.speed,
+                patch=config.model.patch, num_videos=d.num_videos, seed=config.seed)
+
+  def __len__(self) -> int:
+    return self.num_videos
+
+  def largest_video(self) -> tuple[int, int, int]:
+    """The ``(T, H, W)`` with the most pixels this source can draw, to check a token budget."""
+    return largest_size(self.frames, self.side, self.aspect_ratios, self.patch)
+
+  def possible_grids(self) -> list[tuple[int, int, int]]:
+    """Every token grid this source can draw (the layouts' static bounds come from them)."""
+    return tok.possible_grids(self.frames, self.side, self.aspect_ratios, self.patch)
+
+  def video_size(self, index: int) -> tuple[int, int, int]:
+    """``(T, H, W)`` of item ``index`` without rendering it (the packer only needs sizes)."""
+    return self._draw_size(self._rng(index))
+
+  def _draw_size(self, rng: np.random.Generator) -> tuple[int, int, int]:
+    return draw_size(rng, self.frames, self.side, self.aspect_ratios, self.patch)
+
+  def _rng(self, index: int) -> np.random.Generator:
+    index = int(index)
+    if not 0 <= index < self.num_videos:
+      raise IndexError(f"index {index} out of range for {self.num_videos} videos (data.num_videos)")
+    return np.random.default_rng([self.seed, index])
 
 
 def nearest_aspect(aspect: float, aspect_ratios: Sequence[float]) -> float:

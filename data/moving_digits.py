@@ -14,7 +14,6 @@ label) is on top. ``data.channels`` may be 1 (grey) or 3 (the grey copied to RGB
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -41,7 +40,7 @@ def _place_weights(centre_T: np.ndarray, size: float, n: int) -> np.ndarray:
   return np.maximum(0.0, 1.0 - np.abs(u_TN[..., None] - np.arange(8, dtype=np.float32)))
 
 
-class MovingDigits:
+class MovingDigits(motion.MovingSource):
   """Random-access source of moving-digit videos; see the module docstring.
 
   Each item is a dict: ``video`` f32 ``[T, H, W, C]`` in ``[-1, 1]``, ``label`` (the first digit),
@@ -50,64 +49,25 @@ class MovingDigits:
   box per frame) for its ``K`` digits.
   """
 
-  def __init__(self, *, frames: Sequence[int], side: Sequence[float],
-               aspect_ratios: Sequence[float], num_objects: Sequence[int],
-               object_size: Sequence[float], speed: Sequence[float], patch: Sequence[int],
-               num_videos: int, seed: int, channels: int = 1, num_classes: int = NUM_CLASSES):
+  def __init__(self, *, channels: int = 1, num_classes: int = NUM_CLASSES, **ranges):
+    """``ranges``: ``motion.MovingSource``'s arguments (sizes, motion, patch, count, seed)."""
     if int(num_classes) != NUM_CLASSES:
       raise ValueError(f"model.num_classes={num_classes} but moving_digits has {NUM_CLASSES} "
                        f"labels (the digits 0-9): set model.num_classes={NUM_CLASSES}")
     if int(channels) not in (1, 3):
       raise ValueError(f"data.channels={channels}: moving_digits renders grey (1) or RGB (3)")
-    for name, value in (("frames", frames), ("side", side), ("num_objects", num_objects),
-                        ("object_size", object_size), ("speed", speed)):
-      motion.check_range(name, value)
-    motion.check_aspect_ratios(aspect_ratios)
-    self.frames = tuple(int(v) for v in frames)
-    self.side = tuple(float(v) for v in side)
-    self.aspect_ratios = tuple(float(a) for a in aspect_ratios)
-    self.num_objects = tuple(int(v) for v in num_objects)
-    self.object_size = tuple(float(v) for v in object_size)
-    self.speed = tuple(float(v) for v in speed)
-    self.patch = tuple(int(p) for p in patch)
-    self.num_videos = int(num_videos)
-    self.seed = int(seed)
+    super().__init__(**ranges)
     self.channels = int(channels)
     self.images, self.digits = _load_digits()
 
   @classmethod
   def from_config(cls, config) -> "MovingDigits":
-    d = config.data
-    return cls(frames=d.frames, side=d.side, aspect_ratios=d.aspect_ratios,
-               num_objects=d.num_objects, object_size=d.object_size, speed=d.speed,
-               patch=config.model.patch, num_videos=d.num_videos, seed=config.seed,
-               channels=d.channels, num_classes=config.model.num_classes)
-
-  def __len__(self) -> int:
-    return self.num_videos
-
-  def largest_video(self) -> tuple[int, int, int]:
-    """The ``(T, H, W)`` with the most pixels this source can draw, to check a token budget."""
-    return motion.largest_size(self.frames, self.side, self.aspect_ratios, self.patch)
-
-  def possible_grids(self) -> list[tuple[int, int, int]]:
-    """Every token grid this source can draw (the layouts' static bounds come from them)."""
-    return motion.possible_grids(self.frames, self.side, self.aspect_ratios, self.patch)
-
-  def video_size(self, index: int) -> tuple[int, int, int]:
-    """``(T, H, W)`` of item ``index`` without rendering it (the packer only needs sizes)."""
-    return motion.draw_size(self._rng(index), self.frames, self.side, self.aspect_ratios,
-                            self.patch)
-
-  def _rng(self, index: int) -> np.random.Generator:
-    index = int(index)
-    if not 0 <= index < self.num_videos:
-      raise IndexError(f"index {index} out of range for {self.num_videos} videos (data.num_videos)")
-    return np.random.default_rng([self.seed, index])
+    return cls(channels=config.data.channels, num_classes=config.model.num_classes,
+               **cls.config_fields(config))
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     rng = self._rng(index)
-    T, H, W = motion.draw_size(rng, self.frames, self.side, self.aspect_ratios, self.patch)
+    T, H, W = self._draw_size(rng)
     k = int(rng.integers(self.num_objects[0], self.num_objects[1] + 1))
     which_K = rng.integers(len(self.images), size=k)
     t_T = np.arange(T, dtype=np.float32)

@@ -17,7 +17,6 @@ the shape), not the visible parts. Colours are in the video's range ``[-1, 1]``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -83,7 +82,7 @@ def _signed_distance(shape: int, dy_THW: np.ndarray, dx_THW: np.ndarray, r: floa
   return d_THW - 0.5 * big_r
 
 
-class SyntheticShapes:
+class SyntheticShapes(motion.MovingSource):
   """Random-access source of moving-shape videos; see the module docstring.
 
   Each item is a dict: ``video`` f32 ``[T, H, W, 3]`` in ``[-1, 1]``, ``label`` int, ``caption``
@@ -91,61 +90,21 @@ class SyntheticShapes:
   ``gt_colors`` f32 ``[K, 3]``, ``gt_shapes`` int ``[K]`` for its ``K`` objects.
   """
 
-  def __init__(self, *, frames: Sequence[int], side: Sequence[float],
-               aspect_ratios: Sequence[float], num_objects: Sequence[int],
-               object_size: Sequence[float], speed: Sequence[float], patch: Sequence[int],
-               num_videos: int, seed: int, num_classes: int = NUM_CLASSES):
+  def __init__(self, *, num_classes: int = NUM_CLASSES, **ranges):
+    """``ranges``: ``motion.MovingSource``'s arguments (sizes, motion, patch, count, seed)."""
     if int(num_classes) != NUM_CLASSES:
       raise ValueError(f"model.num_classes={num_classes} but synthetic_shapes has {NUM_CLASSES} "
                        f"labels ({len(SHAPES)} shapes x {len(COLORS)} colours): set "
                        f"model.num_classes={NUM_CLASSES}")
-    for name, value in (("frames", frames), ("side", side), ("num_objects", num_objects),
-                        ("object_size", object_size), ("speed", speed)):
-      motion.check_range(name, value)
-    motion.check_aspect_ratios(aspect_ratios)
-    self.frames = tuple(int(v) for v in frames)
-    self.side = tuple(float(v) for v in side)
-    self.aspect_ratios = tuple(float(a) for a in aspect_ratios)
-    self.num_objects = tuple(int(v) for v in num_objects)
-    self.object_size = tuple(float(v) for v in object_size)
-    self.speed = tuple(float(v) for v in speed)
-    self.patch = tuple(int(p) for p in patch)
-    self.num_videos = int(num_videos)
-    self.seed = int(seed)
+    super().__init__(**ranges)
 
   @classmethod
   def from_config(cls, config) -> "SyntheticShapes":
-    d = config.data
-    return cls(frames=d.frames, side=d.side, aspect_ratios=d.aspect_ratios,
-               num_objects=d.num_objects, object_size=d.object_size, speed=d.speed,
-               patch=config.model.patch, num_videos=d.num_videos, seed=config.seed,
-               num_classes=config.model.num_classes)
-
-  def __len__(self) -> int:
-    return self.num_videos
-
-  def largest_video(self) -> tuple[int, int, int]:
-    """The ``(T, H, W)`` with the most pixels this source can draw, to check a token budget."""
-    return motion.largest_size(self.frames, self.side, self.aspect_ratios, self.patch)
-
-  def possible_grids(self) -> list[tuple[int, int, int]]:
-    """Every token grid this source can draw (the layouts' static bounds come from them)."""
-    return motion.possible_grids(self.frames, self.side, self.aspect_ratios, self.patch)
-
-  def video_size(self, index: int) -> tuple[int, int, int]:
-    """``(T, H, W)`` of item ``index`` without rendering it (the packer only needs sizes)."""
-    return motion.draw_size(self._rng(index), self.frames, self.side, self.aspect_ratios,
-                            self.patch)
-
-  def _rng(self, index: int) -> np.random.Generator:
-    index = int(index)
-    if not 0 <= index < self.num_videos:
-      raise IndexError(f"index {index} out of range for {self.num_videos} videos (data.num_videos)")
-    return np.random.default_rng([self.seed, index])
+    return cls(num_classes=config.model.num_classes, **cls.config_fields(config))
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     rng = self._rng(index)
-    T, H, W = motion.draw_size(rng, self.frames, self.side, self.aspect_ratios, self.patch)
+    T, H, W = self._draw_size(rng)
     k = int(rng.integers(self.num_objects[0], self.num_objects[1] + 1))
     shapes_K = rng.integers(len(SHAPES), size=k)
     colors_K = rng.integers(len(COLORS), size=k)

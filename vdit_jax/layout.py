@@ -634,7 +634,7 @@ def packed_kv_blocks_bound(pattern: str, seq_len: int, block: int, grids,
   _check_pattern(pattern)
   check_blocks(seq_len, block, block)
   L, b = int(seq_len), int(block)
-  sizes = sorted({_num_tokens(g) for g in grids})
+  sizes = sorted({tokens.num_tokens(g) for g in grids})
   if not sizes or sizes[-1] > L:
     raise ValueError(f"grids {list(grids)} hold a video longer than seq_len={L}")
   starts = np.zeros(L + 1, bool)
@@ -647,7 +647,7 @@ def packed_kv_blocks_bound(pattern: str, seq_len: int, block: int, grids,
     starts |= nxt
     frontier = nxt
   offsets = np.flatnonzero(starts[:L])
-  kinds = sorted({(_num_tokens(g), group_tokens(pattern, g)) for g in grids})
+  kinds = sorted({(tokens.num_tokens(g), group_tokens(pattern, g)) for g in grids})
   if len(kinds) * offsets.size * (L // b) > 2e7:
     return None
   first = np.arange(0, L, b)  # first position of each query block
@@ -660,10 +660,6 @@ def packed_kv_blocks_bound(pattern: str, seq_len: int, block: int, grids,
     covers_last = (o <= last) & (last < o + n)
     hi = np.maximum(hi, np.where(covers_last, o + ((last - o) // g + 1) * g, 0).max(0))
   return int(((hi - 1) // b - lo // b + 1).max())
-
-
-def _num_tokens(grid) -> int:
-  return int(np.prod([int(g) for g in grid]))
 
 
 def batch_layouts(patterns, segment_ids_BL, coords_BL3, grids, block: int = 0,
