@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdit_jax import attention, blocksparse, layout, tokens
+from vdit_jax import attention, blocksparse, flash, layout, tokens
 
 PATTERNS = ("full", "spatial", "temporal")
 
@@ -151,6 +151,22 @@ def test_matches_dense_block_diagonal(pattern):
   seg, coords = packed([[(1, 4, 4), (4, 2, 2)], [(2, 2, 4), (1, 4, 4), (4, 1, 4)]])
   lay = layout.make_layout(pattern, seg, coords, 16, 16)
   assert lay["kv_blocks"].shape[-1] == 1
+  assert_matches_dense(pattern, seg, coords, lay)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_large_block_diagonal_blocks_are_query_chunked(monkeypatch, pattern):
+  """Blocks above BLOCK_DIAGONAL_WHOLE go through flash.attend_chunked (here: 32-blocks in
+  16-query chunks), with the same result."""
+  monkeypatch.setattr(blocksparse, "BLOCK_DIAGONAL_WHOLE", 16)
+  monkeypatch.setattr(flash, "query_chunk", lambda *args, **kwargs: 16)
+  seg, coords = packed([[(2, 4, 4), (4, 2, 4), (1, 4, 8)], [(2, 2, 8), (8, 2, 2), (1, 2, 16)]])
+  lay = layout.make_layout(pattern, seg, coords, 32, 32)
+  assert lay["kv_blocks"].shape[-1] == 1
+  q, k, v, _ = random_qkv(seg)
+  jaxpr = str(jax.make_jaxpr(functools.partial(
+      blocksparse.blocksparse_attention, pattern=pattern, layout=lay))(q, k, v))
+  assert "scan" in jaxpr and ",16,32]" in jaxpr  # one chunk's [.., 16 queries, 32 keys] logits
   assert_matches_dense(pattern, seg, coords, lay)
 
 
@@ -319,6 +335,9 @@ def test_batch_layouts_grow_blocks_when_groups_align():
   grid = (8, 16, 16)
   assert layout.block_and_bound("spatial", 2048, [grid], 0, max_segments=1) == (256, 1)
   assert layout.block_and_bound("temporal", 2048, [grid], 0, max_segments=1) == (16, 1)
+  # Up to whole 1024-token frames and 4096-token videos (query-chunked inside).
+  assert layout.block_and_bound("spatial", 16384, [(16, 32, 32)], 0, max_segments=1) == (1024, 1)
+  assert layout.block_and_bound("full", 16384, [(16, 16, 16)], 0, max_segments=4) == (4096, 1)
   # Without knowing how rows are packed, any alignment must be allowed for.
   assert layout.block_and_bound("spatial", 2048, [grid]) == (128, 5)
 

@@ -41,6 +41,10 @@ _MASK_VALUE = -1e30
 # 128 blocks took 10.0 s on blocks and 4.3 s whole-row; window(7,11,11) (119 of 128) 15.1 s and
 # 4.5 s; a row of 4 videos (a quarter of the blocks each) stays 3x faster on blocks.
 WHOLE_ROW_FRACTION = 0.5
+# Block-diagonal blocks up to this size attend whole; larger ones (layouts grow blocks up to
+# ``layout._MAX_BLOCK`` when that makes every list one block) go query-chunked through
+# ``flash.attend_chunked``.
+BLOCK_DIAGONAL_WHOLE = 256
 # Segment id of unused key-block slots: matches no query (real ids are > 0, padding's < 0).
 _NO_SEGMENT = jnp.iinfo(jnp.int32).min
 
@@ -252,6 +256,14 @@ def blocksparse_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Arra
     # itself, padding to its own chunk), so with one slot that is the only one: no gathers.
     mask_BNqm = pair_mask(pattern, seg_q_BNq[..., None], c_q_BNq3[:, :, :, None],
                           seg_BMb[:, :, None, :], c_BMb3[:, :, None, :, :])
+    chunk = flash.query_chunk(B * N, H, bq, bk) if bq > BLOCK_DIAGONAL_WHOLE else None
+    if chunk is not None:
+      # Large blocks (e.g. whole 4096-token videos): query-chunked like dense, so the logits
+      # of one chunk stay in cache and memory stays O(L * chunk), not O(L * block).
+      q_p, k_p, v_p = (_permute(x, perm_BL, inv_perm_BL).reshape(B * N, bq, H, K)
+                       for x in (q_BLHK * scale, k_BLHK, v_BLHK))
+      o = flash.attend_chunked(chunk, q_p, k_p, v_p, mask_BNqm.reshape(B * N, 1, bq, bk))
+      return _permute(o.reshape(B, L, H, K), inv_perm_BL, perm_BL)
     o_BHNqK = attend_masked(("bhnqk", "bhnmk", "bhnqm"), q_BHNqK, k_BHMbK, v_BHMbK,
                             mask_BNqm[:, None])
     return _unpermute_from_heads(o_BHNqK.reshape(B, H, L, K), perm_BL, inv_perm_BL)

@@ -470,7 +470,9 @@ def max_kv_blocks_bound(pattern: str, seq_len: int, block_q: int, block_k: int,
   return min(bound, seq_len // block_k)
 
 
-_MAX_BLOCK = 256  # largest block batch_layouts grows to when groups are aligned
+# Largest block batch_layouts grows to when that makes every list one block (groups aligned to
+# blocks): block-diagonal attention, whose large blocks blocksparse computes query-chunked.
+_MAX_BLOCK = 4096
 
 
 def default_block(seq_len: int, max_group_tokens: int) -> int:
@@ -705,9 +707,10 @@ def _block_and_bound(pattern: str, seq_len: int, grids: tuple, block: int,
   b = int(block) or default_block(seq_len, biggest)
   j = bound(b)
   # A larger block that makes every list a single block (groups aligned to blocks) takes the
-  # block-diagonal path, which gathers nothing: P0's 256-token frames in blocks of 256. Larger
-  # blocks that still list several measured no faster (a packed row of four 4096-token videos:
-  # 1.5 s in blocks of 128 against 1.5-3.4 s in blocks of 256, forward+backward).
+  # block-diagonal path, which gathers nothing: P0's 256-token frames in blocks of 256, a row of
+  # four 4096-token videos in blocks of 4096. Larger blocks that still list several measured no
+  # faster (that row: 1.5 s in blocks of 128 against 1.5-3.4 s in blocks of 256,
+  # forward+backward), so the block grows only when it reaches one block per list.
   grow = b
   while not block and max_segments is not None and j > 1 and 2 * grow <= _MAX_BLOCK \
       and seq_len % (2 * grow) == 0:
