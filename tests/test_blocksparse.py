@@ -18,11 +18,6 @@ from vdit_jax import attention, blocksparse, flash, layout, tokens
 PATTERNS = ("full", "spatial", "temporal")
 
 
-@pytest.fixture(autouse=True)
-def blocks_unless_every_block_is_listed(monkeypatch):
-  """These tiny rows list a large fraction of their blocks; keep them on the block path (the
-  one the tests are about) unless a list holds every block."""
-  monkeypatch.setattr(blocksparse, "WHOLE_ROW_FRACTION", 1.0)
 # Windowed patterns, sized so that on ROWS' small grids they are neither empty nor everything.
 WINDOWED = ("window(1,1,2)", "local(1,3)", "cross(1,4)")
 # Odd grids, several videos per row, padding at the end of both rows (72 and 76 of 128 tokens).
@@ -131,18 +126,18 @@ def test_matches_dense(pattern, block_q, block_k, max_kv_blocks, kv_chunk):
   assert_matches_dense(pattern, seg, coords, lay, kv_chunk)
 
 
-def test_lists_of_most_blocks_take_the_whole_row_path(monkeypatch):
-  """At the default WHOLE_ROW_FRACTION a list of over half the key blocks is one masked
-  matmul over the row (no [L, L] mask on the block path), with the same result."""
+def test_lists_of_every_block_take_the_whole_row_path():
+  """A list that may hold every key block is one masked attention over the row ([L, L] mask);
+  shorter lists attend to spans of max_kv_blocks blocks (no [L, L] anywhere)."""
   seg, coords = packed()
-  lay = layout.make_layout("full", seg, coords, 16, 16, max_kv_blocks=5)  # 5 of 8 blocks
   q, k, v, _ = random_qkv(seg)
-  jaxpr = lambda: str(jax.make_jaxpr(functools.partial(
-      blocksparse.blocksparse_attention, pattern="full", layout=lay))(q, k, v))
-  assert f"{L},{L}]" not in jaxpr()
-  monkeypatch.undo()  # back to the module's default fraction
-  assert f"{L},{L}]" in jaxpr()
-  assert_matches_dense("full", seg, coords, lay)
+  for J, whole in ((8, True), (5, False)):
+    lay = layout.make_layout("full", seg, coords, 16, 16, max_kv_blocks=J)
+    jaxpr = str(jax.make_jaxpr(functools.partial(
+        blocksparse.blocksparse_attention, pattern="full", layout=lay))(q, k, v))
+    assert (f"{L},{L}]" in jaxpr) == whole
+    assert (f"16,{J * 16}]" in jaxpr) == (not whole)  # one query block's span mask
+    assert_matches_dense("full", seg, coords, lay)
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
@@ -228,6 +223,8 @@ def test_layout_lists_exactly_the_nonempty_blocks(pattern, block_q, block_k, row
   assert not (listed & ~dense_blocks).any()
   # Unused slots repeat a listed block, so gathers never read out of range.
   assert ((lay["kv_blocks"] >= 0) & (lay["kv_blocks"] < nK)).all()
+  # Every list fits in the max_kv_blocks blocks from its first one (blocksparse's key span).
+  assert (lay["kv_blocks"] - lay["kv_blocks"][..., :1] < lay["kv_blocks"].shape[-1]).all()
   # The transposed list names exactly the (query block, slot) entries reading each key block.
   for b in range(B):
     for m in range(nK):

@@ -5,7 +5,7 @@ every real token, from a host-side layout made by ``vdit_jax.layout.make_layout`
 
 1. tokens are permuted (``layout["perm"]``) so each group of the pattern is contiguous;
 2. the rows are cut into query blocks of ``block_q`` and key blocks of ``block_k`` tokens;
-3. each query block attends to the key blocks its list names (``kv_blocks``, ``kv_valid``), with
+3. each query block attends to the key blocks its list names (``kv_blocks``), with
    the exact per-pair predicate of ``pattern_mask`` rebuilt from the permuted segment ids and
    coordinates (``perm_segment``, ``perm_coords``);
 4. the output is permuted back.
@@ -17,10 +17,16 @@ Padding queries attend to the padding keys of their own query block only (see ``
 padding outputs differ from ``dense``; real outputs and all gradients reaching real tokens'
 outputs do not.
 
+How the listed blocks are visited: each query block attends to the ``max_kv_blocks`` consecutive
+key blocks from its first listed one (a slice of the keys, which every list fits in), one query
+block at a time with the logits recomputed in the backward pass; a list of one block is
+block-diagonal attention (no slicing at all); with ``kv_chunk``, listed blocks are gathered a
+chunk at a time under an online softmax, to bound memory.
+
 Backward pass, by custom VJPs measured faster on XLA:CPU than autodiff: the permutation's
-transpose is the inverse permutation and the key-block gather's transpose sums the slots reading
-each key block (``layout["kv_readers"]``), both gathers where autodiff makes scatter-adds; and the
-softmax attention backward reuses the forward probabilities in one elementwise pass.
+transpose is the inverse permutation (a gather where autodiff makes a scatter-add), the key
+spans' gradients are added in place, and the softmax attention backward reuses the forward
+probabilities or the saved log-sum-exp.
 """
 
 from __future__ import annotations
@@ -35,12 +41,6 @@ from vdit_jax.layout import LAYOUT_KEYS
 
 # Same finite "minus infinity" as attention.dense_attention, so masked entries match exactly.
 _MASK_VALUE = -1e30
-# Lists of at least this fraction of the key blocks take the whole-row path: gathering keys per
-# query block costs more per pair than one masked matmul over the row. Measured (f32, forward +
-# backward, one 16x32x32-token video, 2 heads x 64, blocks of 128): window(4,9,9) listing 71 of
-# 128 blocks took 10.0 s on blocks and 4.3 s whole-row; window(7,11,11) (119 of 128) 15.1 s and
-# 4.5 s; a row of 4 videos (a quarter of the blocks each) stays 3x faster on blocks.
-WHOLE_ROW_FRACTION = 0.5
 # Block-diagonal blocks up to this size attend whole; larger ones (layouts grow blocks up to
 # ``layout._MAX_BLOCK`` when that makes every list one block) go query-chunked through
 # ``flash.attend_chunked``.
@@ -90,28 +90,6 @@ _unpermute_from_heads.defvjp(
 def _gather_blocks_plain(x_BHMbK: jax.Array, kv_blocks_BNJ: jax.Array) -> jax.Array:
   """Key blocks listed per query block: ``[B, H, M, bk, K]`` -> ``[B, H, N, J, bk, K]``."""
   return jax.vmap(lambda x, idx: x[:, idx])(x_BHMbK, kv_blocks_BNJ)
-
-
-@jax.custom_vjp
-def _gather_blocks(x_BHMbK: jax.Array, kv_blocks_BNJ: jax.Array, readers_BMR: jax.Array,
-                   readers_valid_BMR: jax.Array) -> jax.Array:
-  return _gather_blocks_plain(x_BHMbK, kv_blocks_BNJ)
-
-
-def _gather_blocks_fwd(x_BHMbK, kv_blocks_BNJ, readers_BMR, readers_valid_BMR):
-  return _gather_blocks_plain(x_BHMbK, kv_blocks_BNJ), (readers_BMR, readers_valid_BMR)
-
-
-def _gather_blocks_bwd(res, g_BHNJbK):
-  readers_BMR, readers_valid_BMR = res
-  B, H, N, J, bk, K = g_BHNJbK.shape
-  g_BHSbK = g_BHNJbK.reshape(B, H, N * J, bk, K)  # S = N * J slots
-  g_BHMRbK = jax.vmap(lambda g, idx: g[:, idx])(g_BHSbK, readers_BMR)
-  g_BHMRbK = jnp.where(readers_valid_BMR[:, None, :, :, None, None], g_BHMRbK, 0)
-  return g_BHMRbK.sum(axis=3), None, None, None
-
-
-_gather_blocks.defvjp(_gather_blocks_fwd, _gather_blocks_bwd)
 
 
 def _attend_fwd(specs, q, k, v, mask):
@@ -214,11 +192,10 @@ def blocksparse_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Arra
   # to 1.4x slower end to end).
   seg_BL, c_BL3 = layout["perm_segment"], layout["perm_coords"]
 
-  if J >= WHOLE_ROW_FRACTION * M and kv_chunk is None:
-    # The lists hold at least half the key blocks, so they cannot save enough to pay for gathering
-    # keys per query block: one big masked matmul, as in dense, is faster (XLA:CPU threads large
-    # dots only). Unlisted blocks hold no allowed pair, so the predicate alone gives the same
-    # mask. Token-major einsums here, as in dense, measured faster than heads-major ones.
+  if J >= M and kv_chunk is None:
+    # Every key block may be listed, so nothing can be skipped: one masked attention over the
+    # row, as in dense. Unlisted blocks hold no allowed pair, so the predicate alone gives the
+    # same mask. Token-major einsums here, as in dense, measured faster than heads-major ones.
     mask_B1LL = pair_mask(pattern, seg_BL[:, None, :, None], c_BL3[:, None, :, None, :],
                            seg_BL[:, None, None, :], c_BL3[:, None, None, :, :])
     q_p, k_p, v_p = (_permute(x, perm_BL, inv_perm_BL) for x in (q_BLHK, k_BLHK, v_BLHK))
@@ -269,11 +246,17 @@ def blocksparse_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Arra
     return _unpermute_from_heads(o_BHNqK.reshape(B, H, L, K), perm_BL, inv_perm_BL)
 
   if kv_chunk is None:
-    gather = lambda x: _gather_blocks(x, kv_blocks_BNJ, layout["kv_readers"],
-                                      layout["kv_readers_valid"])
-    k_g, v_g, mask_BNqm = keys_of(kv_blocks_BNJ, kv_valid_BNJ, gather)
-    o_BHNqK = attend_masked(("bhnqk", "bhnmk", "bhnqm"), q_BHNqK, k_g, v_g, mask_BNqm[:, None])
-    return _unpermute_from_heads(o_BHNqK.reshape(B, H, L, K), perm_BL, inv_perm_BL)
+    # Every listed block lies in the J blocks from the first listed one (layouts guarantee it),
+    # so each query block attends to that span of keys: a slice, where gathering the listed
+    # blocks per query block measured 1.6-4x slower (f32, forward + backward, L=16384: a
+    # packed row of 5 mixed videos 2.1 s against 6.1 s; window(4,31,31) 2.7 s against 5.2 s).
+    # The pair mask is computed once for all spans: inside the loops XLA:CPU recomputed the
+    # windows' coordinate tests per pair at a few GOP/s (the same window 5.7 s).
+    span = J * bk
+    start_BN = jnp.minimum(kv_blocks_BNJ[..., 0] * bk, L - span)
+    mask_SqM = span_masks(pattern, span, seg_BL, c_BL3, start_BN)
+    o_BHLK = _ranged(span, q_BHLK, k_BHLK, v_BHLK, mask_SqM, start_BN)
+    return _unpermute_from_heads(o_BHLK, perm_BL, inv_perm_BL)
 
   return _chunked(q_BHNqK, v_BLHK.dtype, kv_blocks_BNJ, kv_valid_BNJ, int(kv_chunk), keys_of,
                   perm_BL, inv_perm_BL)
@@ -323,3 +306,103 @@ def _chunked(q_BHNqK, out_dtype, kv_blocks_BNJ, kv_valid_BNJ, chunk, keys_of, pe
   o_BHNqK = (acc_BHNqK / l_BHNq[..., None]).astype(out_dtype)
   return _unpermute_from_heads(o_BHNqK.reshape(B, H, N * bq, K), perm_BL, inv_perm_BL)
 
+
+
+def _span_kv(span, k_BHLK, v_BHLK, b, start):
+  """Keys and values ``[H, span, K]`` of row ``b`` at ``[start, start + span)``."""
+  H, K = k_BHLK.shape[1], k_BHLK.shape[3]
+  k = jax.lax.dynamic_slice(k_BHLK, (b, 0, start, 0), (1, H, span, K))[0]
+  v = jax.lax.dynamic_slice(v_BHLK, (b, 0, start, 0), (1, H, span, K))[0]
+  return k, v
+
+
+def span_masks(pattern: str, span: int, seg_BL, c_BL3, start_BN) -> jax.Array:
+  """``[B * N, bq, span]``: which keys at ``[start, start + span)`` each query may attend."""
+  B, L = seg_BL.shape
+  N = start_BN.shape[1]
+  pos = start_BN[..., None] + jnp.arange(span)  # [B, N, span]
+  seg_k = _take_rows(seg_BL, pos.reshape(B, -1)).reshape(B * N, 1, span)
+  c_k = _take_rows(c_BL3, pos.reshape(B, -1)).reshape(B * N, 1, span, 3)
+  seg_q, c_q = seg_BL.reshape(B * N, -1, 1), c_BL3.reshape(B * N, -1, 1, 3)
+  return pair_mask(pattern, seg_q, c_q, seg_k, c_k)
+
+
+def _to_query_blocks(x, B, N):
+  """``[B, H, L, ...]`` -> ``[B * N, H, bq, ...]``: one entry per (row, query block)."""
+  x = x.reshape((B, x.shape[1], N, -1) + x.shape[3:])
+  return jnp.swapaxes(x, 1, 2).reshape((B * N, x.shape[1], -1) + x.shape[4:])
+
+
+def _from_query_blocks(x, B):
+  """Inverse of ``_to_query_blocks``."""
+  x = x.reshape((B, -1) + x.shape[1:])
+  return jnp.swapaxes(x, 1, 2).reshape((B, x.shape[2], -1) + x.shape[4:])
+
+
+def _ranged_fwd(span, q_BHLK, k_BHLK, v_BHLK, mask_SqM, start_BN):
+  B, H, L, K = q_BHLK.shape
+  N = start_BN.shape[1]
+  xs = (_to_query_blocks(q_BHLK, B, N), mask_SqM, jnp.repeat(jnp.arange(B), N),
+        start_BN.reshape(-1))
+
+  def one(xs):
+    q, mask, b, start = xs
+    k, v = _span_kv(span, k_BHLK, v_BHLK, b, start)
+    logits = jnp.einsum("hqk,hmk->hqm", q, k, preferred_element_type=jnp.float32)
+    logits = jnp.where(mask, logits, _MASK_VALUE)
+    m = logits.max(axis=-1)
+    p = jnp.exp(logits - m[..., None])
+    l = p.sum(axis=-1)
+    o = jnp.einsum("hqm,hmk->hqk", (p / l[..., None]).astype(v.dtype), v)
+    return o, m + jnp.log(l)
+
+  o_SHqK, lse_SHq = jax.lax.map(one, xs)
+  o = _from_query_blocks(o_SHqK, B)
+  return o, (q_BHLK, k_BHLK, v_BHLK, mask_SqM, start_BN, o, _from_query_blocks(lse_SHq, B))
+
+
+def _ranged_bwd(span, res, do_BHLK):
+  q_BHLK, k_BHLK, v_BHLK, mask_SqM, start_BN, o_BHLK, lse_BHL = res
+  B, H, L, K = q_BHLK.shape
+  N = start_BN.shape[1]
+  f32 = jnp.float32
+  do_BHLK = do_BHLK.astype(q_BHLK.dtype)
+  delta_BHL = jnp.einsum("bhlk,bhlk->bhl", do_BHLK.astype(f32), o_BHLK.astype(f32))
+  xs = (_to_query_blocks(q_BHLK, B, N), _to_query_blocks(do_BHLK, B, N),
+        _to_query_blocks(lse_BHL, B, N), _to_query_blocks(delta_BHL, B, N), mask_SqM,
+        jnp.repeat(jnp.arange(B), N), start_BN.reshape(-1))
+
+  def add_span(acc, b, start, x):
+    at = (b, 0, start, 0)
+    old = jax.lax.dynamic_slice(acc, at, (1, H, span, K))
+    return jax.lax.dynamic_update_slice(acc, old + x[None], at)
+
+  def body(carry, xs):
+    dk, dv = carry
+    q, do, lse, delta, mask, b, start = xs
+    k, v = _span_kv(span, k_BHLK, v_BHLK, b, start)
+    logits = jnp.einsum("hqk,hmk->hqm", q, k, preferred_element_type=f32)
+    # Masked pairs get exactly zero probability, as in the forward pass.
+    p = jnp.where(mask, jnp.exp(logits - lse[..., None]), 0.0)
+    dv = add_span(dv, b, start, jnp.einsum("hqm,hqk->hmk", p.astype(v.dtype), do,
+                                           preferred_element_type=f32))
+    dp = jnp.einsum("hqk,hmk->hqm", do, v, preferred_element_type=f32)
+    ds = (p * (dp - delta[..., None])).astype(q.dtype)
+    dk = add_span(dk, b, start, jnp.einsum("hqm,hqk->hmk", ds, q, preferred_element_type=f32))
+    return (dk, dv), jnp.einsum("hqm,hmk->hqk", ds, k)
+
+  zeros = jnp.zeros(k_BHLK.shape, f32)
+  (dk, dv), dq_SHqK = jax.lax.scan(body, (zeros, zeros), xs)
+  return (_from_query_blocks(dq_SHqK, B), dk.astype(k_BHLK.dtype), dv.astype(v_BHLK.dtype),
+          None, None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ranged(span: int, q_BHLK, k_BHLK, v_BHLK, mask_SqM, start_BN):
+  """Each query block against the ``span`` keys from its ``start`` (heads-major, permuted,
+  ``q`` scaled), one query block at a time: keys are sliced, not gathered, and the backward
+  pass adds key and value gradients into their span in place."""
+  return _ranged_fwd(span, q_BHLK, k_BHLK, v_BHLK, mask_SqM, start_BN)[0]
+
+
+_ranged.defvjp(_ranged_fwd, _ranged_bwd)

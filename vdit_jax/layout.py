@@ -224,7 +224,7 @@ def needed_kv_blocks(pattern: str, segment_ids_BL, coords_BL3, block_q: int,
   seg_p = np.take_along_axis(seg, perm, axis=1)
   coords_p = np.take_along_axis(coords, perm[..., None], axis=1)
   if is_windowed(pattern):
-    return int(_block_pairs(pattern, seg_p, coords_p, block_q, block_k).sum(-1).max())
+    return _list_span(_block_pairs(pattern, seg_p, coords_p, block_q, block_k))
   first, last = _block_ranges(pattern, seg_p, coords_p, block_q, block_k)
   return int((last - first).max()) + 1
 
@@ -363,7 +363,7 @@ def _windowed_layout(pattern, perm, seg_p, coords_p, block_q, block_k, max_kv_bl
   nQ, nK = L // block_q, L // block_k
   pairs = _block_pairs(pattern, seg_p, coords_p, block_q, block_k)
   count = pairs.sum(-1)
-  needed = int(count.max())
+  needed = _list_span(pairs)
   if max_kv_blocks is None:
     max_kv_blocks = needed
   if needed > max_kv_blocks:
@@ -404,6 +404,19 @@ def _windowed_layout(pattern, perm, seg_p, coords_p, block_q, block_k, max_kv_bl
       "kv_readers": readers.astype(np.int32),
       "kv_readers_valid": r < n_read[..., None],
   }
+
+
+def _list_span(pairs_BNM: np.ndarray) -> int:
+  """Most key blocks from a query block's first listed block to its last, both included.
+
+  The lists themselves hold only blocks with an allowed pair, but ``blocksparse`` computes each
+  query block against the ``max_kv_blocks`` consecutive blocks from its first listed one (a
+  slice, not a gather), so they must fit there.
+  """
+  M = pairs_BNM.shape[-1]
+  first = np.argmax(pairs_BNM, axis=-1)
+  last = M - 1 - np.argmax(pairs_BNM[..., ::-1], axis=-1)
+  return int((last - first).max()) + 1
 
 
 def _inverse(perm: np.ndarray) -> np.ndarray:
