@@ -3,7 +3,7 @@
   python bench/attention.py [--quick] [--repeats 3]
 
 Default sizes: one 16x32x32-token video (L=16384), attended with factorized and with windows of
-about 1/2, 1/4 and 1/8 of its pairs; a row of 4 videos of 16x16x16 (L=16384); one 16x16x16
+about 1/2, 1/4 and 1/8 of its pairs (bands of frames and rows, the targets; and boxes); a row of 4 videos of 16x16x16 (L=16384); one 16x16x16
 video alone (L=4096) for the comparison with ``jax.nn.dot_product_attention``.
 One row, 2 heads x 64, f32; each time is the median over ``--repeats`` rounds of forward +
 backward (gradients of q, k, v), the variants taking turns within a round. Blocksparse uses the
@@ -41,13 +41,16 @@ HEADS, HEAD_DIM = 2, 64
 MEMORY_BUDGET = 16 * 2**30
 SIZES = {
     # video alone, 4 equal videos packed in one row, video for the sdpa comparison, memory L
-    # range, windows covering about 1/2, 1/4 and 1/8 of the video's pairs
+    # range; windows covering about 1/2, 1/4 and 1/8 of the video's pairs, as bands of frames
+    # and rows (the targets) and as boxes (timed, no target: see bench/README.md)
     "default": {"video": (16, 32, 32), "packed": (16, 16, 16), "sdpa": (16, 16, 16),
                 "memory": (4096, 2**21),
-                "windows": ("window(11,15,15)", "window(7,11,11)", "window(4,9,9)")},
+                "windows": ("window(4,31,31)", "window(2,31,31)", "window(1,16,31)"),
+                "boxes": ("window(11,15,15)", "window(7,11,11)", "window(4,9,9)")},
     "quick": {"video": (4, 8, 16), "packed": (4, 4, 8), "sdpa": (4, 8, 8),
-              "memory": (512, 2048), "windows": ("window(3,5,5)", "window(2,3,3)",
-                                                  "window(2,2,2)")},
+              "memory": (512, 2048), "windows": ("window(1,7,15)", "window(0,7,15)",
+                                                  "window(0,3,15)"),
+              "boxes": ("window(2,2,2)",)},
 }
 # Block types whose attention term model.forward_flops is checked against here.
 FLOP_BLOCKS = ("full3d", "factorized")
@@ -187,7 +190,7 @@ def main():
       "video: blocksparse factorized": ("video", "blocksparse", fact, False),
       "video: blocksparse factorized, exact": ("video", "blocksparse", fact, True),
       **{f"video: blocksparse {w}": ("video", "blocksparse", (w,), False)
-         for w in size["windows"]},
+         for w in size["windows"] + size["boxes"]},
       "packed: dense full": ("packed", "dense", ("full",), False),
       "packed: blocksparse full": ("packed", "blocksparse", ("full",), False),
       "packed: blocksparse full, exact": ("packed", "blocksparse", ("full",), True),
@@ -225,7 +228,7 @@ def main():
   print(f"{'pattern':18s} {'row':8s} {'pairs':>14s} {'pairs/L^2':>10s} {'GFLOP':>10s}")
   for row in ("video", "packed"):
     grids, seq_len = rows[row]
-    for p in layout.PATTERNS + (size["windows"] if row == "video" else ()):
+    for p in layout.PATTERNS + (size["windows"] + size["boxes"] if row == "video" else ()):
       pairs = pairs_of(p, grids)
       print(f"{p:18s} {row:8s} {pairs:14d} {pairs / seq_len**2:10.4f} "
             f"{4 * HEADS * HEAD_DIM * pairs / 1e9:10.3f}")

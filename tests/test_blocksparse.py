@@ -325,6 +325,15 @@ def test_packed_bound_fits_random_packings_and_is_tight():
         assert bound <= layout.max_kv_blocks_bound(pattern, L, b, b, largest)
         if S == 1:  # one video per row: every placement is seen, so the bound is exact
           assert needed == bound, (trial, pattern, b, grids)
+    for pattern in WINDOWED + ("window(1,2,1)", "window(0,1,3)"):
+      for b in (8, 16):
+        bound = layout.packed_kv_blocks_bound(pattern, L, b, grids, S)
+        needed = layout.needed_kv_blocks(pattern, seg, coords, b, b)
+        assert needed <= bound, (trial, pattern, b, grids, S)
+        if pattern.startswith("window"):  # local and cross use their box, a superset
+          assert bound <= layout.windowed_bound(pattern, L, b, b, grids)
+          if S == 1:  # the box's corners are allowed keys
+            assert needed == bound, (trial, pattern, b, grids)
 
 
 def test_batch_layouts_grow_blocks_when_groups_align():

@@ -632,6 +632,29 @@ def group_tokens(pattern: str, grid) -> int:
   return {"full": t * h * w, "spatial": h * w, "temporal": t}[pattern]
 
 
+@functools.lru_cache(maxsize=1024)
+def _key_range(pattern: str, kind: tuple) -> tuple[np.ndarray, np.ndarray]:
+  """Per position of one video in ``pattern``'s order: a lower bound on its first allowed key
+  and an upper bound on its last (exclusive), both non-decreasing, video-relative.
+
+  ``kind`` is ``(tokens, group tokens)`` for grouped patterns (exact: the group's ends) and the
+  token grid for windowed ones: the t-major positions of the window box's corners clipped to the
+  grid (the box of reaches (kt, r, r) for ``local`` and ``cross``, which allow a subset of it),
+  made monotone by a suffix minimum and a prefix maximum.
+  """
+  if not is_windowed(pattern):
+    n, g = kind
+    p = np.arange(n)
+    return p // g * g, (p // g + 1) * g
+  size = np.asarray(kind)
+  c = tokens.grid_coords(kind)
+  reach = np.asarray(window_reach(pattern))
+  pos = lambda x: (x[:, 0] * size[1] + x[:, 1]) * size[2] + x[:, 2]
+  key_lo = pos(np.maximum(c - reach, 0))
+  key_hi = pos(np.minimum(c + reach, size - 1)) + 1
+  return (np.minimum.accumulate(key_lo[::-1])[::-1], np.maximum.accumulate(key_hi))
+
+
 def packed_kv_blocks_bound(pattern: str, seq_len: int, block: int, grids,
                            max_segments: int) -> int:
   """A ``max_kv_blocks`` (equal query and key blocks) that fits every row packed the way
@@ -639,10 +662,10 @@ def packed_kv_blocks_bound(pattern: str, seq_len: int, block: int, grids,
   them, each of one of ``grids`` (every grid the data can produce; a superset is fine).
 
   Such rows can start a video only at sums of up to ``max_segments - 1`` video sizes, and inside
-  a video the groups sit at fixed offsets, so for each query block position this finds the
-  first allowed key (the start of the group holding the block's first token, over every video
-  that can cover it) and the last (the end of the group holding its last token) and counts the
-  key blocks between. Far tighter than ``max_kv_blocks_bound`` when sizes are few: P0's one
+  a video the groups (windowed patterns: each token's window) sit at fixed offsets, so for each
+  query block position this finds the first allowed key (the start of the group holding the
+  block's first token, over every video that can cover it) and the last (the end of the group
+  holding its last token) and counts the key blocks between (``_key_range``). Far tighter than ``max_kv_blocks_bound`` when sizes are few: P0's one
   8x16x16 video per row needs 1 block of 256 for ``spatial``, not 3. Returns ``None`` when the
   enumeration would be too large to be worth it (many sizes: use ``max_kv_blocks_bound``).
   """
@@ -662,18 +685,24 @@ def packed_kv_blocks_bound(pattern: str, seq_len: int, block: int, grids,
     starts |= nxt
     frontier = nxt
   offsets = np.flatnonzero(starts[:L])
-  kinds = sorted({(tokens.num_tokens(g), group_tokens(pattern, g)) for g in grids})
+  kinds = sorted({tuple(int(x) for x in g) for g in grids}
+                 if is_windowed(pattern) else
+                 {(tokens.num_tokens(g), group_tokens(pattern, g)) for g in grids})
   if len(kinds) * offsets.size * (L // b) > 2e7:
     return None
   first = np.arange(0, L, b)  # first position of each query block
   last = first + b - 1
   lo, hi = first.copy(), first + b  # padding queries see their own block only
-  for n, g in kinds:
+  for kind in kinds:
+    key_lo, key_hi = _key_range(pattern, kind)
+    n = key_lo.size
     o = offsets[offsets + n <= L][:, None]
     covers_first = (o <= first) & (first < o + n)
-    lo = np.minimum(lo, np.where(covers_first, o + (first - o) // g * g, L).min(0))
+    at = np.clip(first - o, 0, n - 1)
+    lo = np.minimum(lo, np.where(covers_first, o + key_lo[at], L).min(0))
     covers_last = (o <= last) & (last < o + n)
-    hi = np.maximum(hi, np.where(covers_last, o + ((last - o) // g + 1) * g, 0).max(0))
+    at = np.clip(last - o, 0, n - 1)
+    hi = np.maximum(hi, np.where(covers_last, o + key_hi[at], 0).max(0))
   return int(((hi - 1) // b - lo // b + 1).max())
 
 
@@ -699,6 +728,9 @@ def batch_layouts(patterns, segment_ids_BL, coords_BL3, grids, block: int = 0,
     if is_windowed(p):
       b = int(block) or default_block(seq_len, math.prod(2 * k + 1 for k in window_reach(p)))
       bound = windowed_bound(p, seq_len, b, b, grids)
+      if max_segments is not None:
+        packed = _packed_bound(p, seq_len, b, grids, max_segments)
+        bound = bound if packed is None else min(bound, packed)
     else:
       b, bound = block_and_bound(p, seq_len, grids, block, max_segments)
     out[p] = make_layout(p, segment_ids_BL, coords_BL3, b, b, None if exact else bound)
@@ -731,6 +763,16 @@ def _block_and_bound(pattern: str, seq_len: int, grids: tuple, block: int,
     if bound(grow) == 1:
       return grow, 1
   return b, j
+
+
+def _packed_bound(pattern, seq_len, block, grids, max_segments):
+  key = tuple(sorted({tuple(int(x) for x in g) for g in grids}))
+  return _packed_bound_cached(pattern, int(seq_len), int(block), key, int(max_segments))
+
+
+@functools.lru_cache(maxsize=256)
+def _packed_bound_cached(pattern, seq_len, block, grids, max_segments):
+  return packed_kv_blocks_bound(pattern, seq_len, block, grids, max_segments)
 
 
 def block_and_bound(pattern: str, seq_len: int, grids, block: int = 0,
