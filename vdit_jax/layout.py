@@ -14,7 +14,8 @@ Windowed patterns (``window``, ``local``, ``cross``: see ``vdit_jax.attention``)
 each token sees a box around itself. Their tokens keep the t-major order, where a token's keys
 lie within ``kt H W + kh W + kw`` positions of it: that distance grows with every grid side, so
 the largest grids give a static bound that holds for every smaller video and any packing
-(``windowed_bound``). Their lists come from an exact block-pair test (bounding boxes of blocks
+(``windowed_bound``); when the packer's sizes are known, ``packed_kv_blocks_bound`` tightens it
+from each position's window box (``_key_range``). Their lists come from an exact block-pair test (bounding boxes of blocks
 first, then every token pair of the candidate block pairs), so a block pair within that distance
 is listed only if it holds an allowed pair. (Tile-major orders list fewer blocks for one video
 alone, but their need is not monotone in the grid: measured on random packings, smaller videos
