@@ -3,8 +3,9 @@
   python bench/attention.py [--quick] [--repeats 3]
 
 Default sizes: one 16x32x32-token video (L=16384), attended with factorized and with windows of
-about 1/2, 1/4 and 1/8 of its pairs (bands of frames and rows, the targets; and boxes); a row of 4 videos of 16x16x16 (L=16384); one 16x16x16
-video alone (L=4096) for the comparison with ``jax.nn.dot_product_attention``.
+about 1/2, 1/4 and 1/8 of its pairs (bands of frames and rows, the targets; and boxes); a row of
+4 videos of 16x16x16 (L=16384); one 16x16x16 video alone (L=4096) for the comparison with
+``jax.nn.dot_product_attention``.
 One row, 2 heads x 64, f32; each time is the median over ``--repeats`` rounds of forward +
 backward (gradients of q, k, v), the variants taking turns within a round. Blocksparse uses the
 layouts the training pipeline makes for data of exactly the row's video sizes, packed back to

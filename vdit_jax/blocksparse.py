@@ -254,7 +254,7 @@ def blocksparse_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Arra
     # windows' coordinate tests per pair at a few GOP/s (the same window 5.7 s).
     span = J * bk
     start_BN = jnp.minimum(kv_blocks_BNJ[..., 0] * bk, L - span)
-    mask_SqM = span_masks(pattern, span, seg_BL, c_BL3, start_BN)
+    mask_SqM = _span_masks(pattern, span, seg_BL, c_BL3, start_BN)
     o_BHLK = _ranged(span, q_BHLK, k_BHLK, v_BHLK, mask_SqM, start_BN)
     return _unpermute_from_heads(o_BHLK, perm_BL, inv_perm_BL)
 
@@ -307,7 +307,6 @@ def _chunked(q_BHNqK, out_dtype, kv_blocks_BNJ, kv_valid_BNJ, chunk, keys_of, pe
   return _unpermute_from_heads(o_BHNqK.reshape(B, H, N * bq, K), perm_BL, inv_perm_BL)
 
 
-
 def _span_kv(span, k_BHLK, v_BHLK, b, start):
   """Keys and values ``[H, span, K]`` of row ``b`` at ``[start, start + span)``."""
   H, K = k_BHLK.shape[1], k_BHLK.shape[3]
@@ -316,7 +315,7 @@ def _span_kv(span, k_BHLK, v_BHLK, b, start):
   return k, v
 
 
-def span_masks(pattern: str, span: int, seg_BL, c_BL3, start_BN) -> jax.Array:
+def _span_masks(pattern: str, span: int, seg_BL, c_BL3, start_BN) -> jax.Array:
   """``[B * N, bq, span]``: which keys at ``[start, start + span)`` each query may attend."""
   B, L = seg_BL.shape
   N = start_BN.shape[1]

@@ -15,11 +15,12 @@ each token sees a box around itself. Their tokens keep the t-major order, where 
 lie within ``kt H W + kh W + kw`` positions of it: that distance grows with every grid side, so
 the largest grids give a static bound that holds for every smaller video and any packing
 (``windowed_bound``); when the packer's sizes are known, ``packed_kv_blocks_bound`` tightens it
-from each position's window box (``_key_range``). Their lists come from an exact block-pair test (bounding boxes of blocks
-first, then every token pair of the candidate block pairs), so a block pair within that distance
-is listed only if it holds an allowed pair. (Tile-major orders list fewer blocks for one video
-alone, but their need is not monotone in the grid: measured on random packings, smaller videos
-needed 32 key blocks where the largest grids needed 13, so no static bound followed.)
+from each position's window box (``_key_range``). Their lists come from an exact block-pair test
+(bounding boxes of blocks first, then every token pair of the candidate block pairs), so a block
+pair within that distance is listed only if it holds an allowed pair. (Tile-major orders list
+fewer blocks for some videos alone, but their need is not monotone in the grid: measured on
+random packings, smaller videos needed 32 key blocks where the largest grids needed 13, so no
+static bound followed.)
 
 Videos are ordered by segment id, and each run of padding stays right after the video it follows
 (leading padding first). So ``full``, ``spatial`` and windowed orders are the identity on any row
@@ -666,8 +667,9 @@ def packed_kv_blocks_bound(pattern: str, seq_len: int, block: int, grids,
   a video the groups (windowed patterns: each token's window) sit at fixed offsets, so for each
   query block position this finds the first allowed key (the start of the group holding the
   block's first token, over every video that can cover it) and the last (the end of the group
-  holding its last token) and counts the key blocks between (``_key_range``). Far tighter than ``max_kv_blocks_bound`` when sizes are few: P0's one
-  8x16x16 video per row needs 1 block of 256 for ``spatial``, not 3. Returns ``None`` when the
+  holding its last token) and counts the key blocks between (``_key_range``). Far tighter than
+  ``max_kv_blocks_bound`` when sizes are few: P0's one 8x16x16 video per row needs 1 block of
+  256 for ``spatial``, not 3. Returns ``None`` when the
   enumeration would be too large to be worth it (many sizes: use ``max_kv_blocks_bound``).
   """
   _check_pattern(pattern)
