@@ -308,10 +308,10 @@ def _chunked(q_BHNqK, out_dtype, kv_blocks_BNJ, kv_valid_BNJ, chunk, keys_of, pe
 
 
 def _span_kv(span, k_BHLK, v_BHLK, b, start):
-  """Keys and values ``[H, span, K]`` of row ``b`` at ``[start, start + span)``."""
+  """Keys and values ``[1, H, span, K]`` of row ``b`` at ``[start, start + span)``."""
   H, K = k_BHLK.shape[1], k_BHLK.shape[3]
-  k = jax.lax.dynamic_slice(k_BHLK, (b, 0, start, 0), (1, H, span, K))[0]
-  v = jax.lax.dynamic_slice(v_BHLK, (b, 0, start, 0), (1, H, span, K))[0]
+  k = jax.lax.dynamic_slice(k_BHLK, (b, 0, start, 0), (1, H, span, K))
+  v = jax.lax.dynamic_slice(v_BHLK, (b, 0, start, 0), (1, H, span, K))
   return k, v
 
 
@@ -347,13 +347,8 @@ def _ranged_fwd(span, q_BHLK, k_BHLK, v_BHLK, mask_SqM, start_BN):
   def one(xs):
     q, mask, b, start = xs
     k, v = _span_kv(span, k_BHLK, v_BHLK, b, start)
-    logits = jnp.einsum("hqk,hmk->hqm", q, k, preferred_element_type=jnp.float32)
-    logits = jnp.where(mask, logits, _MASK_VALUE)
-    m = logits.max(axis=-1)
-    p = jnp.exp(logits - m[..., None])
-    l = p.sum(axis=-1)
-    o = jnp.einsum("hqm,hmk->hqk", (p / l[..., None]).astype(v.dtype), v)
-    return o, m + jnp.log(l)
+    o, lse = flash.chunk_forward(q[None], k, v, mask[None, None])
+    return o[0], lse[0]
 
   o_SHqK, lse_SHq = jax.lax.map(one, xs)
   o = _from_query_blocks(o_SHqK, B)
@@ -374,21 +369,15 @@ def _ranged_bwd(span, res, do_BHLK):
   def add_span(acc, b, start, x):
     at = (b, 0, start, 0)
     old = jax.lax.dynamic_slice(acc, at, (1, H, span, K))
-    return jax.lax.dynamic_update_slice(acc, old + x[None], at)
+    return jax.lax.dynamic_update_slice(acc, old + x, at)
 
   def body(carry, xs):
     dk, dv = carry
     q, do, lse, delta, mask, b, start = xs
     k, v = _span_kv(span, k_BHLK, v_BHLK, b, start)
-    logits = jnp.einsum("hqk,hmk->hqm", q, k, preferred_element_type=f32)
-    # Masked pairs get exactly zero probability, as in the forward pass.
-    p = jnp.where(mask, jnp.exp(logits - lse[..., None]), 0.0)
-    dv = add_span(dv, b, start, jnp.einsum("hqm,hqk->hmk", p.astype(v.dtype), do,
-                                           preferred_element_type=f32))
-    dp = jnp.einsum("hqk,hmk->hqm", do, v, preferred_element_type=f32)
-    ds = (p * (dp - delta[..., None])).astype(q.dtype)
-    dk = add_span(dk, b, start, jnp.einsum("hqm,hqk->hmk", ds, q, preferred_element_type=f32))
-    return (dk, dv), jnp.einsum("hqm,hmk->hqk", ds, k)
+    dq, dk_span, dv_span = flash.chunk_backward(q[None], k, v, do[None], mask[None, None],
+                                                lse[None], delta[None])
+    return (add_span(dk, b, start, dk_span), add_span(dv, b, start, dv_span)), dq[0]
 
   zeros = jnp.zeros(k_BHLK.shape, f32)
   (dk, dv), dq_SHqK = jax.lax.scan(body, (zeros, zeros), xs)

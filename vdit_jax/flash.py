@@ -60,7 +60,8 @@ def _heads_major(x_BLHK: jax.Array) -> jax.Array:
   return jnp.swapaxes(x_BLHK, 1, 2)
 
 
-def _chunk_forward(q_BHcK, k_BHMK, v_BHMK, mask_BhcM):
+def chunk_forward(q_BHcK, k_BHMK, v_BHMK, mask_BhcM):
+  """One chunk of queries against all of ``k``/``v``: output and log-sum-exp per query."""
   logits = jnp.einsum("bhqk,bhmk->bhqm", q_BHcK, k_BHMK, preferred_element_type=_F32)
   logits = jnp.where(mask_BhcM, logits, _MASK_VALUE)
   m_BHc = logits.max(axis=-1)
@@ -76,7 +77,7 @@ def _forward(chunk, q_BHLK, k_BHMK, v_BHMK, mask):
   (measured about 0.9x the attention time at P0 sizes with heads-major)."""
   mask = jnp.broadcast_to(mask, mask.shape[:2] + (q_BHLK.shape[2], k_BHMK.shape[2]))
   o_chunks, lse_chunks = jax.lax.map(
-      lambda xs: _chunk_forward(xs[0], k_BHMK, v_BHMK, xs[1]),
+      lambda xs: chunk_forward(xs[0], k_BHMK, v_BHMK, xs[1]),
       (_to_chunks(q_BHLK, 2, chunk), _to_chunks(mask, 2, chunk)))
   return _from_chunks(o_chunks, 2), _from_chunks(lse_chunks, 2)
 
@@ -101,6 +102,24 @@ def _fwd(chunk, q, k, v, mask):
   return _heads_major(o), (q, k, v, mask, o, lse)
 
 
+def chunk_backward(q_BHcK, k_BHMK, v_BHMK, do_BHcK, mask_BhcM, lse_BHc, delta_BHc):
+  """Gradients of one chunk of queries: its ``dq`` and its f32 terms of ``dk`` and ``dv``.
+
+  Recomputes the chunk's probabilities from the forward log-sum-exp; ``delta`` is
+  ``<do, o>`` per query (softmax backward needs ``sum_m p dp``, which equals it).
+  """
+  logits = jnp.einsum("bhqk,bhmk->bhqm", q_BHcK, k_BHMK, preferred_element_type=_F32)
+  # Masked pairs get exactly zero probability, as in the forward pass.
+  p = jnp.where(mask_BhcM, jnp.exp(logits - lse_BHc[..., None]), 0.0)
+  dv = jnp.einsum("bhqm,bhqk->bhmk", p.astype(v_BHMK.dtype), do_BHcK,
+                  preferred_element_type=_F32)
+  dp = jnp.einsum("bhqk,bhmk->bhqm", do_BHcK, v_BHMK, preferred_element_type=_F32)
+  ds = (p * (dp - delta_BHc[..., None])).astype(q_BHcK.dtype)
+  dq = jnp.einsum("bhqm,bhmk->bhqk", ds, k_BHMK)
+  dk = jnp.einsum("bhqm,bhqk->bhmk", ds, q_BHcK, preferred_element_type=_F32)
+  return dq, dk, dv
+
+
 def _bwd(chunk, res, do_BLHK):
   q, k, v, mask, o, lse_BHL = res  # heads-major
   do = _heads_major(do_BLHK).astype(q.dtype)
@@ -111,15 +130,8 @@ def _bwd(chunk, res, do_BLHK):
   def body(carry, xs):
     dk, dv = carry
     q_c, do_c, mask_c, lse_c, delta_c = xs
-    logits = jnp.einsum("bhqk,bhmk->bhqm", q_c, k, preferred_element_type=_F32)
-    # Masked pairs get exactly zero probability, as in the forward pass.
-    p = jnp.where(mask_c, jnp.exp(logits - lse_c[..., None]), 0.0)
-    dv = dv + jnp.einsum("bhqm,bhqk->bhmk", p.astype(v.dtype), do_c, preferred_element_type=_F32)
-    dp = jnp.einsum("bhqk,bhmk->bhqm", do_c, v, preferred_element_type=_F32)
-    ds = (p * (dp - delta_c[..., None])).astype(q.dtype)
-    dq_c = jnp.einsum("bhqm,bhmk->bhqk", ds, k)
-    dk = dk + jnp.einsum("bhqm,bhqk->bhmk", ds, q_c, preferred_element_type=_F32)
-    return (dk, dv), dq_c
+    dq_c, dk_c, dv_c = chunk_backward(q_c, k, v, do_c, mask_c, lse_c, delta_c)
+    return (dk + dk_c, dv + dv_c), dq_c
 
   zeros = jnp.zeros(k.shape, _F32)
   xs = (_to_chunks(q, 2, chunk), _to_chunks(do, 2, chunk), _to_chunks(mask, 2, chunk),
