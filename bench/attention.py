@@ -16,8 +16,9 @@ rows marked "exact" use layouts sized for this very row.
 
 Memory: the largest L (doubling, one video of 16 frames, so a frame holds L/16 tokens) whose
 compiled forward + backward fits 16 GiB by XLA's ``memory_analysis()`` (arguments + outputs +
-temporaries), compiled only, never run. Analytic FLOPs: 4 K per allowed pair and head, forward (``attention.pattern_pairs``), the
-numbers ``model.forward_flops`` counts.
+temporaries), compiled only, never run. Analytic FLOPs: 4 K per allowed pair and head, forward
+(``attention.pattern_pairs``), the numbers ``model.forward_flops`` counts. On GPU and TPU the
+``pallas`` backend's kernels are timed too.
 """
 
 from __future__ import annotations
@@ -199,13 +200,17 @@ def main():
       "alone: sdpa (xla) full": ("sdpa", "sdpa", ("full",), False),
       "alone: blocksparse full": ("sdpa", "blocksparse", ("full",), False),
   }
+  if jax.default_backend() in ("gpu", "tpu"):  # the Pallas kernels (vdit_jax.kernels)
+    variants.update({"video: pallas factorized": ("video", "pallas", fact, False),
+                     "packed: pallas full": ("packed", "pallas", ("full",), False),
+                     "alone: pallas full": ("sdpa", "pallas", ("full",), False)})
   cases, pair_ratio, computed = {}, {}, {}
   for name, (row, backend, patterns, exact) in variants.items():
     grids, seq_len = rows[row]
     seg, coords = make_row(grids, seq_len)
     layouts = None
     computed[name] = len(patterns)  # dense: every pair, per pattern
-    if backend == "blocksparse":
+    if backend in layout.LAYOUT_BACKENDS:
       layouts = pipeline_layouts(patterns, seg, coords, grids, exact=exact)
       # Keys each query block computes: its max_kv_blocks slots (or the whole row).
       computed[name] = sum(min(lay["kv_blocks"].shape[2] / lay["kv_readers"].shape[1], 1.0)

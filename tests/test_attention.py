@@ -52,11 +52,11 @@ def test_auto_resolves_per_platform():
   full, fact = ("full",), layout.BLOCK_PATTERNS["factorized"]
   resolve = attention.resolve_backend
   assert resolve("auto", full, 1, "gpu") == "sdpa"  # unpacked full attention: cuDNN
-  assert resolve("auto", full, 4, "gpu") == "blocksparse"  # packed rows skip other videos
-  assert resolve("auto", fact, 1, "gpu") == "blocksparse"
-  for platform in ("cpu", "tpu"):
-    assert resolve("auto", full, 1, platform) == "blocksparse"
-  assert resolve("auto", full, 1) in ("sdpa", "blocksparse")  # this machine's platform
+  assert resolve("auto", full, 4, "gpu") == "pallas"  # packed rows: Triton with segment ids
+  assert resolve("auto", fact, 1, "gpu") == "pallas"
+  assert resolve("auto", full, 1, "tpu") == "pallas"  # splash attention
+  assert resolve("auto", full, 1, "cpu") == "blocksparse"
+  assert resolve("auto", full, 1) in ("sdpa", "pallas", "blocksparse")  # this machine's
   assert resolve("dense", full, 4, "gpu") == "dense"  # a named backend stays
   with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
     resolve("flash", full, 1)

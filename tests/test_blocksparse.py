@@ -525,7 +525,7 @@ def test_per_head_patterns_attend_each_head_with_its_own(backend):
   q, k, v = (jax.random.normal(key, seg.shape + (len(heads), K)) for key in keys)
   layouts = {p: layout.make_layout(p, seg, coords, 16, 16) for p in set(heads)}
   ctx = attention.AttentionContext(backend, jnp.asarray(seg), jnp.asarray(coords), tuple(heads),
-                                   layouts=layouts)
+                                   layouts=layouts, kernel=("triton", True))  # pallas: interpret
   out = jax.jit(lambda q, k, v: ctx.attend(heads, q, k, v))(q, k, v)
   real = (seg > 0)[:, :, None]
   for h, p in enumerate(heads):

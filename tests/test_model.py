@@ -283,12 +283,16 @@ def test_factorized_masks_equal_attention_by_reshape():
 
 
 @pytest.mark.parametrize("block,backend", [(b, "blocksparse") for b in BLOCKS]
-                         + [("window,sparse", "blocksparse"), ("full3d", "auto")])
-def test_blocksparse_model_equals_dense(block, backend):
+                         + [("window,sparse", "blocksparse"), ("full3d", "auto"),
+                            ("full3d", "pallas"), ("factorized,window", "pallas")])
+def test_blocksparse_model_equals_dense(block, backend, monkeypatch):
   """The whole model, on a packed batch with padding: blocksparse (also as ``auto`` picks it on
-  CPU) == dense for real tokens, in outputs and in parameter gradients, with the static
-  (training) layout bound."""
+  CPU) and pallas (its GPU kernel in interpret mode) == dense for real tokens, in outputs and in
+  parameter gradients, with the static (training) layout bound."""
+  from vdit_jax import kernels
   from vdit_jax import layout as layout_lib
+
+  monkeypatch.setattr(kernels, "platform_kernel", lambda platform=None: ("triton", True))
 
   _, params, items, order, packed, _ = packed_case(block)
   graphdef_dense = _model(block)[0]
@@ -298,6 +302,10 @@ def test_blocksparse_model_equals_dense(block, backend):
   graphdef_bs = nnx.split(model_lib.build_model(config, seed=0), nnx.Param)[0]
   layouts = layout_lib.batch_layouts(layout_lib.config_patterns(config.model),
                                      packed["segment_ids"], packed["coords"], GRIDS)
+  if backend == "pallas":  # full3d's lists hold every block (the kernel's whole rows); the
+    # factorized and window layers' lists lie in between (blocksparse's spans)
+    runs = [kernels.runs_kernel(p, lay) for p, lay in layouts.items()]
+    assert runs == [block == "full3d"] * len(layouts)
   args = [jnp.asarray(packed[k]) for k in ("tokens", "seg_t", "seg_label", "segment_ids",
                                             "coords")]
   real = jnp.asarray(packed["segment_ids"] > 0)[..., None]

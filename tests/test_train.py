@@ -193,6 +193,7 @@ def test_one_process_needs_no_distributed_setup(monkeypatch):
     ({"data.batch_rows": 2, "mesh.data": -1, "mesh.fsdp": 1, "mesh.tensor": 1}, "batch_rows"),
     ({"mesh.data": 3, "mesh.fsdp": 1, "mesh.tensor": 1}, "mesh"),
     ({"model.dtype": "float64"}, "dtype"),
+    ({"model.attention_backend": "pallas"}, "'pallas' runs Pallas kernels on TPU"),  # on CPU
 ])
 def test_bad_config_fails_before_anything_is_compiled_or_written(tmp_path, monkeypatch, fields,
                                                                  message):

@@ -23,8 +23,11 @@ computed with that pattern's mask or layout (``AttentionContext.attend``).
 
 Backends compute the same function: `dense` is the reference (an explicit ``[B, L, L]`` mask);
 `blocksparse` computes only the key blocks a host-side layout lists (``vdit_jax.layout``); `sdpa`
-hands the mask to ``jax.nn.dot_product_attention`` (XLA off GPU, cuDNN on GPU). `auto` stands
-for one of them per platform and row shape (``resolve_backend``).
+hands the mask to ``jax.nn.dot_product_attention`` (XLA off GPU, cuDNN on GPU); `pallas` runs
+``full``, ``spatial`` and ``temporal`` on the same layouts through Pallas kernels with segment ids
+(splash attention on TPU, Triton flash attention on GPU; ``vdit_jax.kernels``) and the rest
+through blocksparse. `auto` stands for one of them per platform and row shape
+(``resolve_backend``).
 """
 
 from __future__ import annotations
@@ -32,11 +35,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from vdit_jax import blocksparse, flash, layout
+from vdit_jax import blocksparse, flash, kernels, layout
 
 PATTERNS = layout.PATTERNS
 # What config.model.attention_backend may name; AttentionContext takes the concrete ones.
-BACKENDS = ("auto", "dense", "blocksparse", "sdpa")
+BACKENDS = ("auto", "dense", "blocksparse", "sdpa", "pallas")
 
 
 def resolve_backend(backend: str, patterns: tuple[str, ...], max_segments: int,
@@ -44,19 +47,23 @@ def resolve_backend(backend: str, patterns: tuple[str, ...], max_segments: int,
   """The concrete backend that ``backend`` stands for on ``platform`` (default: JAX's).
 
   ``auto``: on GPU, ``sdpa`` (cuDNN) when every pattern is ``full`` and a row holds one video
-  (nothing to skip, and cuDNN has no segment ids), else ``blocksparse``; on CPU and TPU,
-  ``blocksparse`` (TPU has no splash-attention path yet). On CPU blocksparse measured as fast as
-  dense on the default config's 512-token rows with full3d (1.5% slower) and faster with
-  factorized (bench/README.md); the GPU and TPU choices are untested. Other names come back
-  unchanged.
+  (nothing to skip, and cuDNN has no segment ids), else ``pallas`` (Triton); on TPU, ``pallas``
+  (splash attention); on CPU, ``blocksparse``. On CPU blocksparse measured as fast as dense on
+  the default config's 512-token rows with full3d (1.5% slower) and faster with factorized
+  (bench/README.md); the GPU and TPU choices are unmeasured. ``pallas`` on CPU raises (its
+  kernels run there only in interpret mode, for tests). Other names come back unchanged.
   """
   if backend not in BACKENDS:
     raise ValueError(f"unknown attention backend {backend!r}: use one of {BACKENDS}")
+  platform = platform or jax.default_backend()
+  if backend == "pallas":
+    kernels.platform_kernel(platform)  # raises where no kernel runs
   if backend != "auto":
     return backend
-  platform = platform or jax.default_backend()
   if platform == "gpu" and set(patterns) == {"full"} and max_segments == 1:
     return "sdpa"
+  if platform in ("gpu", "tpu"):
+    return "pallas"
   return "blocksparse"
 
 
@@ -106,24 +113,28 @@ class AttentionContext:
   """What a block needs to run a pattern on one packed batch, built once per forward pass.
 
   ``dense`` and ``sdpa``: one mask per pattern, shared by every block that uses it.
-  ``blocksparse``: the per-pattern layouts that travel in the batch (``layout.batch_layouts``).
-  ``backend`` must be concrete: resolve ``auto`` with ``resolve_backend`` first.
+  ``blocksparse`` and ``pallas``: the per-pattern layouts that travel in the batch
+  (``layout.batch_layouts``). ``backend`` must be concrete: resolve ``auto`` with
+  ``resolve_backend`` first. ``kernel``: ``pallas``'s ``(kernel, interpret)``, by default the
+  platform's (``kernels.platform_kernel``).
   """
 
   def __init__(self, backend: str, segment_ids_BL: jax.Array, coords_BL3: jax.Array,
                patterns: tuple[str, ...], layouts: dict | None = None,
-               kv_chunk: int | None = None):
+               kv_chunk: int | None = None, kernel: tuple[str, bool] | None = None):
     if backend not in BACKENDS[1:]:
       raise ValueError(f"attention backend {backend!r} is not a concrete one: use one of "
                        f"{BACKENDS[1:]}, or resolve 'auto' with resolve_backend")
     self.backend = backend
-    if backend == "blocksparse":
+    if backend in ("blocksparse", "pallas"):
       missing = [p for p in patterns if p not in (layouts or {})]
       if missing:
-        raise ValueError(f"attention_backend='blocksparse' needs layouts for {missing}: build "
+        raise ValueError(f"attention_backend={backend!r} needs layouts for {missing}: build "
                          "them with vdit_jax.layout.batch_layouts (the data pipeline does)")
       self._layouts = {p: layouts[p] for p in patterns}
       self._kv_chunk = kv_chunk
+      if backend == "pallas":
+        self._kernel = kernel or kernels.platform_kernel()
     else:
       self._masks = {p: pattern_mask(p, segment_ids_BL, coords_BL3) for p in patterns}
 
@@ -135,6 +146,10 @@ class AttentionContext:
     if self.backend == "blocksparse":
       return blocksparse.blocksparse_attention(q_BLHK, k_BLHK, v_BLHK, pattern,
                                                self._layouts[pattern], kv_chunk=self._kv_chunk)
+    if self.backend == "pallas":
+      name, interpret = self._kernel
+      return kernels.pallas_attention(q_BLHK, k_BLHK, v_BLHK, pattern, self._layouts[pattern],
+                                      kernel=name, interpret=interpret, kv_chunk=self._kv_chunk)
     if self.backend == "sdpa":
       return sdpa_attention(q_BLHK, k_BLHK, v_BLHK, self._masks[pattern])
     return dense_attention(q_BLHK, k_BLHK, v_BLHK, self._masks[pattern])

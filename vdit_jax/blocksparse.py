@@ -55,13 +55,13 @@ def _take_rows(x: jax.Array, idx_BL: jax.Array) -> jax.Array:
 
 
 @jax.custom_vjp
-def _permute(x_BL: jax.Array, perm_BL: jax.Array, inv_perm_BL: jax.Array) -> jax.Array:
+def permute(x_BL: jax.Array, perm_BL: jax.Array, inv_perm_BL: jax.Array) -> jax.Array:
   """``x[b, perm[b, i]]`` along axis 1, whose transpose is the inverse permutation (a gather)."""
   return _take_rows(x_BL, perm_BL)
 
 
-_permute.defvjp(lambda x, perm, inv: (_take_rows(x, perm), inv),
-                lambda inv, g: (_take_rows(g, inv), None, None))
+permute.defvjp(lambda x, perm, inv: (_take_rows(x, perm), inv),
+               lambda inv, g: (_take_rows(g, inv), None, None))
 
 
 @jax.custom_vjp
@@ -144,16 +144,20 @@ def pair_mask(pattern: str, seg_q: jax.Array, c_q: jax.Array, seg_k: jax.Array,
   return layout.allowed(pattern, seg_q, c_q, seg_k, c_k, xp=jnp)
 
 
-def _check_layout(layout, B: int, L: int) -> tuple[int, int, int]:
-  missing = [k for k in LAYOUT_KEYS if k not in layout]
+def check_layout(lay: dict, B: int, L: int) -> None:
+  """Raises a ValueError unless ``lay`` is a whole layout of a ``[B, L]`` batch."""
+  missing = [k for k in LAYOUT_KEYS if k not in lay]
   if missing:
     raise ValueError(f"layout lacks {missing}: build it with vdit_jax.layout.make_layout")
-  if layout["perm"].shape != (B, L):
-    raise ValueError(f"layout perm has shape {layout['perm'].shape} but q is [B={B}, L={L}, ...]:"
+  if lay["perm"].shape != (B, L):
+    raise ValueError(f"layout perm has shape {lay['perm'].shape} but q is [B={B}, L={L}, ...]:"
                      " build the layout from this batch's segment_ids and coords")
-  N, J = layout["kv_blocks"].shape[1:]
-  M = layout["kv_readers"].shape[1]
-  return N, J, M
+
+
+def layout_blocks(lay: dict) -> tuple[int, int, int]:
+  """``(N, J, M)``: query blocks, list length (``max_kv_blocks``) and key blocks of a layout."""
+  N, J = lay["kv_blocks"].shape[1:]
+  return N, J, lay["kv_readers"].shape[1]
 
 
 def blocksparse_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array, pattern: str,
@@ -176,7 +180,8 @@ def blocksparse_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Arra
     ``[B, L, H, K]`` in the input order and ``v``'s dtype. Logits and softmax are f32.
   """
   B, L, H, K = q_BLHK.shape
-  N, J, M = _check_layout(layout, B, L)
+  check_layout(layout, B, L)
+  N, J, M = layout_blocks(layout)
   if kv_chunk is not None and int(kv_chunk) < 1:
     raise ValueError(f"kv_chunk={kv_chunk} must be >= 1, or None to visit all key blocks at once")
   if kv_chunk is not None and kv_chunk >= J:
@@ -198,13 +203,13 @@ def blocksparse_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Arra
     # same mask. Token-major einsums here, as in dense, measured faster than heads-major ones.
     mask_B1LL = pair_mask(pattern, seg_BL[:, None, :, None], c_BL3[:, None, :, None, :],
                            seg_BL[:, None, None, :], c_BL3[:, None, None, :, :])
-    q_p, k_p, v_p = (_permute(x, perm_BL, inv_perm_BL) for x in (q_BLHK, k_BLHK, v_BLHK))
+    q_p, k_p, v_p = (permute(x, perm_BL, inv_perm_BL) for x in (q_BLHK, k_BLHK, v_BLHK))
     chunk = flash.query_chunk(B, H, L, L)
     if chunk is not None:
       o_BLHK = flash.attend_chunked(chunk, q_p * scale, k_p, v_p, mask_B1LL)
     else:
       o_BLHK = attend_masked(("bqhk", "bmhk", "bhqm"), q_p * scale, k_p, v_p, mask_B1LL)
-    return _permute(o_BLHK, inv_perm_BL, perm_BL)
+    return permute(o_BLHK, inv_perm_BL, perm_BL)
 
   # Heads-major for blocks: the batched block matmuls then need no transposes (measured faster).
   q_BHLK = _permute_to_heads(q_BLHK, perm_BL, inv_perm_BL) * scale
@@ -237,10 +242,10 @@ def blocksparse_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Arra
     if chunk is not None:
       # Large blocks (e.g. whole 4096-token videos): query-chunked like dense, so the logits
       # of one chunk stay in cache and memory stays O(L * chunk), not O(L * block).
-      q_p, k_p, v_p = (_permute(x, perm_BL, inv_perm_BL).reshape(B * N, bq, H, K)
+      q_p, k_p, v_p = (permute(x, perm_BL, inv_perm_BL).reshape(B * N, bq, H, K)
                        for x in (q_BLHK * scale, k_BLHK, v_BLHK))
       o = flash.attend_chunked(chunk, q_p, k_p, v_p, mask_BNqm.reshape(B * N, 1, bq, bk))
-      return _permute(o.reshape(B, L, H, K), inv_perm_BL, perm_BL)
+      return permute(o.reshape(B, L, H, K), inv_perm_BL, perm_BL)
     o_BHNqK = attend_masked(("bhnqk", "bhnmk", "bhnqm"), q_BHNqK, k_BHMbK, v_BHMbK,
                             mask_BNqm[:, None])
     return _unpermute_from_heads(o_BHNqK.reshape(B, H, L, K), perm_BL, inv_perm_BL)

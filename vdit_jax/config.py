@@ -53,7 +53,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # sparse blocks: one sub-pattern (local | cross | global) per equal group of heads, in order
   m.sparse_heads = "local,local,cross,global"
   m.sparse_window = (2, 4, 8)  # sparse: (kt, local reach, cross reach); reach halves per frame
-  m.attention_backend = "dense"  # dense | auto | blocksparse | sdpa (attention.resolve_backend)
+  # dense | auto | blocksparse | sdpa | pallas (attention.resolve_backend)
+  m.attention_backend = "dense"
   m.attention_block = 0  # blocksparse block size (0 = layout.default_block per pattern)
   m.attention_kv_chunk = 0  # blocksparse: key blocks per online-softmax step (0 = all at once)
   m.qk_norm = True  # RMS-normalise queries and keys (stabilises attention logits)
@@ -134,7 +135,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """
   m, d = config.model, config.data
   layout.layer_patterns(m)  # block types, per-layer schedule, window and sparse heads
-  backends = ("auto", "dense", "blocksparse", "sdpa")  # attention.BACKENDS, kept jax-free here
+  # attention.BACKENDS, kept jax-free here
+  backends = ("auto", "dense", "blocksparse", "sdpa", "pallas")
   if m.attention_backend not in backends:
     raise ValueError(f"model.attention_backend={m.attention_backend!r} is unknown: use one of "
                      f"{backends}")

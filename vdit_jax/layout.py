@@ -54,14 +54,14 @@ PATTERNS = ("full", "spatial", "temporal")
 # ``window(kt,kh,kw)``; ``local(kt,r)`` and ``cross(kt,r)`` (per-head sparse sub-patterns).
 WINDOWED = {"window": 3, "local": 2, "cross": 2}
 # Attention backends that read layouts from the batch: the pipeline makes them for these
-# (``auto`` may resolve to blocksparse; when it does not, the model ignores them).
-LAYOUT_BACKENDS = ("blocksparse", "auto")
+# (``auto`` may resolve to one of them; when it does not, the model ignores them).
+LAYOUT_BACKENDS = ("blocksparse", "pallas", "auto")
 # What make_layout returns; blocksparse_attention reads these and nothing else.
 LAYOUT_KEYS = ("perm", "inv_perm", "perm_segment", "perm_coords", "kv_blocks", "kv_valid",
                "kv_readers", "kv_readers_valid")
 
 # Coordinates (t, h, w) that decide a pattern's group besides the segment, in sort priority.
-_GROUP_AXES = {"full": (), "spatial": (0,), "temporal": (1, 2)}
+GROUP_AXES = {"full": (), "spatial": (0,), "temporal": (1, 2)}
 # Full sort order inside a segment: group axes first, then the rest so the order is canonical.
 _ORDER_AXES = {"full": (), "spatial": (0, 1, 2), "temporal": (1, 2, 0)}
 
@@ -192,7 +192,7 @@ def _group_labels(pattern: str, seg_BL: np.ndarray, coords_BL3: np.ndarray,
   B, L = seg_BL.shape
   is_pad = seg_BL == 0
   chunk = np.where(is_pad, np.arange(L)[None, :] // block_q, -1)
-  cols = [is_pad, seg_BL, chunk] + [coords_BL3[..., a] for a in _GROUP_AXES[pattern]]
+  cols = [is_pad, seg_BL, chunk] + [coords_BL3[..., a] for a in GROUP_AXES[pattern]]
   changed = np.zeros((B, L), bool)
   for c in cols:
     changed[:, 1:] |= c[:, 1:] != c[:, :-1]

@@ -80,6 +80,11 @@ def axis_rules(rules: Rules) -> Iterator[None]:
     _RULES.reset(token)
 
 
+def current_rules() -> Rules | None:
+  """The rules ``axis_rules`` made active, or None outside it."""
+  return _RULES.get()
+
+
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
   """Sharding constraint by logical names; a no-op outside a mesh or without rules."""
   rules = _RULES.get()

@@ -29,6 +29,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from vdit_jax import attention
 from vdit_jax import checkpoint as ckpt_lib
 from vdit_jax import config as config_lib
 from vdit_jax import diffusion
@@ -277,6 +278,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   first, since the device count depends on it)."""
   config_lib.validate(config)
   initialize_distributed(config.distributed)
+  # After joining: asking for the platform starts the backend, which must come after that.
+  attention.resolve_backend(config.model.attention_backend, (), 1)  # one this platform has
   # config_lib cannot resolve a -1 mesh axis (it knows no device count); here we can.
   sizes = dict(zip(shard_lib.MESH_AXES, shard_lib.mesh_shape(
       {a: config.mesh[a] for a in shard_lib.MESH_AXES}, jax.device_count())))
