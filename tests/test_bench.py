@@ -22,7 +22,7 @@ def quick_targets(script: str) -> list[str]:
 
 
 def test_step_bench_quick_prints_targets():
-  assert len(quick_targets("bench/step.py")) == 7
+  assert len(quick_targets("bench/step.py")) == 9
 
 
 def test_attention_bench_quick_prints_targets():

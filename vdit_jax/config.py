@@ -62,6 +62,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.num_classes = 18  # labels are 0..num_classes-1; num_classes itself is the null label
   m.dtype = "float32"  # compute dtype (bfloat16 for mixed precision); params stay float32
   m.remat = False  # rematerialise each block in the backward pass
+  # with remat, what a block keeps for the backward pass (a jax.checkpoint_policies name):
+  # nothing_saveable (least memory) | dots_with_no_batch_dims_saveable (keep the weight matmuls'
+  # outputs, recompute attention and elementwise work) | dots_saveable | everything_saveable
+  m.remat_policy = "nothing_saveable"
 
   # ---- diffusion (rectified flow) ----
   f = c.diffusion = ml_collections.ConfigDict()
@@ -127,6 +131,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   return c
 
 
+# What model.remat_policy may name: policies of jax.checkpoint_policies that take no arguments.
+REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable",
+                  "everything_saveable")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks a config for mistakes that would otherwise surface mid-compile or mid-run.
 
@@ -149,6 +158,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"model.head_dim={m.head_dim} must be even (rotary pairs)")
   if m.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"model.dtype={m.dtype!r}: use float32 or bfloat16")
+  if m.remat_policy not in REMAT_POLICIES:
+    raise ValueError(f"model.remat_policy={m.remat_policy!r} is unknown: use one of "
+                     f"{REMAT_POLICIES}")
   for name in ("frames", "side", "num_objects", "object_size", "speed"):
     lo, hi = d[name]
     if lo > hi or lo <= 0:

@@ -67,7 +67,10 @@ def chunk_forward(q_BHcK, k_BHMK, v_BHMK, mask_BhcM):
   m_BHc = logits.max(axis=-1)
   p = jnp.exp(logits - m_BHc[..., None])
   l_BHc = p.sum(axis=-1)
-  o = jnp.einsum("bhqm,bhmk->bhqk", (p / l_BHc[..., None]).astype(v_BHMK.dtype), v_BHMK)
+  # Normalised after the PV matmul: a pass over [c, K] outputs instead of [c, M] probabilities
+  # (0.97x the attention forward+backward at P0 sizes in an A/B).
+  o = jnp.einsum("bhqm,bhmk->bhqk", p.astype(v_BHMK.dtype), v_BHMK, preferred_element_type=_F32)
+  o = (o / l_BHc[..., None]).astype(v_BHMK.dtype)
   return o, m_BHc + jnp.log(l_BHc)
 
 

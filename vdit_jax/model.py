@@ -247,7 +247,7 @@ class VideoDiT(nnx.Module):
       return block(x, c, segment_ids_BL, ctx, cos, sin)
 
     if cfg.remat:
-      run_block = nnx.remat(run_block)
+      run_block = nnx.remat(run_block, policy=getattr(jax.checkpoint_policies, cfg.remat_policy))
     for block in self.blocks:
       x_BLD = run_block(block, x_BLD, c_BSD)
     final_mods = tokens_lib.per_token(self.final_ada(jax.nn.silu(c_BSD)), segment_ids_BL)
@@ -258,6 +258,14 @@ class VideoDiT(nnx.Module):
 
 def count_params(model: nnx.Module) -> int:
   return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def residual_bytes(fn, *args) -> int:
+  """Bytes the forward pass of ``fn(*args)`` keeps for its backward pass (the residuals of
+  ``jax.vjp``, inputs included), from shapes alone: what remat trades for recomputation,
+  on any platform."""
+  leaves = jax.eval_shape(lambda *a: jax.tree.leaves(jax.vjp(fn, *a)[1]), *args)
+  return sum(x.size * x.dtype.itemsize for x in leaves)
 
 
 def forward_flops(cfg, seg_grids, seq_len: int, token_size: int) -> float:
