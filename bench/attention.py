@@ -6,8 +6,9 @@ Default sizes: one 16x32x32-token video (L=16384), attended with factorized and 
 about 1/2, 1/4 and 1/8 of its pairs (bands of frames and rows, the targets; and boxes); a row of
 4 videos of 16x16x16 (L=16384); one 16x16x16 video alone (L=4096) for the comparison with
 ``jax.nn.dot_product_attention``.
-One row, 2 heads x 64, f32; each time is the median over ``--repeats`` rounds of forward +
-backward (gradients of q, k, v), the variants taking turns within a round. Blocksparse uses the
+One row, 2 heads x 64, f32 (``--dtype bfloat16`` for accelerators); each time is the median over
+``--repeats`` rounds of forward + backward (gradients of q, k, v), the variants taking turns
+within a round; TFLOP/s counts the allowed pairs only. Blocksparse uses the
 layouts the training pipeline makes for data of exactly the row's video sizes, packed back to
 back (``layout.batch_layouts`` with ``max_segments``: static block size and ``max_kv_blocks``);
 rows marked "exact" use layouts sized for this very row.
@@ -85,9 +86,9 @@ def grad_fn(backend: str, patterns: tuple[str, ...], kv_chunk: int | None = None
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
-def qkvg(seq_len: int, seed: int = 0) -> list[jax.Array]:
+def qkvg(seq_len: int, seed: int = 0, dtype=jnp.float32) -> list[jax.Array]:
   keys = jax.random.split(jax.random.key(seed), 4)
-  return [jax.random.normal(k, (1, seq_len, HEADS, HEAD_DIM), jnp.float32) for k in keys]
+  return [jax.random.normal(k, (1, seq_len, HEADS, HEAD_DIM), dtype) for k in keys]
 
 
 def time_side_by_side(cases: dict, repeats: int) -> dict[str, float]:
@@ -174,7 +175,10 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--quick", action="store_true", help="small sizes, for smoke tests")
   ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                  help="q, k, v dtype of the timed rows (bfloat16 for accelerators)")
   args = ap.parse_args()
+  dtype = jnp.dtype(args.dtype)
   size = SIZES["quick" if args.quick else "default"]
   video, packed, sdpa_video = size["video"], size["packed"], size["sdpa"]
   fact = layout.BLOCK_PATTERNS["factorized"]
@@ -217,17 +221,22 @@ def main():
                            for lay in layouts.values())
       layouts = jax.tree.map(jnp.asarray, layouts)
     cases[name] = (grad_fn(backend, patterns),
-                   (*qkvg(seq_len), jnp.asarray(seg), jnp.asarray(coords), layouts))
+                   (*qkvg(seq_len, dtype=dtype), jnp.asarray(seg), jnp.asarray(coords), layouts))
     pair_ratio[name] = sum(pairs_of(p, grids) for p in patterns) / seq_len ** 2
   sec = time_side_by_side(cases, args.repeats)
 
-  print(f"\nf32 forward+backward, one row, {HEADS} heads x {HEAD_DIM}; medians of {args.repeats}")
+  print(f"\n{args.dtype} forward+backward, one row, {HEADS} heads x {HEAD_DIM}; medians of "
+        f"{args.repeats}")
   print(f"video {'x'.join(map(str, video))} (L={L}); packed: 4 x {'x'.join(map(str, packed))} "
         f"(L={L}); alone: {'x'.join(map(str, sdpa_video))} (L={L_sdpa})")
-  print("(computed/L^2: pairs the backend computes, max_kv_blocks slots per query block)")
-  print(f"{'variant':44s} {'pairs/L^2':>10s} {'computed/L^2':>13s} {'ms':>10s}")
-  for name in variants:
-    print(f"{name:44s} {pair_ratio[name]:10.4f} {computed[name]:13.4f} {1e3 * sec[name]:10.1f}")
+  print("(computed/L^2: pairs the backend computes, max_kv_blocks slots per query block; "
+        "TFLOP/s: 3x the analytic forward FLOPs of the allowed pairs per second)")
+  print(f"{'variant':44s} {'pairs/L^2':>10s} {'computed/L^2':>13s} {'ms':>10s} {'TFLOP/s':>8s}")
+  for name, (row, *_) in variants.items():
+    seq_len = rows[row][1]
+    tflops = 3 * 4 * HEADS * HEAD_DIM * pair_ratio[name] * seq_len ** 2 / sec[name] / 1e12
+    print(f"{name:44s} {pair_ratio[name]:10.4f} {computed[name]:13.4f} {1e3 * sec[name]:10.1f} "
+          f"{tflops:8.3f}")
 
   # ---- analytic FLOPs per pattern, and the model's count of the same
   print(f"\nanalytic attention FLOPs, forward, {HEADS} heads x {HEAD_DIM} (4 K per pair and head)")
