@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from tests.test_blocksparse import PATTERNS, ROWS, allowed_np, packed, random_qkv
-from vdit_jax import attention, kernels, layout
+from vdit_jax import attention, blocksparse, kernels, layout
 from vdit_jax import sharding as shard_lib
 
 # One row of two odd videos and padding (70 of 128 tokens); one of three whose groups never
@@ -86,7 +86,7 @@ def test_other_lists_and_windows_go_to_blocksparse():
   for pattern, lay in (("full", partial), ("window(1,1,2)", window)):
     np.testing.assert_array_equal(
         kernels.pallas_attention(q, k, v, pattern, lay, kernel="triton", interpret=True),
-        attention.blocksparse.blocksparse_attention(q, k, v, pattern, lay))
+        blocksparse.blocksparse_attention(q, k, v, pattern, lay))
 
 
 def test_sharded_matches_unsharded():

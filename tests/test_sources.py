@@ -8,6 +8,7 @@ import pytest
 from data import pipeline
 from data.files import SKIP_REASONS, FolderSource, Skip, resize_cover
 from data.moving_digits import MovingDigits, _load_digits
+from tests.test_data import tiny_config
 from vdit_jax import config as base
 from vdit_jax import tokens as tok
 
@@ -170,18 +171,8 @@ def make_video_folder(root, rng):
 
 
 def folder_config(path, source="video_folder", **data):
-  c = base.get_base_config()
-  c.data.source = source
-  c.data.path = str(path)
-  c.data.frames = (2, 4)
-  c.data.side = (8, 16)
-  c.data.aspect_ratios = (0.75, 1.0, 1.33)
-  c.data.seq_len = 64
-  c.data.batch_rows = 2
-  c.model.patch = (1, 4, 4)
-  for k, v in data.items():
-    c.data[k] = v
-  return c
+  """test_data's tiny sizes, reading ``path`` with ``source``."""
+  return tiny_config(source=source, path=str(path), **data)
 
 
 @pytest.fixture(scope="module")

@@ -30,9 +30,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas.ops.gpu import attention as triton_attention
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
 from vdit_jax import blocksparse, layout
 from vdit_jax import sharding as shard_lib
@@ -129,17 +126,24 @@ def _tile(n: int, cap: int) -> int:
   return tile if tile > 1 else n
 
 
+# The Pallas kernels are imported where they run: importing them costs every process about
+# 0.1 s, and on CPU (no kernel) nothing uses them.
+
+
 def _splash_kernel(row: int, heads: int, interpret: bool):
   """Made per trace: the kernel holds arrays of the trace that builds it."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
   t = _tile(row, 512)
   sizes = splash.BlockSizes(block_q=t, block_kv=t, block_kv_compute=t, block_q_dkv=t,
                             block_kv_dkv=t, block_kv_dkv_compute=t, block_q_dq=t, block_kv_dq=t)
-  mask = splash_mask.MultiHeadMask([splash_mask.FullMask((row, row))] * heads)
+  mask = mask_lib.MultiHeadMask([mask_lib.FullMask((row, row))] * heads)
   return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
                                 interpret=interpret)
 
 
 def _run_splash(q_RTHK, k_RTHK, v_RTHK, labels_RT, *, interpret):
+  from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
   _, T, H, K = q_RTHK.shape
   kernel = _splash_kernel(T, H, interpret)
   q_RTHK = q_RTHK * jnp.asarray(K ** -0.5, q_RTHK.dtype)  # splash does not scale the logits
@@ -147,13 +151,14 @@ def _run_splash(q_RTHK, k_RTHK, v_RTHK, labels_RT, *, interpret):
   def one(q_THK, k_THK, v_THK, labels_T):
     heads_major = lambda x: jnp.swapaxes(x, 0, 1)
     o_HTK = kernel(heads_major(q_THK), heads_major(k_THK), heads_major(v_THK),
-                   segment_ids=splash.SegmentIds(q=labels_T, kv=labels_T))
+                   segment_ids=SegmentIds(q=labels_T, kv=labels_T))
     return heads_major(o_HTK)
 
   return jax.vmap(one)(q_RTHK, k_RTHK, v_RTHK, labels_RT)
 
 
 def _run_triton(q_RTHK, k_RTHK, v_RTHK, labels_RT, *, interpret):
+  from jax.experimental.pallas.ops.gpu import attention as triton_attention
   T, K = q_RTHK.shape[1], q_RTHK.shape[3]
   t, tb = _tile(T, 128), _tile(T, 32)
   sizes = triton_attention.BlockSizes(block_q=t, block_k=t, block_q_dkv=tb, block_kv_dkv=tb,
