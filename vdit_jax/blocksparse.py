@@ -368,8 +368,9 @@ def _ranged_bwd(span, res, do_BHLK):
   do_BHLK = do_BHLK.astype(q_BHLK.dtype)
   delta_BHL = jnp.einsum("bhlk,bhlk->bhl", do_BHLK.astype(f32), o_BHLK.astype(f32))
   xs = (_to_query_blocks(q_BHLK, B, N), _to_query_blocks(do_BHLK, B, N),
-        _to_query_blocks(lse_BHL, B, N), _to_query_blocks(delta_BHL, B, N), mask_SqM,
-        jnp.repeat(jnp.arange(B), N), start_BN.reshape(-1))
+        _to_query_blocks(lse_BHL, B, N), _to_query_blocks(delta_BHL, B, N),
+        jnp.swapaxes(mask_SqM, 1, 2), jnp.repeat(jnp.arange(B), N), start_BN.reshape(-1))
+  kT_BHKL = jnp.swapaxes(k_BHLK, 2, 3)  # once, outside the loop (see flash.chunk_backward)
 
   def add_span(acc, b, start, x):
     at = (b, 0, start, 0)
@@ -378,16 +379,17 @@ def _ranged_bwd(span, res, do_BHLK):
 
   def body(carry, xs):
     dk, dv = carry
-    q, do, lse, delta, mask, b, start = xs
+    q, do, lse, delta, maskT, b, start = xs
     k, v = _span_kv(span, k_BHLK, v_BHLK, b, start)
-    dq, dk_span, dv_span = flash.chunk_backward(q[None], k, v, do[None], mask[None, None],
-                                                lse[None], delta[None])
-    return (add_span(dk, b, start, dk_span), add_span(dv, b, start, dv_span)), dq[0]
+    kT = jax.lax.dynamic_slice(kT_BHKL, (b, 0, 0, start), (1, H, K, span))
+    dqT, dk_span, dv_span = flash.chunk_backward(q[None], k, v, do[None], maskT[None, None],
+                                                 lse[None], delta[None], kT)
+    return (add_span(dk, b, start, dk_span), add_span(dv, b, start, dv_span)), dqT[0]
 
   zeros = jnp.zeros(k_BHLK.shape, f32)
-  (dk, dv), dq_SHqK = jax.lax.scan(body, (zeros, zeros), xs)
-  return (_from_query_blocks(dq_SHqK, B), dk.astype(k_BHLK.dtype), dv.astype(v_BHLK.dtype),
-          None, None)
+  (dk, dv), dqT_SHKq = jax.lax.scan(body, (zeros, zeros), xs)
+  return (_from_query_blocks(jnp.swapaxes(dqT_SHKq, 2, 3), B), dk.astype(k_BHLK.dtype),
+          dv.astype(v_BHLK.dtype), None, None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
