@@ -275,8 +275,9 @@ class FolderSource:
     # Probes wait on file reads and ffmpeg processes, so threads overlap them.
     with concurrent.futures.ThreadPoolExecutor(_SCAN_THREADS) as pool:
       scans = list(pool.map(self._scan, [e["path"] for e in self.entries]))
-    for e, (shape, skip) in zip(self.entries, scans):
-      e["shape"], e["skip"] = shape, skip
+    for e, (shape, skip, detail) in zip(self.entries, scans):
+      # The reason counts; the detail (the probe's message) says what exactly went wrong.
+      e["shape"], e["skip"], e["skip_detail"] = shape, skip, detail
     counts = Counter(e["skip"] for e in self.entries if e["skip"])
     usable = len(self.entries) - sum(counts.values())
     if not usable:
@@ -295,21 +296,22 @@ class FolderSource:
                patch=config.model.patch, channels=d.channels, seed=config.seed,
                num_classes=config.model.num_classes)
 
-  def _scan(self, path: str) -> tuple[tuple[int, int, int] | None, str]:
+  def _scan(self, path: str) -> tuple[tuple[int, int, int] | None, str, str]:
+    """``(size, skip reason, detail)``: the reason is empty for a usable file."""
     try:
       n, h, w, c = probe(path)
     except Skip as e:
-      return None, e.reason
+      return None, e.reason, str(e)
     if c != self.channels:
       raise ValueError(f"{path} has {c} channels but data.channels={self.channels}: set "
                        f"data.channels={c}, or keep one channel count per folder")
     if self.kind == "video_folder" and min(h, w) < _MIN_SIDE:
-      return None, "too_small"
+      return None, "too_small", f"{h}x{w} pixels, under {_MIN_SIDE}"
     if self.kind == "latents" and (h < self.patch[1] or w < self.patch[2]):
-      return None, "too_small"
+      return None, "too_small", f"{h}x{w} latents, under the patch {self.patch[1:]}"
     if (n - 1) // self.stride + 1 < self.frames[0]:
-      return None, "too_short"
-    return (n, h, w), ""
+      return None, "too_short", f"{n} frames at stride {self.stride}"
+    return (n, h, w), "", ""
 
   def __len__(self) -> int:
     return len(self.entries)
@@ -322,7 +324,7 @@ class FolderSource:
     """``((T, H, W), first frame, (y, x) crop offset for latents)`` of item ``index``."""
     entry = self.entries[int(index)]
     if entry["skip"]:
-      raise Skip(entry["skip"], entry["path"])
+      raise Skip(entry["skip"], f"{entry['path']}: {entry['skip_detail']}")
     n, h, w = entry["shape"]
     rng = np.random.default_rng([self.seed, int(index)])
     available = (n - 1) // self.stride + 1

@@ -185,7 +185,10 @@ def test_folder_scan_skips_every_bad_kind_by_reason(video_folder):
   root, expected = video_folder
   src = FolderSource.from_config(folder_config(root), "video_folder")
   names = {os.path.basename(e["path"]): e["skip"] for e in src.entries}
-  assert names == expected  # notes.txt is not a video: not listed at all
+  # notes.txt is not a video: not listed at all. On a mismatch, show what each probe said.
+  assert names == expected, {os.path.basename(e["path"]): e["skip_detail"] for e in src.entries}
+  flat = next(e for e in src.entries if e["path"].endswith("flat.npy"))
+  assert "is not [T, H, W, C]" in flat["skip_detail"]
   for i, e in enumerate(src.entries):
     name = os.path.basename(e["path"])
     if expected[name]:
