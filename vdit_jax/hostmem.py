@@ -5,7 +5,7 @@ call, from the calling worker thread. glibc serves a request that large from a f
 (worker threads' arenas cannot grow past 64 MiB, and then map memory whatever ``M_MMAP_MAX``
 says) and unmaps it on ``free``, so every call touches new pages: one minor page fault per
 4 KiB. Measured on a 2-core CPU: a ``[64, 256, 2048]`` f32 logits matmul took 55 ms with 32769
-faults per call, 21 ms with none; the P0 factorized train step went from 1.13 s to 1.01 s.
+faults per call, 21 ms with none; P0 factorized forward+backward went from 1.13 s to 1.01 s.
 
 ``keep_freed_memory`` has every thread allocate from glibc's main arena (the one heap that grows
 in place), never map single allocations, and keep freed memory for reuse instead of returning
