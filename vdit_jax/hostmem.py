@@ -1,16 +1,17 @@
 """Host allocator settings that keep XLA:CPU's large buffers from costing page faults.
 
-XLA:CPU's dot kernels allocate scratch buffers of the output's size with ``malloc`` on every
-call, from the calling worker thread. glibc serves a request that large from a fresh ``mmap``
+XLA:CPU's dot kernels (YNNPACK) allocate scratch buffers of about the output's size with
+``malloc`` on every call, from a worker thread. glibc serves a request that large from a fresh ``mmap``
 (worker threads' arenas cannot grow past 64 MiB, and then map memory whatever ``M_MMAP_MAX``
 says) and unmaps it on ``free``, so every call touches new pages: one minor page fault per
 4 KiB. Measured on a 2-core CPU: a ``[64, 256, 2048]`` f32 logits matmul took 55 ms with 32769
 faults per call, 21 ms with none; P0 factorized forward+backward went from 1.13 s to 1.01 s.
 
 ``keep_freed_memory`` has every thread allocate from glibc's main arena (the one heap that grows
-in place), never map single allocations, and keep freed memory for reuse instead of returning
-it to the system. The process then holds on to its peak host memory until it exits, which a
-training or sampling process does anyway. ``import vdit_jax`` calls it, unless the environment
+in place), never map single allocations, and keep freed memory (up to 2 GiB free at the top of
+the heap) for reuse instead of returning it to the system. The process then holds on to about
+its peak host memory until it exits, which a training or sampling process would reach again
+at its next step anyway. ``import vdit_jax`` calls it, unless the environment
 sets ``VDIT_JAX_MALLOC=system``. It must run before JAX starts its thread pools (before the
 first computation): threads that have already allocated keep their own arenas.
 """
