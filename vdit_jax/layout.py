@@ -688,8 +688,7 @@ def packed_kv_blocks_bound(pattern: str, seq_len: int, block: int, grids,
     starts |= nxt
     frontier = nxt
   offsets = np.flatnonzero(starts[:L])
-  kinds = sorted({tuple(int(x) for x in g) for g in grids}
-                 if is_windowed(pattern) else
+  kinds = sorted(_grids_key(grids) if is_windowed(pattern) else
                  {(tokens.num_tokens(g), group_tokens(pattern, g)) for g in grids})
   if len(kinds) * offsets.size * (L // b) > 2e7:
     return None
@@ -768,9 +767,14 @@ def _block_and_bound(pattern: str, seq_len: int, grids: tuple, block: int,
   return b, j
 
 
+def _grids_key(grids) -> tuple[tuple[int, ...], ...]:
+  """``grids`` as a sorted tuple of distinct int tuples: hashable, for the caches here."""
+  return tuple(sorted({tuple(int(x) for x in g) for g in grids}))
+
+
 def _packed_bound(pattern, seq_len, block, grids, max_segments):
-  key = tuple(sorted({tuple(int(x) for x in g) for g in grids}))
-  return _packed_bound_cached(pattern, int(seq_len), int(block), key, int(max_segments))
+  return _packed_bound_cached(pattern, int(seq_len), int(block), _grids_key(grids),
+                              int(max_segments))
 
 
 @functools.lru_cache(maxsize=256)
@@ -781,6 +785,5 @@ def _packed_bound_cached(pattern, seq_len, block, grids, max_segments):
 def block_and_bound(pattern: str, seq_len: int, grids, block: int = 0,
                     max_segments: int | None = None) -> tuple[int, int]:
   """The block size and static ``max_kv_blocks`` that ``batch_layouts`` uses for ``pattern``."""
-  key = tuple(sorted({tuple(int(x) for x in g) for g in grids}))
-  return _block_and_bound(pattern, int(seq_len), key, int(block),
+  return _block_and_bound(pattern, int(seq_len), _grids_key(grids), int(block),
                           None if max_segments is None else int(max_segments))
