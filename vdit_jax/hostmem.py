@@ -19,9 +19,7 @@ first computation): threads that have already allocated keep their own arenas.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
-import platform
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -36,14 +34,25 @@ def keep_freed_memory() -> bool:
   """Applies the settings above; returns whether they apply (Linux with glibc only)."""
   if os.environ.get("VDIT_JAX_MALLOC", "").lower() == "system":
     return False
-  if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+  if not _is_glibc():
     return False
-  libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-  mallopt = getattr(libc, "mallopt", None)
+  # The process's own symbols, libc's among them (find_library would run ldconfig: 12 ms).
+  mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
   if mallopt is None:
     return False
   mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
   return all(mallopt(param, value) == 1 for param, value in _SETTINGS)
+
+
+def _is_glibc() -> bool:
+  # confstr answers at once (platform.libc_ver() scans the Python binary: 6 ms per import); only
+  # glibc knows the name, elsewhere (macOS, musl, Windows) it is missing or raises.
+  if not hasattr(os, "confstr"):
+    return False
+  try:
+    return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+  except (ValueError, OSError):  # the name or the value is unknown to this libc
+    return False
 
 
 APPLIED = keep_freed_memory()
