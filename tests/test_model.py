@@ -327,6 +327,22 @@ def test_blocksparse_model_equals_dense(block, backend, monkeypatch):
   assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(g_d))
 
 
+@pytest.mark.parametrize("spec,x_shape,w_shape", [("blhk,hkd->bld", (2, 6, 3, 4), (3, 4, 5)),
+                                                   ("blp,pd->bld", (2, 6, 7), (7, 5))])
+def test_project_equals_einsum_with_gradients(spec, x_shape, w_shape):
+  """The written-out backward of ``model.project`` (weight gradient with the activations on the
+  left) is the einsum's own, in value and both gradients."""
+  kx, kw, kt = jax.random.split(jax.random.key(0), 3)
+  x, w = jax.random.normal(kx, x_shape), jax.random.normal(kw, w_shape)
+  t = jax.random.normal(kt, jnp.einsum(spec, x, w).shape)
+  mine = jax.value_and_grad(lambda x, w: jnp.sum(model_lib.project(spec, x, w) * t), (0, 1))
+  ref = jax.value_and_grad(lambda x, w: jnp.sum(jnp.einsum(spec, x, w) * t), (0, 1))
+  (v1, g1), (v2, g2) = mine(x, w), ref(x, w)
+  np.testing.assert_allclose(v1, v2, rtol=1e-6)
+  for a, b in zip(g1, g2):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_label_embedding_is_not_swamped_by_the_timestep():
   """The label steers every modulation through ``c = t_emb + label_emb``; if the label table
   starts far smaller than the timestep embedding, short runs learn to ignore the label (seen:

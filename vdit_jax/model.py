@@ -18,6 +18,7 @@ compare like with like; ``factorized`` adds ``attn_t``.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -99,6 +100,36 @@ def layer_norm(x: jax.Array) -> jax.Array:
   return ((x32 - mean) * jax.lax.rsqrt(var + 1e-6)).astype(x.dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def project(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+  """``einsum(spec, x, w)``: activations ``x`` mapped by weights ``w``, with the weight gradient
+  computed as ``einsum(x, dy)``, activations on the left.
+
+  XLA:CPU's matmul wants its left operand's contracted axis last, so a weight gradient
+  (contracted over tokens) transposes one operand first. With autodiff's operand order that is
+  the output gradient ``dy``; where ``dy`` is the residual stream's gradient (the attention
+  output projection, the token embedding), XLA fuses the elementwise chain that makes it (the
+  norm backward passes of every later block) into that transposing copy and recomputes it
+  there, element by element: about a sixth of the default config's train step. Here the
+  stored activations are transposed instead (default step 269 -> 222 ms, bench/README.md).
+  """
+  return jnp.einsum(spec, x, w)
+
+
+def _project_fwd(spec, x, w):
+  return project(spec, x, w), (x, w)
+
+
+def _project_bwd(spec, res, dy):
+  x, w = res
+  ins, ys = spec.split("->")
+  xs, ws = ins.split(",")
+  return jnp.einsum(f"{ys},{ws}->{xs}", dy, w), jnp.einsum(f"{xs},{ys}->{ws}", x, dy)
+
+
+project.defvjp(_project_fwd, _project_bwd)
+
+
 @jax.custom_vjp
 def _split_qkv(qkv_BL3HK: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """q, k, v of the fused projection. Autodiff would transpose each slice into a zero-padded
@@ -136,7 +167,7 @@ class Attention(nnx.Module):
       q_BLHK, k_BLHK = self.q_norm(q_BLHK), self.k_norm(k_BLHK)
     q_BLHK, k_BLHK = apply_rope(q_BLHK, cos, sin), apply_rope(k_BLHK, cos, sin)
     o_BLHK = ctx.attend(pattern, q_BLHK, k_BLHK, v_BLHK)
-    return jnp.einsum("blhk,hkd->bld", o_BLHK, self.out[...].astype(self.dtype))
+    return project("blhk,hkd->bld", o_BLHK, self.out[...].astype(self.dtype))
 
 
 class Mlp(nnx.Module):
@@ -232,7 +263,9 @@ class VideoDiT(nnx.Module):
                layouts: dict | None = None) -> jax.Array:
     """``layouts``: per-pattern block layouts (``layout.batch_layouts``), for ``blocksparse``."""
     cfg = self.cfg
-    x_BLD = constrain(self.embed(tokens_BLP.astype(self.dtype)), _ACT)
+    x_BLD = project("blp,pd->bld", tokens_BLP.astype(self.dtype),
+                    self.embed.kernel[...].astype(self.dtype))
+    x_BLD = constrain(x_BLD + self.embed.bias[...].astype(self.dtype), _ACT)
     c_BSD = self.t_mlp2(jax.nn.silu(self.t_mlp1(timestep_embedding(t_BS, self.t_freq_dim))))
     c_BSD = c_BSD + self.label_embed(label_BS)
     angles = rope_angles(coords_BL3, cfg.head_dim, cfg.rope_theta)[:, :, None, :]
