@@ -29,6 +29,9 @@ def get_config(arg: str | None = None):
   c.model.depth = 4
   c.model.num_heads = 4
   c.model.head_dim = 32
+  # Blocksparse on every platform: these rows of two 252- or 256-token videos attend in aligned
+  # blocks of 256 (layout.aligned_block), half the pairs of dense's whole 512-token rows.
+  c.model.attention_backend = "blocksparse"
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 100
   c.train.steps = 2000

@@ -387,6 +387,82 @@ def test_aligned_bound_fits_aligned_packings():
     layout.max_kv_blocks_bound("full", L, 16, 16, 10, video_align=24)
 
 
+# Rows whose videos each fit in 64 tokens and fit L=128 rounded up to 64: alignable at 64.
+ALIGNABLE_ROWS = [[(3, 5, 2), (2, 3, 7)], [(1, 4, 4), (3, 2, 3)]]
+
+
+def test_aligned_layout_is_block_diagonal_and_matches_dense():
+  """``full`` with every video moved to a block start: one block per list, same attention."""
+  seg, coords = packed(ALIGNABLE_ROWS)
+  assert layout.needed_kv_blocks("full", seg, coords, 64, 64) == 2  # back to back: straddles
+  lay = layout.make_layout("full", seg, coords, 64, 64, align=True)
+  assert lay["kv_blocks"].shape[-1] == 1
+  seg_p = np.take_along_axis(seg, lay["perm"], 1)
+  np.testing.assert_array_equal(seg_p[:, [0, 64]], [[1, 2], [1, 2]])  # videos start at 0, 64
+  np.testing.assert_array_equal(np.sort(lay["perm"], 1), np.broadcast_to(np.arange(L), seg.shape))
+  assert_matches_dense("full", seg, coords, lay)
+
+
+def test_aligned_order_keeps_each_video_in_order():
+  seg, coords = packed(ALIGNABLE_ROWS)
+  perm = layout.aligned_order(seg, coords, 64)
+  seg_p = np.take_along_axis(seg, perm, 1)
+  for b in range(seg.shape[0]):
+    for s in (1, 2):
+      where = np.flatnonzero(seg_p[b] == s)
+      assert where[0] % 64 == 0 and np.all(np.diff(where) == 1)
+      np.testing.assert_array_equal(perm[b, where], np.flatnonzero(seg[b] == s))
+
+
+def test_aligned_layout_raises_when_a_row_does_not_fit():
+  seg, coords = packed()  # row 1: 42 + 16 + 18 tokens, 3 blocks of 64 > 128
+  assert layout.alignable(seg, 32) and not layout.alignable(seg, 64)
+  with pytest.raises(ValueError, match=r"row 1: videos of \[42, 16, 18\] tokens.*align=False"):
+    layout.make_layout("full", seg, coords, 64, 64, align=True)
+  with pytest.raises(ValueError, match="align=True needs pattern 'full'"):
+    layout.make_layout("spatial", seg, coords, 64, 64, align=True)
+
+
+def test_always_alignable_matches_enumeration():
+  """The dynamic program against every multiset of up to S sizes that fits a row."""
+  import itertools
+  rng = np.random.default_rng(5)
+  for _ in range(40):
+    seq_len = int(rng.choice([64, 128, 256]))
+    block = int(rng.choice([16, 32, 64]))
+    sizes = tuple(sorted({int(x) for x in rng.integers(1, block + 1, size=3)}))
+    S = int(rng.integers(1, 5))
+    worst = max(sum(-(-n // block) * block for n in combo)
+                for k in range(S + 1) for combo in itertools.combinations_with_replacement(sizes, k)
+                if sum(combo) <= seq_len)
+    assert layout._always_alignable(seq_len, block, sizes, S) == (worst <= seq_len), (
+        seq_len, block, sizes, S, worst)
+
+
+def test_batch_layouts_align_full_when_every_row_allows():
+  default_grids = [(4, 7, 9), (4, 8, 8), (4, 9, 7)]  # configs/default.py: 252 or 256 tokens
+  assert layout.block_and_bound("full", 512, default_grids, 0, max_segments=4) == (512, 1)
+  assert layout.aligned_block("full", 512, default_grids, 0, max_segments=4) == 256
+  assert layout.aligned_block("spatial", 512, default_grids, 0, max_segments=4) is None
+  assert layout.aligned_block("full", 512, default_grids, 128, max_segments=4) is None
+  assert layout.aligned_block("full", 512, default_grids, 0) is None  # packing unknown
+  # Three 170-token videos fit 512 back to back but not in three blocks of 256.
+  assert layout.aligned_block("full", 512, [(1, 10, 17)], 0, max_segments=3) is None
+  assert layout.aligned_block("full", 512, [(1, 10, 17)], 0, max_segments=2) == 256
+  # One video per row is block-diagonal already: nothing to gain (P0).
+  assert layout.aligned_block("full", 2048, [(8, 16, 16)], 0, max_segments=1) is None
+  rng = np.random.default_rng(6)
+  rows = [[default_grids[i] for i in rng.integers(0, 3, size=2)] for _ in range(3)] + [
+      [default_grids[0]]]
+  items = [[{"tokens": np.zeros((tokens.num_tokens(g), 1), np.float32), "grid": g} for g in row]
+           for row in rows]
+  b = tokens.pack_rows(items, 512, max_segments=4, token_size=1)
+  seg, coords = b["segment_ids"], b["coords"]
+  lay = layout.batch_layouts(["full"], seg, coords, default_grids, max_segments=4)["full"]
+  assert lay["kv_blocks"].shape[1:] == (2, 1)
+  assert_matches_dense("full", seg, coords, lay)
+
+
 def test_real_outputs_ignore_padding_values():
   seg, coords = packed()
   lay = {n: jnp.asarray(x) for n, x in layout.make_layout("full", seg, coords, 16, 16).items()}
