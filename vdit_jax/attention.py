@@ -48,8 +48,8 @@ def resolve_backend(backend: str, patterns: tuple[str, ...], max_segments: int,
 
   ``auto``: on GPU, ``sdpa`` (cuDNN) when every pattern is ``full`` and a row holds one video
   (nothing to skip, and cuDNN has no segment ids), else ``pallas`` (Triton); on TPU, ``pallas``
-  (splash attention); on CPU, ``blocksparse``. On CPU blocksparse measured as fast as dense on
-  the default config's 512-token rows with full3d (1.5% slower) and faster with factorized
+  (splash attention); on CPU, ``blocksparse``. On CPU blocksparse measured faster than dense on
+  the default config's rows (aligned blocks of 256: the step 0.85x dense's) and with factorized
   (bench/README.md); the GPU and TPU choices are unmeasured. ``pallas`` on CPU raises (its
   kernels run there only in interpret mode, for tests). Other names come back unchanged.
   """
