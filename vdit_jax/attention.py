@@ -49,8 +49,8 @@ def resolve_backend(backend: str, patterns: tuple[str, ...], max_segments: int,
   ``auto``: on GPU, ``sdpa`` (cuDNN) when every pattern is ``full`` and a row holds one video
   (nothing to skip, and cuDNN has no segment ids), else ``pallas`` (Triton); on TPU, ``pallas``
   (splash attention); on CPU, ``blocksparse``. On CPU blocksparse measured faster than dense on
-  the default config's rows (aligned blocks of 256: the step 0.85x dense's) and with factorized
-  (bench/README.md); the GPU and TPU choices are unmeasured. ``pallas`` on CPU raises (its
+  the default config's rows (aligned blocks of 256: the width-128 step 0.85x dense's) and with
+  factorized (bench/README.md); the GPU and TPU choices are unmeasured. ``pallas`` on CPU raises (its
   kernels run there only in interpret mode, for tests). Other names come back unchanged.
   """
   if backend not in BACKENDS:

@@ -23,11 +23,11 @@ random packings, smaller videos needed 32 key blocks where the largest grids nee
 static bound followed.)
 
 Videos are ordered by segment id, and each run of padding stays right after the video it follows
-(leading padding first); ``full`` may instead move the padding between videos so that each
-video starts on a block boundary (``aligned_order``, chosen by ``batch_layouts`` when every row
-the packer can make allows it). So ``full``, ``spatial`` and windowed orders are the identity on any row
+(leading padding first). So ``full``, ``spatial`` and windowed orders are the identity on any row
 of contiguous t-major videos (``tokens.pack_rows``, with or without gaps between videos), and
-``temporal`` moves tokens only inside each video.
+``temporal`` moves tokens only inside each video. The one exception: ``full`` may move the
+padding between videos so that each starts on a block boundary (``aligned_order``, chosen by
+``batch_layouts`` when every row the packer can make allows it).
 
 Padding. In ``dense`` a padding token (segment 0) attends to every padding token, which would
 make a query block of padding need every padding key block (up to L/block_k of them) and blow up

@@ -110,8 +110,8 @@ def project(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
   the output gradient ``dy``; where ``dy`` is the residual stream's gradient (the attention
   output projection, the token embedding), XLA fuses the elementwise chain that makes it (the
   norm backward passes of every later block) into that transposing copy and recomputes it
-  there, element by element: about a sixth of the default config's train step. Here the
-  stored activations are transposed instead (default step 269 -> 222 ms, bench/README.md).
+  there, element by element: about a quarter of the width-128 default step of the time. Here
+  the stored activations are transposed instead (that step 270 -> 208 ms, bench/README.md).
   """
   return jnp.einsum(spec, x, w)
 
