@@ -14,11 +14,11 @@ the forward pass keeps for the backward pass (what remat saves, on any platform)
 Prints seconds per forward+backward for full3d, factorized (a spatial and a temporal attention
 sublayer in every block) and alternating (spatial blocks and temporal blocks in turn, one
 attention sublayer each: how Latte and Open-Sora's STDiT3 factorize, and about half the FLOPs of
-full3d as the brief says of them; factorized's extra sublayers cost more), a plain einsum DiT written
-the obvious way (the "plain JAX" reference, measured here in the same run), achieved GFLOP/s from
-the analytic FLOP count, and the fraction of this machine's measured f32 matmul peak. The peers'
-times quoted by the project brief (measured on this kind of 2-core machine, not re-measured
-here) are the goals of the target lines.
+full3d as the brief says of them; factorized's extra sublayers cost more), a plain einsum DiT
+written the obvious way (the "plain JAX" reference, measured here in the same run), achieved
+GFLOP/s from the analytic FLOP count, and the fraction of this machine's measured f32 matmul
+peak. The peers' times quoted by the project brief (measured on this kind of 2-core machine, not
+re-measured here) are the goals of the target lines.
 """
 
 from __future__ import annotations

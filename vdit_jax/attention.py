@@ -50,8 +50,8 @@ def resolve_backend(backend: str, patterns: tuple[str, ...], max_segments: int,
   (nothing to skip, and cuDNN has no segment ids), else ``pallas`` (Triton); on TPU, ``pallas``
   (splash attention); on CPU, ``blocksparse``. On CPU blocksparse measured faster than dense on
   the default config's rows (aligned blocks of 256: the width-128 step 0.85x dense's) and with
-  factorized (bench/README.md); the GPU and TPU choices are unmeasured. ``pallas`` on CPU raises (its
-  kernels run there only in interpret mode, for tests). Other names come back unchanged.
+  factorized (bench/README.md); the GPU and TPU choices are unmeasured. ``pallas`` on CPU raises
+  (its kernels run there only in interpret mode, for tests). Other names come back unchanged.
   """
   if backend not in BACKENDS:
     raise ValueError(f"unknown attention backend {backend!r}: use one of {BACKENDS}")

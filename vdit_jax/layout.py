@@ -867,15 +867,21 @@ def aligned_block(pattern: str, seq_len: int, grids, block: int = 0,
   """
   if pattern != "full" or block or max_segments is None:
     return None
-  grids = _grids_key(grids)
+  return _aligned_block(int(seq_len), _grids_key(grids), int(max_segments))
+
+
+@functools.lru_cache(maxsize=256)
+def _aligned_block(seq_len: int, grids: tuple, max_segments: int) -> int | None:
+  """``aligned_block`` for ``full`` with the default block, cached: ``batch_layouts`` asks for
+  every batch."""
   sizes = tuple(sorted({tokens.num_tokens(g) for g in grids}))
   a = 16
   while a < sizes[-1]:
     a *= 2
-  if a > min(int(seq_len), _MAX_BLOCK) or seq_len % a:
+  if a > min(seq_len, _MAX_BLOCK) or seq_len % a:
     return None
-  b, j = block_and_bound(pattern, seq_len, grids, 0, max_segments)
-  if (j == 1 and b <= a) or not _always_alignable(int(seq_len), a, sizes, int(max_segments)):
+  b, j = _block_and_bound("full", seq_len, grids, 0, max_segments)
+  if (j == 1 and b <= a) or not _always_alignable(seq_len, a, sizes, max_segments):
     return None
   return a
 
