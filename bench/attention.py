@@ -25,6 +25,7 @@ temporaries), compiled only, never run. Analytic FLOPs: 4 K per allowed pair and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -36,7 +37,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from vdit_jax import attention, layout, tokens  # noqa: E402
+from vdit_jax import attention, backends, bounds, layout, schedule, tokens  # noqa: E402
+from vdit_jax import patterns as pat  # noqa: E402
 from vdit_jax import config as config_lib  # noqa: E402
 from vdit_jax import model as model_lib  # noqa: E402
 
@@ -55,6 +57,7 @@ SIZES = {
                                                   "window(0,3,15)"),
               "boxes": ("window(2,2,2)",)},
 }
+GROUPED = ("full", "spatial", "temporal")
 # Block types whose attention term model.forward_flops is checked against here.
 FLOP_BLOCKS = ("full3d", "factorized")
 
@@ -74,13 +77,17 @@ def make_row(grids, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
   return seg, coords
 
 
-def grad_fn(backend: str, patterns: tuple[str, ...], kv_chunk: int | None = None):
+def make_backend(name: str, patterns, kv_chunk: int | None = None) -> backends.Backend:
+  kernel = backends.platform_kernel(jax.default_backend()) if name == "pallas" else None
+  return backends.Backend(name, patterns, kv_chunk=kv_chunk, kernel=kernel)
+
+
+def grad_fn(backend: backends.Backend):
   """jitted (q, k, v, g, seg, coords, layouts) -> gradients in q, k, v of <sum of outputs, g>."""
 
   def loss(q, k, v, g, seg, coords, layouts):
-    ctx = attention.AttentionContext(backend, seg, coords, patterns, layouts=layouts,
-                                     kv_chunk=kv_chunk)
-    out = sum(ctx.attend(p, q, k, v) for p in patterns)
+    ctx = attention.AttentionContext(backend, seg, coords, layouts)
+    out = sum(ctx.attend(p, q, k, v) for p in backend.patterns)
     return jnp.sum(out * g)
 
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
@@ -105,7 +112,7 @@ def time_side_by_side(cases: dict, repeats: int) -> dict[str, float]:
 
 
 def pairs_of(pattern: str, grids) -> int:
-  return sum(attention.pattern_pairs(pattern, g) for g in grids)
+  return sum(pat.parse(pattern).pairs(g) for g in grids)
 
 
 def model_attention_flops(block: str, grids, seq_len: int) -> float:
@@ -122,22 +129,31 @@ def video_grid(seq_len: int) -> tuple[int, int, int]:
   return (16, 2 ** (k // 2), 2 ** (k - k // 2))
 
 
-def pipeline_layouts(patterns, seg, coords, grids, exact: bool = False) -> dict:
-  """Layouts as the pipeline makes them for data of exactly these grids, one row of them."""
-  return layout.batch_layouts(patterns, seg, coords, grids, exact=exact, max_segments=len(grids))
+def pipeline_layouts(backend: backends.Backend, seg, coords, grids, exact: bool = False):
+  """What the pipeline prepares for data of exactly these grids, one row of them."""
+  return backend.prepare(seg, coords, grids, exact=exact, max_segments=len(grids))
 
 
-def layout_shapes(pattern: str, seq_len: int, grid) -> dict[str, jax.ShapeDtypeStruct]:
+def computed_fraction(lay: layout.Layout, seq_len: int) -> float:
+  """Fraction of the row's block pairs blocksparse computes for a layout."""
+  n = seq_len // lay.block_q
+  if lay.max_pairs:
+    return lay.max_pairs / n**2
+  return min(lay.max_kv_blocks / n, 1.0)
+
+
+def layout_shapes(pattern: str, seq_len: int, grid) -> layout.Layout:
   """Shapes of ``pipeline_layouts(...)[pattern]`` for one video, without building it (huge L)."""
-  block, J = layout.block_and_bound(pattern, seq_len, [grid], max_segments=1)
+  block, J, P = bounds.plan(pattern, seq_len, [grid], max_segments=1)
   N = seq_len // block
   i32, b8 = jnp.int32, jnp.bool_
-  shapes = {"perm": ((1, seq_len), i32), "inv_perm": ((1, seq_len), i32),
-            "perm_segment": ((1, seq_len), i32), "perm_coords": ((1, seq_len, 3), i32),
-            # Equal query and key blocks: R = max_kv_blocks readers per key block.
-            "kv_blocks": ((1, N, J), i32), "kv_valid": ((1, N, J), b8),
-            "kv_readers": ((1, N, J), i32), "kv_readers_valid": ((1, N, J), b8)}
-  return {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in shapes.items()}
+  sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
+  pairs = ({"pair_q": sds((1, P), i32), "pair_k": sds((1, P), i32), "pair_valid": sds((1, P), b8)}
+           if P else {})
+  return layout.Layout(perm=sds((1, seq_len), i32), inv_perm=sds((1, seq_len), i32),
+                       perm_segment=sds((1, seq_len), i32), perm_coords=sds((1, seq_len, 3), i32),
+                       kv_blocks=sds((1, N, J), i32), kv_valid=sds((1, N, J), b8),
+                       block_q=block, block_k=block, max_kv_blocks=J, max_pairs=P, **pairs)
 
 
 def compiled_bytes(backend: str, patterns, seq_len: int, kv_chunk: int | None) -> int:
@@ -147,7 +163,7 @@ def compiled_bytes(backend: str, patterns, seq_len: int, kv_chunk: int | None) -
   coords = jax.ShapeDtypeStruct((1, seq_len, 3), jnp.int32)
   layouts = ({p: layout_shapes(p, seq_len, grid) for p in patterns}
              if backend == "blocksparse" else None)
-  fn = grad_fn(backend, patterns, kv_chunk)
+  fn = grad_fn(make_backend(backend, patterns, kv_chunk))
   ma = fn.lower(x, x, x, x, seg, coords, layouts).compile().memory_analysis()
   return (ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
           - ma.alias_size_in_bytes)
@@ -181,7 +197,8 @@ def main():
   dtype = jnp.dtype(args.dtype)
   size = SIZES["quick" if args.quick else "default"]
   video, packed, sdpa_video = size["video"], size["packed"], size["sdpa"]
-  fact = layout.BLOCK_PATTERNS["factorized"]
+  fact = schedule.BLOCK_PATTERNS["factorized"]
+  causal = str(pat.FrameCausal(-1))
 
   # ---- timed variants: name -> (row, backend, patterns, layouts sized for this row?)
   L = tokens.num_tokens(video)
@@ -196,7 +213,7 @@ def main():
       "video: blocksparse factorized": ("video", "blocksparse", fact, False),
       "video: blocksparse factorized, exact": ("video", "blocksparse", fact, True),
       **{f"video: blocksparse {w}": ("video", "blocksparse", (w,), False)
-         for w in size["windows"] + size["boxes"]},
+         for w in size["windows"] + size["boxes"] + (causal,)},
       "packed: dense full": ("packed", "dense", ("full",), False),
       "packed: blocksparse full": ("packed", "blocksparse", ("full",), False),
       "packed: blocksparse full, exact": ("packed", "blocksparse", ("full",), True),
@@ -212,15 +229,15 @@ def main():
   for name, (row, backend, patterns, exact) in variants.items():
     grids, seq_len = rows[row]
     seg, coords = make_row(grids, seq_len)
-    layouts = None
+    be = make_backend(backend, patterns)
+    layouts = pipeline_layouts(be, seg, coords, grids, exact=exact)
     computed[name] = len(patterns)  # dense: every pair, per pattern
-    if backend in layout.LAYOUT_BACKENDS:
-      layouts = pipeline_layouts(patterns, seg, coords, grids, exact=exact)
-      # Keys each query block computes: its max_kv_blocks slots (or the whole row).
-      computed[name] = sum(min(lay["kv_blocks"].shape[2] / lay["kv_readers"].shape[1], 1.0)
-                           for lay in layouts.values())
+    if layouts is not None:
+      # Keys each query block computes: its listed pairs, or its max_kv_blocks slots (or the
+      # whole row).
+      computed[name] = sum(computed_fraction(lay, seq_len) for lay in layouts.values())
       layouts = jax.tree.map(jnp.asarray, layouts)
-    cases[name] = (grad_fn(backend, patterns),
+    cases[name] = (grad_fn(be),
                    (*qkvg(seq_len, dtype=dtype), jnp.asarray(seg), jnp.asarray(coords), layouts))
     pair_ratio[name] = sum(pairs_of(p, grids) for p in patterns) / seq_len ** 2
   sec = time_side_by_side(cases, args.repeats)
@@ -243,24 +260,26 @@ def main():
   print(f"{'pattern':18s} {'row':8s} {'pairs':>14s} {'pairs/L^2':>10s} {'GFLOP':>10s}")
   for row in ("video", "packed"):
     grids, seq_len = rows[row]
-    for p in layout.PATTERNS + (size["windows"] + size["boxes"] if row == "video" else ()):
+    for p in GROUPED + (size["windows"] + size["boxes"] + (causal,) if row == "video" else ()):
       pairs = pairs_of(p, grids)
       print(f"{p:18s} {row:8s} {pairs:14d} {pairs / seq_len**2:10.4f} "
             f"{4 * HEADS * HEAD_DIM * pairs / 1e9:10.3f}")
   model_diff = 0.0
   for block in FLOP_BLOCKS:
-    patterns = layout.BLOCK_PATTERNS[block]
+    block_patterns = schedule.BLOCK_PATTERNS[block]
     for row in ("video", "packed"):
       grids, seq_len = rows[row]
-      ours = 4 * HEADS * HEAD_DIM * sum(pairs_of(p, grids) for p in patterns)
+      ours = 4 * HEADS * HEAD_DIM * sum(pairs_of(p, grids) for p in block_patterns)
       model_diff = max(model_diff, abs(model_attention_flops(block, grids, seq_len) - ours) / ours)
 
   # ---- memory: largest L within 16 GiB, compiled only
   lo, hi = size["memory"]
   seg, coords = make_row([video_grid(lo)], lo)
-  for p, lay in pipeline_layouts(layout.PATTERNS, seg, coords, [video_grid(lo)]).items():
-    shapes = {k: v.shape for k, v in layout_shapes(p, lo, video_grid(lo)).items()}
-    if shapes != {k: v.shape for k, v in lay.items()}:
+  for p, lay in pipeline_layouts(make_backend("blocksparse", GROUPED + (causal,)), seg, coords,
+                                 [video_grid(lo)]).items():
+    shapes = layout_shapes(p, lo, video_grid(lo))
+    if jax.tree.structure(shapes) != jax.tree.structure(lay) or \
+        [x.shape for x in jax.tree.leaves(shapes)] != [x.shape for x in jax.tree.leaves(lay)]:
       raise AssertionError(f"layout_shapes({p!r}) {shapes} differ from pipeline_layouts")
   memory = {
       "dense full": largest_len("dense", ("full",), lo, hi),
@@ -269,6 +288,7 @@ def main():
       "blocksparse full, kv_chunk=8": largest_len("blocksparse", ("full",), lo, hi, 8),
       "blocksparse factorized": largest_len("blocksparse", fact, lo, hi),
       "blocksparse factorized, kv_chunk=8": largest_len("blocksparse", fact, lo, hi, 8),
+      f"blocksparse {causal}": largest_len("blocksparse", (causal,), lo, hi),
   }
   print(f"\nlargest L (one 16-frame video, doubling from {lo} up to {hi}) whose forward+backward "
         f"compiles within {MEMORY_BUDGET / 2**30:.0f} GiB")
@@ -287,9 +307,12 @@ def main():
          1.3 * pair_ratio["packed: blocksparse full"])
   for w in size["windows"]:
     name = f"video: blocksparse {w}"
-    target(f"video_window_{'_'.join(map(str, layout.parse_pattern(w)[1]))}_blocksparse_over_"
-           "full_dense",
+    args = "_".join(map(str, dataclasses.astuple(pat.parse(w))))
+    target(f"video_window_{args}_blocksparse_over_full_dense",
            sec[name] / dense_video, "<=", 1.25 * pair_ratio[name] + 0.05)
+  name = f"video: blocksparse {causal}"
+  target("video_frame_causal_blocksparse_over_full_dense", sec[name] / dense_video, "<=",
+         1.25 * pair_ratio[name] + 0.05)
   target("alone_full_blocksparse_over_sdpa_xla",
          sec["alone: blocksparse full"] / sec["alone: sdpa (xla) full"], "<=", 1.2)
   dense_len = memory["dense full"][0] or 0

@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 from configs import default  # noqa: E402
 from data import packing, pipeline  # noqa: E402
 from vdit_jax import config as config_lib  # noqa: E402
-from vdit_jax import layout, trainer  # noqa: E402
+from vdit_jax import backends, trainer  # noqa: E402
 from vdit_jax import tokens as tok  # noqa: E402
 
 
@@ -82,10 +82,8 @@ def host_stats(config, batches: int) -> dict:
     t2 = time.perf_counter()
     batch = packing.pack_videos(items, patch, maker.seq_len, maker.max_segments, maker.channels,
                                 maker.null_label)
-    if maker.layout_patterns:
-      layout.batch_layouts(maker.layout_patterns, batch["segment_ids"], batch["coords"],
-                           maker.layout_grids, block=maker.attention_block,
-                           max_segments=maker.layout_segments)
+    maker.backend.prepare(batch["segment_ids"], batch["coords"], maker.layout_grids,
+                          max_segments=maker.layout_segments)
     t3 = time.perf_counter()
     out["plan"].append(t1 - t0)
     out["render"].append(t2 - t1)
@@ -121,11 +119,11 @@ def step_time(config, batch: dict, backend: str, repeats: int) -> float:
   c.data.max_segments = batch["seg_grid"].shape[1]
   c.data.batch_rows = batch["tokens"].shape[0]
   feed = {k: batch[k] for k in trainer.BATCH_AXES}
-  if backend in layout.LAYOUT_BACKENDS:  # as the pipeline makes them for this row shape
-    feed["layouts"] = layout.batch_layouts(layout.config_patterns(c.model), batch["segment_ids"],
-                                           batch["coords"], config_lib.possible_grids(c),
-                                           block=c.model.attention_block,
-                                           max_segments=c.data.max_segments)
+  resolved = backends.resolve(c.model, c.data.max_segments)
+  layouts = resolved.prepare(batch["segment_ids"], batch["coords"], config_lib.possible_grids(c),
+                             max_segments=c.data.max_segments)  # as the pipeline makes them
+  if layouts is not None:
+    feed["layouts"] = layouts
   feed = jax.device_put(feed)
   graphdef, state = trainer.init_state(c)
   fn = jax.jit(functools.partial(trainer.train_step, graphdef=graphdef,

@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 from configs import default, p0  # noqa: E402
 from data import pipeline  # noqa: E402
 from vdit_jax import config as config_lib  # noqa: E402
-from vdit_jax import layout, trainer, tokens  # noqa: E402
+from vdit_jax import backends, trainer, tokens  # noqa: E402
 from vdit_jax import model as model_lib  # noqa: E402
 from vdit_jax import sharding as shard_lib  # noqa: E402
 
@@ -72,12 +72,12 @@ def p0_batch(config, exact_layouts: bool = False) -> dict:
                    "grid": tokens.grid_shape((T, S, S), config.model.patch), "label": 1}])
   batch = tokens.pack_rows(items, config.data.seq_len, config.data.max_segments, P,
                            seg_fields={"label": (np.int32, config.model.num_classes)})
-  if config.model.attention_backend in layout.LAYOUT_BACKENDS:
-    # As the training pipeline makes them: the static bound for this data config (or exact).
-    batch["layouts"] = layout.batch_layouts(
-        layout.config_patterns(config.model), batch["segment_ids"], batch["coords"],
-        config_lib.possible_grids(config), block=config.model.attention_block,
-        exact=exact_layouts, max_segments=config.data.max_segments)
+  # As the training pipeline makes them: the static bound for this data config (or exact).
+  layouts = backends.resolve(config.model, config.data.max_segments).prepare(
+      batch["segment_ids"], batch["coords"], config_lib.possible_grids(config),
+      max_segments=config.data.max_segments, exact=exact_layouts)
+  if layouts is not None:
+    batch["layouts"] = layouts
   return batch
 
 

@@ -37,7 +37,7 @@ import grain
 from data import files, packing
 from data.moving_digits import MovingDigits
 from data.synthetic_shapes import SyntheticShapes
-from vdit_jax import layout
+from vdit_jax import backends
 from vdit_jax import tokens as tok
 
 # Stop filling a batch after this many consecutive drawn videos fit in no row. Larger packs
@@ -65,7 +65,10 @@ def make_source(config):
 class BatchMaker:
   """``step -> packed batch`` for one process; picklable, so grain workers can run it."""
 
-  def __init__(self, config, process_index: int = 0, process_count: int = 1):
+  def __init__(self, config, process_index: int = 0, process_count: int = 1,
+               backend: backends.Backend | None = None):
+    """``backend``: the run's attention backend, whose ``prepare`` makes what each batch needs
+    (default: ``backends.resolve`` on this platform)."""
     d = config.data
     shards = int(d.shards) or process_count
     if shards < 0 or shards % process_count:
@@ -91,10 +94,7 @@ class BatchMaker:
     self.label_dropout = float(d.label_dropout)
     self.patch = tuple(int(p) for p in config.model.patch)
     self.null_label = int(config.model.num_classes)
-    # blocksparse attention needs per-pattern block layouts; they are made here, on the host.
-    self.layout_patterns = (layout.config_patterns(config.model)
-                            if config.model.attention_backend in layout.LAYOUT_BACKENDS else ())
-    self.attention_block = int(config.model.attention_block)
+    self.backend = backend or backends.resolve(config.model, self.max_segments)
     # Fail at start-up, not at the first unlucky step thousands of steps in.
     largest = self.source.largest_video()
     # Every grid the source can produce lets the layouts use the bound for rows packed back to
@@ -169,16 +169,16 @@ class BatchMaker:
                                 self.channels, self.null_label)
     if self.skip_reasons:  # host-side: the trainer reports them as skipped_<reason> metrics
       batch["skipped"] = {r: np.int64(n) for r, n in skipped.items()}
-    if self.layout_patterns:
-      batch["layouts"] = layout.batch_layouts(self.layout_patterns, batch["segment_ids"],
-                                              batch["coords"], self.layout_grids,
-                                              block=self.attention_block,
-                                              max_segments=self.layout_segments)
+    # Made here, on the host (in grain's workers when there are any), with static shapes.
+    layouts = self.backend.prepare(batch["segment_ids"], batch["coords"], self.layout_grids,
+                                   max_segments=self.layout_segments)
+    if layouts is not None:
+      batch["layouts"] = layouts
     return batch
 
 
-def make_batch(config, step: int, process_index: int = 0,
-               process_count: int = 1) -> dict[str, np.ndarray]:
+def make_batch(config, step: int, process_index: int = 0, process_count: int = 1,
+               backend: backends.Backend | None = None) -> dict[str, np.ndarray]:
   """This process's share of the packed batch of ``step`` (see the module docstring).
 
   Returns ``tokens f32 [B, L, P]``, ``segment_ids i32 [B, L]``, ``coords i32 [B, L, 3]``,
@@ -186,7 +186,7 @@ def make_batch(config, step: int, process_index: int = 0,
   process_count`` (rows ``process_index * B`` onwards of the global batch); empty slots hold the
   null label ``model.num_classes``.
   """
-  return BatchMaker(config, process_index, process_count)(step)
+  return BatchMaker(config, process_index, process_count, backend)(step)
 
 
 def _mark_absl_flags_parsed() -> None:
@@ -198,7 +198,8 @@ def _mark_absl_flags_parsed() -> None:
 
 
 def make_train_iterator(config, start_step: int = 0, process_index: int = 0,
-                        process_count: int = 1) -> grain.DatasetIterator:
+                        process_count: int = 1, backend: backends.Backend | None = None,
+                        ) -> grain.DatasetIterator:
   """An endless grain iterator over ``make_batch(config, step, ...)`` for step = start_step, ...
 
   ``get_state()`` / ``set_state()`` round-trip exactly. A state must be restored into an
@@ -211,7 +212,7 @@ def make_train_iterator(config, start_step: int = 0, process_index: int = 0,
   """
   d = config.data
   ds = grain.MapDataset.range(int(start_step), _END_STEP).map(
-      BatchMaker(config, process_index, process_count))
+      BatchMaker(config, process_index, process_count, backend))
   if d.worker_count > 0:
     _mark_absl_flags_parsed()
     # Inside a worker the batch is made inline; mp_prefetch's buffer does the prefetching.

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from tests.test_blocksparse import ROWS, WINDOWED, packed, random_qkv
-from vdit_jax import attention, layout
+from vdit_jax import attention, backends, patterns, schedule
+from tests import helpers
 
 
 def attend_and_grads(backend, pattern, seg, coords, dtype=jnp.float32):
@@ -14,7 +15,8 @@ def attend_and_grads(backend, pattern, seg, coords, dtype=jnp.float32):
   q, k, v, w = (x.astype(dtype) for x in random_qkv(seg))
 
   def loss(q, k, v):
-    ctx = attention.AttentionContext(backend, jnp.asarray(seg), jnp.asarray(coords), (pattern,))
+    ctx = attention.AttentionContext(backends.Backend(backend, (pattern,)), jnp.asarray(seg),
+                                     jnp.asarray(coords))
     out = ctx.attend(pattern, q, k, v)
     return jnp.sum(out.astype(jnp.float32) * w), out
 
@@ -22,7 +24,7 @@ def attend_and_grads(backend, pattern, seg, coords, dtype=jnp.float32):
   return out, grads
 
 
-@pytest.mark.parametrize("pattern", attention.PATTERNS + WINDOWED)
+@pytest.mark.parametrize("pattern", ("full", "spatial", "temporal") + WINDOWED)
 def test_sdpa_xla_matches_dense(pattern):
   """Packed rows of odd grids with padding: outputs (padding included) and gradients."""
   seg, coords = packed()
@@ -49,17 +51,20 @@ def test_sdpa_cudnn_matches_dense_on_gpu():
 
 
 def test_auto_resolves_per_platform():
-  full, fact = ("full",), layout.BLOCK_PATTERNS["factorized"]
-  resolve = attention.resolve_backend
+  full, fact = ("full",), schedule.BLOCK_PATTERNS["factorized"]
+  full, fact = [tuple(map(patterns.parse, x)) for x in (full, fact)]
+  resolve = backends.concrete_name
   assert resolve("auto", full, 1, "gpu") == "sdpa"  # unpacked full attention: cuDNN
   assert resolve("auto", full, 4, "gpu") == "pallas"  # packed rows: Triton with segment ids
   assert resolve("auto", fact, 1, "gpu") == "pallas"
   assert resolve("auto", full, 1, "tpu") == "pallas"  # splash attention
   assert resolve("auto", full, 1, "cpu") == "blocksparse"
-  assert resolve("auto", full, 1) in ("sdpa", "pallas", "blocksparse")  # this machine's
   assert resolve("dense", full, 4, "gpu") == "dense"  # a named backend stays
-  with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
-    resolve("flash", full, 1)
-  seg, coords = packed()
+  with pytest.raises(ValueError, match="attention_backend='flash' is unknown"):
+    resolve("flash", full, 1, "cpu")
+  cfg = helpers.tiny_config("factorized", **{"model.attention_backend": "auto"}).model
+  here = backends.resolve(cfg, 2)  # this machine's
+  assert here.name in ("sdpa", "pallas", "blocksparse")
+  assert here.patterns == fact and here.needs_layouts == (here.name != "sdpa")
   with pytest.raises(ValueError, match="resolve 'auto'"):
-    attention.AttentionContext("auto", seg, coords, full)
+    backends.Backend("auto", full)

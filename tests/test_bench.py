@@ -27,7 +27,7 @@ def test_step_bench_quick_prints_targets():
 
 def test_attention_bench_quick_prints_targets():
   lines = quick_targets("bench/attention.py")
-  assert len(lines) == 9, lines
+  assert len(lines) == 10, lines
   # The model's FLOP counter and the bench's analytic count are the same numbers.
   assert lines[-1].startswith("target model_flops_attention_rel_diff: 0 ") and "PASS" in lines[-1]
 

@@ -13,13 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdit_jax import attention, blocksparse, flash, layout, tokens
+from vdit_jax import (attention, backends, blocksparse, bounds, flash, layout, patterns, schedule,
+                      tokens)
 
 PATTERNS = ("full", "spatial", "temporal")
 
 
-# Windowed patterns, sized so that on ROWS' small grids they are neither empty nor everything.
-WINDOWED = ("window(1,1,2)", "local(1,3)", "cross(1,4)")
+# Patterns that are not group relations, sized so that on ROWS' small grids they are neither
+# empty nor everything (frame_causal is not symmetric).
+WINDOWED = ("window(1,1,2)", "local(1,3)", "cross(1,4)", "frame_causal(1)", "frame_causal(-1)")
 # Odd grids, several videos per row, padding at the end of both rows (72 and 76 of 128 tokens).
 ROWS = [[(3, 5, 2), (2, 3, 7)], [(2, 3, 7), (1, 4, 4), (3, 2, 3)]]
 L, H, K = 128, 2, 8
@@ -67,7 +69,7 @@ def allowed_np(pattern, seg_BL, coords_BL3):
 def layout_pairs_np(pattern, seg, coords, lay, block_q):
   """[B, L, L] pairs blocksparse allows, in the permuted order: dense's, with padding queries
   limited to their own query block."""
-  perm = lay["perm"]
+  perm = lay.perm
   seg_p = np.take_along_axis(seg, perm, 1)
   allowed = allowed_np(pattern, seg_p, np.take_along_axis(coords, perm[..., None], 1))
   chunk = np.arange(seg.shape[1]) // block_q
@@ -76,10 +78,10 @@ def layout_pairs_np(pattern, seg, coords, lay, block_q):
 
 
 def listed_blocks(lay, nK):
-  B, nQ, _ = lay["kv_blocks"].shape
+  B, nQ, _ = lay.kv_blocks.shape
   listed = np.zeros((B, nQ, nK), bool)
-  b, n, j = np.nonzero(lay["kv_valid"])
-  listed[b, n, lay["kv_blocks"][b, n, j]] = True
+  b, n, j = np.nonzero(lay.kv_valid)
+  listed[b, n, lay.kv_blocks[b, n, j]] = True
   return listed
 
 
@@ -98,7 +100,7 @@ def assert_matches_dense(pattern, seg, coords, lay, kv_chunk=None, dense_pattern
   q, k, v, w = random_qkv(seg)
   real = (seg > 0)[:, :, None, None]
   dense, sparse = dense_fn(dense_pattern or pattern, seg, coords), bs_fn(pattern, kv_chunk)
-  lay = {name: jnp.asarray(x) for name, x in lay.items()}
+  lay = jax.tree.map(jnp.asarray, lay)
   o_dense = dense(q, k, v)
   o_sparse = jax.jit(sparse)(q, k, v, lay)
   assert bool(jnp.all(jnp.isfinite(o_sparse)))
@@ -145,7 +147,7 @@ def test_matches_dense_block_diagonal(pattern):
   """Videos and groups that never straddle a 16-block: one listed block each, no gathers."""
   seg, coords = packed([[(1, 4, 4), (4, 2, 2)], [(2, 2, 4), (1, 4, 4), (4, 1, 4)]])
   lay = layout.make_layout(pattern, seg, coords, 16, 16)
-  assert lay["kv_blocks"].shape[-1] == 1
+  assert lay.kv_blocks.shape[-1] == 1
   assert_matches_dense(pattern, seg, coords, lay)
 
 
@@ -157,7 +159,7 @@ def test_large_block_diagonal_blocks_are_query_chunked(monkeypatch, pattern):
   monkeypatch.setattr(flash, "query_chunk", lambda *args, **kwargs: 16)
   seg, coords = packed([[(2, 4, 4), (4, 2, 4), (1, 4, 8)], [(2, 2, 8), (8, 2, 2), (1, 2, 16)]])
   lay = layout.make_layout(pattern, seg, coords, 32, 32)
-  assert lay["kv_blocks"].shape[-1] == 1
+  assert lay.kv_blocks.shape[-1] == 1
   q, k, v, _ = random_qkv(seg)
   jaxpr = str(jax.make_jaxpr(functools.partial(
       blocksparse.blocksparse_attention, pattern=pattern, layout=lay))(q, k, v))
@@ -185,6 +187,9 @@ ROW_KINDS = {"packed": packed, "shuffled": lambda: shuffled(*packed(), seed=1), 
     ("local(1,3)", "gaps", 32, 16, None, None),
     ("cross(1,4)", "packed", 16, 16, None, None),
     ("cross(1,4)", "shuffled", 16, 16, 8, None),  # every key block: the one-matmul path
+    ("frame_causal(1)", "packed", 16, 16, None, None),
+    ("frame_causal(-1)", "gaps", 16, 32, None, None),
+    ("frame_causal(0)", "shuffled", 16, 16, None, 2),
 ])
 def test_windowed_matches_dense(pattern, rows, block_q, block_k, max_kv_blocks, kv_chunk):
   seg, coords = ROW_KINDS[rows]()
@@ -213,7 +218,7 @@ def test_layout_lists_exactly_the_nonempty_blocks(pattern, block_q, block_k, row
   listed = listed_blocks(lay, nK)
   np.testing.assert_array_equal(listed, nonempty)  # misses none, lists no empty one
   # No real query loses a pair dense allows (padding queries may, by design).
-  perm = lay["perm"]
+  perm = lay.perm
   dense_pairs = allowed_np(pattern, np.take_along_axis(seg, perm, 1),
                            np.take_along_axis(coords, perm[..., None], 1))
   real_q = (np.take_along_axis(seg, perm, 1) > 0)[:, :, None]
@@ -222,17 +227,12 @@ def test_layout_lists_exactly_the_nonempty_blocks(pattern, block_q, block_k, row
   dense_blocks = dense_pairs.reshape(B, nQ, block_q, nK, block_k).any(axis=(2, 4))
   assert not (listed & ~dense_blocks).any()
   # Unused slots repeat a listed block, so gathers never read out of range.
-  assert ((lay["kv_blocks"] >= 0) & (lay["kv_blocks"] < nK)).all()
+  assert ((lay.kv_blocks >= 0) & (lay.kv_blocks < nK)).all()
   # Every list fits in the max_kv_blocks blocks from its first one (blocksparse's key span).
-  assert (lay["kv_blocks"] - lay["kv_blocks"][..., :1] < lay["kv_blocks"].shape[-1]).all()
-  # The transposed list names exactly the (query block, slot) entries reading each key block.
-  for b in range(B):
-    for m in range(nK):
-      readers = lay["kv_readers"][b, m][lay["kv_readers_valid"][b, m]]
-      n, j = np.divmod(readers, lay["kv_blocks"].shape[-1])
-      assert (lay["kv_blocks"][b, n, j] == m).all() and lay["kv_valid"][b, n, j].all()
-      assert len(set(readers.tolist())) == len(readers) == (
-          (lay["kv_blocks"][b] == m) & lay["kv_valid"][b]).sum()
+  assert (lay.kv_blocks - lay.kv_blocks[..., :1] < lay.kv_blocks.shape[-1]).all()
+  # The static fields say what the arrays hold.
+  assert (lay.block_q, lay.block_k, lay.max_kv_blocks) == (block_q, block_k,
+                                                           lay.kv_blocks.shape[-1])
 
 
 @pytest.mark.parametrize("rows", ["packed", "gaps"])
@@ -256,7 +256,7 @@ def test_pattern_order(rows):
 def test_max_kv_blocks_too_small_raises():
   seg, coords = packed()
   needed = layout.needed_kv_blocks("full", seg, coords, 16, 16)
-  assert needed == layout.make_layout("full", seg, coords, 16, 16)["kv_blocks"].shape[-1]
+  assert needed == layout.make_layout("full", seg, coords, 16, 16).kv_blocks.shape[-1]
   with pytest.raises(ValueError, match=f"max_kv_blocks >= {needed}"):
     layout.make_layout("full", seg, coords, 16, 16, max_kv_blocks=needed - 1)
 
@@ -275,7 +275,7 @@ def test_blocks_must_divide_seq_len(block_q, block_k):
   with pytest.raises(ValueError, match="seq_len=128 is not divisible"):
     layout.make_layout("spatial", seg, coords, block_q, block_k)
   with pytest.raises(ValueError, match="seq_len=128 is not divisible"):
-    layout.max_kv_blocks_bound("spatial", L, block_q, block_k, 10)
+    bounds.max_kv_blocks_bound("spatial", L, block_q, block_k, 10)
 
 
 def test_bound_fits_random_packings():
@@ -296,7 +296,7 @@ def test_bound_fits_random_packings():
                "temporal": max(g[0] for g in grids)}
     for pattern in PATTERNS:
       for bq, bk in [(16, 16), (32, 16), (16, 32), (8, 8)]:
-        bound = layout.max_kv_blocks_bound(pattern, L, bq, bk, largest[pattern])
+        bound = bounds.max_kv_blocks_bound(pattern, L, bq, bk, largest[pattern])
         assert layout.needed_kv_blocks(pattern, seg, coords, bq, bk) <= bound
 
 
@@ -318,20 +318,20 @@ def test_packed_bound_fits_random_packings_and_is_tight():
     seg, coords = packed(rows)
     for pattern in PATTERNS:
       for b in (8, 16, 32):
-        bound = layout.packed_kv_blocks_bound(pattern, L, b, grids, S)
+        bound = bounds.packed_kv_blocks_bound(pattern, L, b, grids, S)
         needed = layout.needed_kv_blocks(pattern, seg, coords, b, b)
         assert needed <= bound, (trial, pattern, b, grids, S)
-        largest = max(layout.group_tokens(pattern, g) for g in grids)
-        assert bound <= layout.max_kv_blocks_bound(pattern, L, b, b, largest)
+        largest = max(patterns.parse(pattern).group_tokens(g) for g in grids)
+        assert bound <= bounds.max_kv_blocks_bound(pattern, L, b, b, largest)
         if S == 1:  # one video per row: every placement is seen, so the bound is exact
           assert needed == bound, (trial, pattern, b, grids)
     for pattern in WINDOWED + ("window(1,2,1)", "window(0,1,3)"):
       for b in (8, 16):
-        bound = layout.packed_kv_blocks_bound(pattern, L, b, grids, S)
+        bound = bounds.packed_kv_blocks_bound(pattern, L, b, grids, S)
         needed = layout.needed_kv_blocks(pattern, seg, coords, b, b)
         assert needed <= bound, (trial, pattern, b, grids, S)
-        if pattern.startswith("window"):  # local and cross use their box, a superset
-          assert bound <= layout.windowed_bound(pattern, L, b, b, grids)
+        if patterns.parse(pattern).is_box:  # local and cross use their box, a superset
+          assert bound <= bounds.distance_bound(pattern, L, b, b, grids)
           if S == 1:  # the box's corners are allowed keys
             assert needed == bound, (trial, pattern, b, grids)
 
@@ -339,13 +339,13 @@ def test_packed_bound_fits_random_packings_and_is_tight():
 def test_batch_layouts_grow_blocks_when_groups_align():
   """P0's rows (one 8x16x16-token video): whole frames per 256-block, one block per list."""
   grid = (8, 16, 16)
-  assert layout.block_and_bound("spatial", 2048, [grid], 0, max_segments=1) == (256, 1)
-  assert layout.block_and_bound("temporal", 2048, [grid], 0, max_segments=1) == (16, 1)
+  assert bounds.block_and_bound("spatial", 2048, [grid], 0, max_segments=1) == (256, 1)
+  assert bounds.block_and_bound("temporal", 2048, [grid], 0, max_segments=1) == (16, 1)
   # Up to whole 1024-token frames and 4096-token videos (query-chunked inside).
-  assert layout.block_and_bound("spatial", 16384, [(16, 32, 32)], 0, max_segments=1) == (1024, 1)
-  assert layout.block_and_bound("full", 16384, [(16, 16, 16)], 0, max_segments=4) == (4096, 1)
+  assert bounds.block_and_bound("spatial", 16384, [(16, 32, 32)], 0, max_segments=1) == (1024, 1)
+  assert bounds.block_and_bound("full", 16384, [(16, 16, 16)], 0, max_segments=4) == (4096, 1)
   # Without knowing how rows are packed, any alignment must be allowed for.
-  assert layout.block_and_bound("spatial", 2048, [grid]) == (128, 5)
+  assert bounds.block_and_bound("spatial", 2048, [grid]) == (128, 5)
 
 
 def test_possible_grids_lists_every_drawable_grid():
@@ -380,11 +380,11 @@ def test_aligned_bound_fits_aligned_packings():
         largest = max(largest, n)
         pos, s = -(-(pos + n) // 16) * 16, s + 1
     for bq, bk in [(16, 16), (16, 8), (8, 16)]:
-      bound = layout.max_kv_blocks_bound("full", L, bq, bk, largest, video_align=16)
+      bound = bounds.max_kv_blocks_bound("full", L, bq, bk, largest, video_align=16)
       assert layout.needed_kv_blocks("full", seg, coords, bq, bk) <= bound
       assert bound <= -(-largest // 8) + 1
   with pytest.raises(ValueError, match="video_align=24 must be a multiple"):
-    layout.max_kv_blocks_bound("full", L, 16, 16, 10, video_align=24)
+    bounds.max_kv_blocks_bound("full", L, 16, 16, 10, video_align=24)
 
 
 # Rows whose videos each fit in 64 tokens and fit L=128 rounded up to 64: alignable at 64.
@@ -396,10 +396,10 @@ def test_aligned_layout_is_block_diagonal_and_matches_dense():
   seg, coords = packed(ALIGNABLE_ROWS)
   assert layout.needed_kv_blocks("full", seg, coords, 64, 64) == 2  # back to back: straddles
   lay = layout.make_layout("full", seg, coords, 64, 64, align=True)
-  assert lay["kv_blocks"].shape[-1] == 1
-  seg_p = np.take_along_axis(seg, lay["perm"], 1)
+  assert lay.kv_blocks.shape[-1] == 1
+  seg_p = np.take_along_axis(seg, lay.perm, 1)
   np.testing.assert_array_equal(seg_p[:, [0, 64]], [[1, 2], [1, 2]])  # videos start at 0, 64
-  np.testing.assert_array_equal(np.sort(lay["perm"], 1), np.broadcast_to(np.arange(L), seg.shape))
+  np.testing.assert_array_equal(np.sort(lay.perm, 1), np.broadcast_to(np.arange(L), seg.shape))
   assert_matches_dense("full", seg, coords, lay)
 
 
@@ -435,22 +435,22 @@ def test_always_alignable_matches_enumeration():
     worst = max(sum(-(-n // block) * block for n in combo)
                 for k in range(S + 1) for combo in itertools.combinations_with_replacement(sizes, k)
                 if sum(combo) <= seq_len)
-    assert layout._always_alignable(seq_len, block, sizes, S) == (worst <= seq_len), (
+    assert bounds.always_alignable(seq_len, block, sizes, S) == (worst <= seq_len), (
         seq_len, block, sizes, S, worst)
 
 
 def test_batch_layouts_align_full_when_every_row_allows():
   default_grids = [(4, 7, 9), (4, 8, 8), (4, 9, 7)]  # configs/default.py: 252 or 256 tokens
-  assert layout.block_and_bound("full", 512, default_grids, 0, max_segments=4) == (512, 1)
-  assert layout.aligned_block("full", 512, default_grids, 0, max_segments=4) == 256
-  assert layout.aligned_block("spatial", 512, default_grids, 0, max_segments=4) is None
-  assert layout.aligned_block("full", 512, default_grids, 128, max_segments=4) is None
-  assert layout.aligned_block("full", 512, default_grids, 0) is None  # packing unknown
+  assert bounds.block_and_bound("full", 512, default_grids, 0, max_segments=4) == (512, 1)
+  assert bounds.aligned_block("full", 512, default_grids, 0, max_segments=4) == 256
+  assert bounds.aligned_block("spatial", 512, default_grids, 0, max_segments=4) is None
+  assert bounds.aligned_block("full", 512, default_grids, 128, max_segments=4) is None
+  assert bounds.aligned_block("full", 512, default_grids, 0) is None  # packing unknown
   # Three 170-token videos fit 512 back to back but not in three blocks of 256.
-  assert layout.aligned_block("full", 512, [(1, 10, 17)], 0, max_segments=3) is None
-  assert layout.aligned_block("full", 512, [(1, 10, 17)], 0, max_segments=2) == 256
+  assert bounds.aligned_block("full", 512, [(1, 10, 17)], 0, max_segments=3) is None
+  assert bounds.aligned_block("full", 512, [(1, 10, 17)], 0, max_segments=2) == 256
   # One video per row is block-diagonal already: nothing to gain (P0).
-  assert layout.aligned_block("full", 2048, [(8, 16, 16)], 0, max_segments=1) is None
+  assert bounds.aligned_block("full", 2048, [(8, 16, 16)], 0, max_segments=1) is None
   rng = np.random.default_rng(6)
   rows = [[default_grids[i] for i in rng.integers(0, 3, size=2)] for _ in range(3)] + [
       [default_grids[0]]]
@@ -459,13 +459,13 @@ def test_batch_layouts_align_full_when_every_row_allows():
   b = tokens.pack_rows(items, 512, max_segments=4, token_size=1)
   seg, coords = b["segment_ids"], b["coords"]
   lay = layout.batch_layouts(["full"], seg, coords, default_grids, max_segments=4)["full"]
-  assert lay["kv_blocks"].shape[1:] == (2, 1)
+  assert lay.kv_blocks.shape[1:] == (2, 1)
   assert_matches_dense("full", seg, coords, lay)
 
 
 def test_real_outputs_ignore_padding_values():
   seg, coords = packed()
-  lay = {n: jnp.asarray(x) for n, x in layout.make_layout("full", seg, coords, 16, 16).items()}
+  lay = jax.tree.map(jnp.asarray, layout.make_layout("full", seg, coords, 16, 16))
   q, k, v, _ = random_qkv(seg)
   pad = (seg == 0)[:, :, None, None]
   noisy = [jnp.where(pad, 1e3 * x[::-1], x) for x in (q, k, v)]
@@ -488,7 +488,7 @@ def test_one_compile_serves_different_packings():
 
   for rows in (rows_a, rows_b):
     seg, coords = packed(rows)
-    bound = layout.max_kv_blocks_bound("spatial", L, 16, 16, max_group_tokens=25)
+    bound = bounds.max_kv_blocks_bound("spatial", L, 16, 16, max_group_tokens=25)
     lay = layout.make_layout("spatial", seg, coords, 16, 16, bound)
     q, k, v, _ = random_qkv(seg, seed=len(traces))
     o = f(q, k, v, lay)
@@ -500,16 +500,20 @@ def test_one_compile_serves_different_packings():
 
 
 def test_default_block():
-  assert layout.default_block(2048, 8) == 16
-  assert layout.default_block(2048, 256) == 128
-  assert layout.default_block(1024, 64) == 64
-  assert layout.default_block(64, 512) == 64
-  assert layout.default_block(96, 512) == 32
+  assert bounds.default_block(2048, 8) == 16
+  assert bounds.default_block(2048, 256) == 128
+  assert bounds.default_block(1024, 64) == 64
+  assert bounds.default_block(64, 512) == 64
+  assert bounds.default_block(96, 512) == 32
 
 
 def predicate_np(pattern, c_q, c_k):
-  """The table of vdit_jax/attention.py for one pair of one video, written out."""
-  name, args = layout.parse_pattern(pattern)
+  """The table of vdit_jax/patterns.py for one pair of one video, written out."""
+  name, _, rest = pattern.partition("(")
+  args = [int(a) for a in rest.rstrip(")").split(",")]
+  if name == "frame_causal":
+    back = int(c_q[0]) - int(c_k[0])  # frames from the key forward to the query
+    return 0 <= back and (args[0] < 0 or back <= args[0])
   dt, dh, dw = (abs(int(a) - int(b)) for a, b in zip(c_q, c_k))
   if name == "window":
     return dt <= args[0] and dh <= args[1] and dw <= args[2]
@@ -520,7 +524,8 @@ def predicate_np(pattern, c_q, c_k):
   return dt <= kt and ((dh == 0 and dw <= reach) or (dw == 0 and dh <= reach))
 
 
-@pytest.mark.parametrize("pattern", WINDOWED + ("local(3,9)", "cross(2,1)", "window(0,1,0)"))
+@pytest.mark.parametrize("pattern", WINDOWED + ("local(3,9)", "cross(2,1)", "window(0,1,0)",
+                                     "frame_causal(0)"))
 def test_windowed_mask_matches_the_predicate_table(pattern):
   grid = (4, 5, 6)
   c = tokens.grid_coords(grid)
@@ -536,21 +541,23 @@ def test_pattern_pairs_counts_the_mask(pattern):
   for grid in [(3, 5, 2), (1, 4, 4), (5, 3, 7), (1, 1, 1)]:
     c = tokens.grid_coords(grid)
     one = np.ones(len(c), np.int32)
-    n = layout.allowed(pattern, one[:, None], c[:, None], one[None], c[None]).sum()  # numpy
-    assert attention.pattern_pairs(pattern, grid) == n, grid
-  heads = (pattern, "full")
-  assert attention.pattern_pairs(heads, (3, 5, 2)) == (attention.pattern_pairs(pattern, (3, 5, 2))
-                                                       + 30 * 30)
+    p = patterns.parse(pattern)
+    n = p.allowed(one[:, None], c[:, None], one[None], c[None]).sum()  # numpy
+    assert p.pairs(grid) == n, grid
+  heads = (p, patterns.Full())
+  assert schedule.sublayer_pairs(heads, (3, 5, 2)) == p.pairs((3, 5, 2)) + 30 * 30
 
 
 @pytest.mark.parametrize("bad", ["window", "window(1,2)", "window(1,-1,2)", "local(a,2)",
+                                 "frame_causal", "frame_causal(-2)",
                                  "cross(1,2,3)", "full(1)"])
 def test_bad_patterns_raise(bad):
   with pytest.raises(ValueError, match="unknown attention pattern"):
-    layout.parse_pattern(bad)
-  assert layout.window_pattern(1, 2, 3) == "window(1,2,3)"
+    patterns.parse(bad)
+  assert str(patterns.window(1, 2, 3)) == "window(1,2,3)"
+  assert patterns.parse("window(1,2,3)") == patterns.Window(1, 2, 3)
   with pytest.raises(ValueError, match="unknown attention pattern"):
-    layout.window_pattern(1, -2, 3)
+    patterns.window(1, -2, 3)
 
 
 @pytest.mark.parametrize("pattern", WINDOWED + ("window(0,2,1)", "window(2,9,0)", "local(3,9)",
@@ -560,9 +567,9 @@ def test_window_distance_bounds_allowed_pairs(pattern):
   for grid in [(3, 5, 2), (4, 3, 6), (1, 7, 2)]:
     c = tokens.grid_coords(grid)
     one = np.ones(len(c), np.int32)
-    ok = layout.allowed(pattern, one[:, None], c[:, None], one[None], c[None])
+    ok = patterns.parse(pattern).allowed(one[:, None], c[:, None], one[None], c[None])
     i, j = np.nonzero(ok)
-    farthest, bound = int(np.abs(i - j).max()), layout.window_distance(pattern, grid)
+    farthest, bound = int(np.abs(i - j).max()), patterns.parse(pattern).max_distance(grid)
     assert farthest == bound, grid
 
 
@@ -570,9 +577,10 @@ def test_windowed_bound_fits_random_packings():
   """The static bound from the largest grids fits rows packed with any smaller videos."""
   rng = np.random.default_rng(2)
   largest = [(3, 6, 4), (2, 4, 7)]
-  for pattern in ("window(1,1,2)", "local(1,1)", "cross(1,2)", "window(0,2,1)"):
+  for pattern in ("window(1,1,2)", "local(1,1)", "cross(1,2)", "window(0,2,1)",
+                  "frame_causal(0)"):
     for bq, bk in [(8, 8), (8, 16)]:
-      bound = layout.windowed_bound(pattern, L, bq, bk, largest)
+      bound = bounds.distance_bound(pattern, L, bq, bk, largest)
       assert bound < L // bk  # a real bound, not every key block
       worst = 0
       for _ in range(12):
@@ -592,7 +600,7 @@ def test_windowed_bound_fits_random_packings():
       assert worst <= bound, (pattern, bq, bk)
 
 
-@pytest.mark.parametrize("backend", [b for b in attention.BACKENDS if b != "auto"])
+@pytest.mark.parametrize("backend", [b for b in backends.BACKENDS if b != "auto"])
 def test_per_head_patterns_attend_each_head_with_its_own(backend):
   """A tuple pattern gives head h the pattern at h (groups need not be contiguous)."""
   seg, coords = packed()
@@ -600,11 +608,82 @@ def test_per_head_patterns_attend_each_head_with_its_own(backend):
   keys = jax.random.split(jax.random.key(5), 3)
   q, k, v = (jax.random.normal(key, seg.shape + (len(heads), K)) for key in keys)
   layouts = {p: layout.make_layout(p, seg, coords, 16, 16) for p in set(heads)}
-  ctx = attention.AttentionContext(backend, jnp.asarray(seg), jnp.asarray(coords), tuple(heads),
-                                   layouts=layouts, kernel=("triton", True))  # pallas: interpret
+  kernel = ("triton", True) if backend == "pallas" else None  # pallas: interpret mode
+  ctx = attention.AttentionContext(backends.Backend(backend, heads, kernel=kernel),
+                                   jnp.asarray(seg), jnp.asarray(coords), layouts)
   out = jax.jit(lambda q, k, v: ctx.attend(heads, q, k, v))(q, k, v)
   real = (seg > 0)[:, :, None]
   for h, p in enumerate(heads):
     want = dense_fn(p, seg, coords)(q[:, :, h:h + 1], k[:, :, h:h + 1], v[:, :, h:h + 1])[:, :, 0]
     np.testing.assert_allclose(np.where(real, out[:, :, h], 0), np.where(real, want, 0),
                                atol=1e-5, err_msg=f"head {h}")
+
+
+# ----------------------------------------------------------------------------- pair lists
+
+
+@pytest.mark.parametrize("pattern,rows", [("frame_causal(-1)", "packed"),
+                                          ("frame_causal(1)", "gaps"),
+                                          ("window(1,1,2)", "shuffled"), ("spatial", "packed")])
+def test_pair_lists_are_the_span_lists_flattened(pattern, rows):
+  seg, coords = ROW_KINDS[rows]()
+  lay = layout.make_layout(pattern, seg, coords, 16, 16, max_pairs=None)
+  spans = layout.make_layout(pattern, seg, coords, 16, 16)
+  B, nQ, _ = spans.kv_blocks.shape
+  listed = listed_blocks(spans, nQ)
+  for b in range(B):
+    got = list(zip(lay.pair_q[b][lay.pair_valid[b]], lay.pair_k[b][lay.pair_valid[b]]))
+    assert got == sorted(zip(*np.nonzero(listed[b])))  # every listed pair once, in order
+  padded = layout.make_layout(pattern, seg, coords, 16, 16, max_pairs=lay.max_pairs + 3)
+  assert padded.pair_q.shape == (B, lay.max_pairs + 3) and not padded.pair_valid[:, -3:].any()
+  with pytest.raises(ValueError, match="max_pairs="):
+    layout.make_layout(pattern, seg, coords, 16, 16, max_pairs=lay.max_pairs - 1)
+
+
+@pytest.mark.parametrize("pattern,rows,chunk", [("frame_causal(-1)", "packed", 3),
+                                                ("frame_causal(0)", "shuffled", 5),
+                                                ("cross(1,4)", "gaps", 2), ("full", "gaps", 4)])
+def test_pairs_match_dense(pattern, rows, chunk, monkeypatch):
+  """The pair path, over several chunks of pairs (repeated query and key blocks in a chunk)."""
+  from vdit_jax import blockpairs
+  monkeypatch.setattr(blockpairs, "pair_chunk", lambda *a, **k: chunk)
+  seg, coords = ROW_KINDS[rows]()
+  lay = layout.make_layout(pattern, seg, coords, 16, 16, max_pairs=None)
+  assert lay.max_pairs > chunk
+  assert_matches_dense(pattern, seg, coords, lay)
+
+
+def test_frame_causal_layouts_list_pairs_and_about_half_of_full():
+  """Packed rows of one long video: batch_layouts flattens frame_causal(-1) into pairs (its
+  spans would cover the whole row), listing about half of full's blocks."""
+  grid = (8, 8, 16)  # frames of 128 tokens, one video per row
+  seg, coords = with_gaps([[grid]], gap=0, seq_len=1024)
+  lays = layout.batch_layouts(["frame_causal(-1)", "full", "spatial"], seg, coords, [grid],
+                              block=64, max_segments=1)
+  causal, full = lays["frame_causal(-1)"], lays["full"]
+  assert causal.max_pairs and not full.max_pairs and not lays["spatial"].max_pairs
+  assert causal.pair_valid.sum() == causal.max_pairs  # the bound is exact for one video
+  ratio = causal.max_pairs / (full.kv_valid.sum())
+  assert ratio == (8 + 1) / (2 * 8) + 0.0  # frames of two blocks: (T + 1) / 2T of the blocks
+
+
+def test_pair_bound_fits_random_packings():
+  rng = np.random.default_rng(7)
+  for trial in range(6):
+    grids = sorted({tuple(int(x) for x in rng.integers(1, 6, size=3)) for _ in range(3)})
+    S = int(rng.integers(1, 4))
+    rows = []
+    for _ in range(100):
+      row, used = [], 0
+      for _ in range(S):
+        g = grids[rng.integers(len(grids))]
+        if used + tokens.num_tokens(g) <= L:
+          row.append(g)
+          used += tokens.num_tokens(g)
+      rows.append(row)
+    seg, coords = packed(rows)
+    for pattern in ("frame_causal(-1)", "frame_causal(1)", "window(1,2,1)", "temporal"):
+      J = bounds.packed_kv_blocks_bound(pattern, L, 16, grids, S)
+      bound = bounds.pair_bound(pattern, L, 16, grids, S, J)
+      lay = layout.make_layout(pattern, seg, coords, 16, 16, J, max_pairs=None)
+      assert lay.max_pairs <= bound <= (L // 16) * J, (trial, pattern, grids, S)

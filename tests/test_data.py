@@ -3,6 +3,7 @@
 import gc
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -10,6 +11,7 @@ from vdit_jax import config as base
 from data import packing, pipeline
 from data.synthetic_shapes import COLORS, NUM_CLASSES, SyntheticShapes, label_name, parse_label
 from vdit_jax import tokens as tok
+from vdit_jax import schedule
 
 
 def tiny_config(**data):
@@ -35,19 +37,16 @@ def motion_config(**data):
 
 
 def assert_batches_equal(a, b):
-  assert a.keys() == b.keys()
-  for k in a:
-    if isinstance(a[k], dict):  # layouts per pattern, skipped files per reason
-      assert_batches_equal(a[k], b[k])
-    else:
-      assert np.asarray(a[k]).dtype == np.asarray(b[k]).dtype and np.array_equal(a[k], b[k]), k
+  """Equal batches: the same keys (layouts per pattern, skipped files per reason), dtypes and
+  values."""
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+    assert np.asarray(x).dtype == np.asarray(y).dtype and np.array_equal(x, y), path
 
 
 def concat_rows(parts):
   """Processes' batches as one global batch: row arrays (and layouts) concatenated."""
-  if isinstance(parts[0], dict):
-    return {k: concat_rows([p[k] for p in parts]) for k in parts[0]}
-  return np.concatenate(parts)
+  return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
 
 
 # ---- the source ----
@@ -355,15 +354,16 @@ def test_blocksparse_batches_carry_complete_static_layouts(block, backend):
   shapes = None
   for step in range(4):
     batch = pipeline.make_batch(c, step)
-    patterns = layout.config_patterns(c.model)
+    patterns = [str(p) for p in schedule.config_patterns(c.model)]
     assert sorted(batch["layouts"]) == sorted(patterns)
-    step_shapes = {p: {k: v.shape for k, v in batch["layouts"][p].items()} for p in patterns}
+    step_shapes = {p: jax.tree.map(np.shape, batch["layouts"][p]) for p in patterns}
+    step_shapes = {p: (jax.tree.structure(s), jax.tree.leaves(s)) for p, s in step_shapes.items()}
     assert shapes is None or step_shapes == shapes
     shapes = step_shapes
     seg, coords = batch["segment_ids"], batch["coords"]
     for p in patterns:
       lay = batch["layouts"][p]
-      size = seg.shape[1] // lay["kv_blocks"].shape[1]
-      assert layout.needed_kv_blocks(p, seg, coords, size, size) <= lay["kv_blocks"].shape[2]
-      assert np.array_equal(np.sort(lay["perm"], axis=1),
+      size = seg.shape[1] // lay.kv_blocks.shape[1]
+      assert layout.needed_kv_blocks(p, seg, coords, size, size) <= lay.kv_blocks.shape[2]
+      assert np.array_equal(np.sort(lay.perm, axis=1),
                             np.broadcast_to(np.arange(seg.shape[1]), seg.shape))

@@ -12,8 +12,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from tests.test_blocksparse import PATTERNS, ROWS, allowed_np, packed, random_qkv
-from vdit_jax import attention, blocksparse, kernels, layout
+from vdit_jax import attention, backends, blocksparse, kernels, layout
+from vdit_jax import patterns
 from vdit_jax import sharding as shard_lib
+from tests import helpers
 
 # One row of two odd videos and padding (70 of 128 tokens); one of three whose groups never
 # straddle a 16-block, so every list is one block (block-diagonal rows, in runs of 128).
@@ -29,8 +31,8 @@ def kernel_fn(pattern, kernel):
 def assert_kernel_matches_dense(pattern, kernel, rows, block, max_kv_blocks=None):
   seg, coords = packed(rows)
   lay = layout.make_layout(pattern, seg, coords, block, block, max_kv_blocks)
-  lay = {name: jnp.asarray(x) for name, x in lay.items()}
-  assert kernels.runs_kernel(pattern, lay)
+  lay = jax.tree.map(jnp.asarray, lay)
+  assert kernels.runs_kernel(pattern, lay, seg.shape[1])
   q, k, v, w = random_qkv(seg)
   mask = attention.pattern_mask(pattern, jnp.asarray(seg), jnp.asarray(coords))
   dense = lambda q, k, v: attention.dense_attention(q, k, v, mask)
@@ -57,7 +59,7 @@ def test_whole_row_matches_dense(kernel, pattern):
 def test_block_diagonal_matches_dense(kernel, pattern):
   """Lists of one block: the kernel runs on runs of 16-token blocks (rows of 128)."""
   seg, coords = packed(ALIGNED_ROWS)
-  assert layout.make_layout(pattern, seg, coords, 16, 16)["kv_blocks"].shape[-1] == 1
+  assert layout.make_layout(pattern, seg, coords, 16, 16).kv_blocks.shape[-1] == 1
   assert_kernel_matches_dense(pattern, kernel, ALIGNED_ROWS, 16)
 
 
@@ -66,10 +68,10 @@ def test_group_labels_are_the_pattern(pattern):
   """Equal labels exactly where the pattern allows the pair, among real tokens."""
   seg, coords = packed()
   lay = layout.make_layout(pattern, seg, coords, 16, 16)
-  labels = np.asarray(kernels.group_labels(pattern, jnp.asarray(lay["perm_segment"]),
-                                           jnp.asarray(lay["perm_coords"])))
-  seg_p = np.take_along_axis(seg, lay["perm"], 1)
-  allowed = allowed_np(pattern, seg_p, np.take_along_axis(coords, lay["perm"][..., None], 1))
+  labels = np.asarray(layout.group_labels(patterns.parse(pattern), jnp.asarray(lay.perm_segment),
+                                          jnp.asarray(lay.perm_coords), xp=jnp))
+  seg_p = np.take_along_axis(seg, lay.perm, 1)
+  allowed = allowed_np(pattern, seg_p, np.take_along_axis(coords, lay.perm[..., None], 1))
   real = (seg_p > 0)[:, :, None] & (seg_p > 0)[:, None, :]
   same = labels[:, :, None] == labels[:, None, :]
   np.testing.assert_array_equal(same & real, allowed & real)
@@ -79,9 +81,9 @@ def test_other_lists_and_windows_go_to_blocksparse():
   """Lists between one block and the whole row, and windowed patterns, are blocksparse's."""
   seg, coords = packed()
   partial = layout.make_layout("full", seg, coords, 16, 16, 5)
-  assert not kernels.runs_kernel("full", partial)
+  assert not kernels.runs_kernel("full", partial, seg.shape[1])
   window = layout.make_layout("window(1,1,2)", seg, coords, 16, 16, 8)
-  assert not kernels.runs_kernel("window(1,1,2)", window)
+  assert not kernels.runs_kernel("window(1,1,2)", window, seg.shape[1])
   q, k, v, _ = random_qkv(seg)
   for pattern, lay in (("full", partial), ("window(1,1,2)", window)):
     np.testing.assert_array_equal(
@@ -93,7 +95,7 @@ def test_sharded_matches_unsharded():
   """Under a mesh the kernel runs per shard (rows over data x fsdp, heads over tensor)."""
   rows = ALIGNED_ROWS * 4
   seg, coords = packed(rows)
-  lay = {n: jnp.asarray(x) for n, x in layout.make_layout("spatial", seg, coords, 16, 16).items()}
+  lay = jax.tree.map(jnp.asarray, layout.make_layout("spatial", seg, coords, 16, 16))
   q, k, v, _ = random_qkv(seg)
   fn = jax.jit(kernel_fn("spatial", "triton"))
   expected = fn(q, k, v, lay)
@@ -108,10 +110,12 @@ def test_sharded_matches_unsharded():
 
 def test_pallas_only_where_a_kernel_runs():
   """(``auto``'s choices per platform: tests/test_attention.py.)"""
-  resolve = attention.resolve_backend
-  assert resolve("pallas", ("full",), 4, platform="gpu") == "pallas"
-  assert kernels.platform_kernel("tpu") == ("splash", False)
+  cfg = helpers.tiny_config(**{"model.attention_backend": "pallas"}).model
+  assert backends.resolve(cfg, 4, platform="gpu").kernel == ("triton", False)
+  assert backends.platform_kernel("tpu") == ("splash", False)
   with pytest.raises(ValueError, match="'pallas'.*'cpu'.*use 'blocksparse'"):
-    resolve("pallas", ("full",), 4, platform="cpu")
+    backends.resolve(cfg, 4, platform="cpu")
   with pytest.raises(ValueError, match="unknown attention kernel"):
-    kernels.pallas_attention(*random_qkv(packed()[0])[:3], "full", {}, kernel="cuda")
+    seg, coords = packed()
+    lay = layout.make_layout("full", seg, coords, 16, 16)
+    kernels.pallas_attention(*random_qkv(seg)[:3], "full", lay, kernel="cuda")

@@ -11,14 +11,16 @@ from flax import nnx
 
 from tests import helpers
 from vdit_jax import attention as attn_lib
-from vdit_jax import layout as layout_lib
+from vdit_jax import backends as backends_lib
 from vdit_jax import model as model_lib
+from vdit_jax import patterns as pat
+from vdit_jax import schedule
 from vdit_jax import tokens as tok
 
 BLOCKS = ("full3d", "factorized")
 # Every block type: alternating is spatial_only then temporal_only over tiny's two layers, and
-# a per-layer schedule gives one window and one sparse block.
-ALL_BLOCKS = BLOCKS + ("alternating", "window,sparse")
+# a per-layer schedule gives one window and one sparse block; causal3d is frame_causal(-1).
+ALL_BLOCKS = BLOCKS + ("alternating", "window,sparse", "causal3d")
 
 # Three videos of different grids (12, 6 and 12 tokens) for a tiny model with patch (1, 4, 4).
 GRIDS = [(2, 2, 3), (1, 3, 2), (3, 2, 2)]
@@ -172,11 +174,10 @@ def test_flop_counter_counts_the_masks_pairs(block):
   seg, coords = packed["segment_ids"], packed["coords"]
   real = seg > 0
   pairs = 0
-  for layer in layout_lib.layer_patterns(m):
+  for layer in schedule.layer_patterns(m):
     for sub in layer:
       for p in (sub if isinstance(sub, tuple) else (sub,) * m.num_heads):
-        mask = layout_lib.allowed(p, seg[:, :, None], coords[:, :, None], seg[:, None],
-                                  coords[:, None])
+        mask = p.allowed(seg[:, :, None], coords[:, :, None], seg[:, None], coords[:, None])
         pairs += int(mask[real].sum())
   P = _model(block)[2]
   attn = sum(model_lib.forward_flops(m, packed["seg_grid"][b], L_PACKED, P)
@@ -185,16 +186,18 @@ def test_flop_counter_counts_the_masks_pairs(block):
 
 
 def test_layer_schedule():
-  patterns = lambda block, **kw: layout_lib.layer_patterns(
-      helpers.tiny_config(block, **{"model.depth": 4, "model.num_heads": 4, **kw}).model)
+  as_str = lambda x: tuple(map(as_str, x)) if isinstance(x, tuple) else str(x)
+  patterns = lambda block, **kw: as_str(schedule.layer_patterns(
+      helpers.tiny_config(block, **{"model.depth": 4, "model.num_heads": 4, **kw}).model))
   assert patterns("alternating") == (("spatial",), ("temporal",)) * 2
   assert patterns("full3d,window,factorized,sparse") == (
       ("full",), ("window(1,1,1)",), ("spatial", "temporal"),
       (("local(1,1)",) * 2 + ("cross(1,2)",) * 2,))
   assert patterns("sparse", **{"model.sparse_heads": "global,local,local,cross"})[0][0] == (
       "full", "local(1,1)", "local(1,1)", "cross(1,2)")
-  assert layout_lib.config_patterns(helpers.tiny_config("window,sparse").model) == (
+  assert as_str(schedule.config_patterns(helpers.tiny_config("window,sparse").model)) == (
       "window(1,1,1)", "local(1,1)", "cross(1,2)")
+  assert patterns("causal3d", **{"model.causal_frames": 2})[0] == ("frame_causal(2)",)
   for block, kw, match in [
       ("full3d,window", {}, "lists 2 block types but model.depth=4"),
       ("full3d,alternating,window,sparse", {}, "unknown block types"),
@@ -203,6 +206,7 @@ def test_layer_schedule():
       ("sparse", {"model.sparse_heads": "local,ring"}, "must be a comma list"),
       ("sparse", {"model.sparse_window": (1, 2)}, "must be three integers"),
       ("window", {"model.window": (1, -1, 1)}, "must be three integers"),
+      ("causal3d", {"model.causal_frames": -2}, "model.causal_frames=-2"),
   ]:
     with pytest.raises(ValueError, match=match):
       patterns(block, **kw)
@@ -223,7 +227,7 @@ def brute_force_mask(pattern, seg, coords):
   return mask
 
 
-@pytest.mark.parametrize("pattern", attn_lib.PATTERNS)
+@pytest.mark.parametrize("pattern", ("full", "spatial", "temporal"))
 def test_pattern_mask_matches_the_predicate_table(pattern):
   rng = np.random.default_rng(4)
   items = helpers.videos_for([(2, 2, 3), (3, 1, 2)], (1, 1, 1), 1, rng)
@@ -283,7 +287,8 @@ def test_factorized_masks_equal_attention_by_reshape():
 
 
 @pytest.mark.parametrize("block,backend", [(b, "blocksparse") for b in BLOCKS]
-                         + [("window,sparse", "blocksparse"), ("full3d", "auto"),
+                         + [("window,sparse", "blocksparse"), ("causal3d", "blocksparse"),
+                            ("full3d", "auto"),
                             ("full3d", "pallas"), ("factorized,window", "pallas")])
 def test_blocksparse_model_equals_dense(block, backend, monkeypatch):
   """The whole model, on a packed batch with padding: blocksparse (also as ``auto`` picks it on
@@ -292,7 +297,7 @@ def test_blocksparse_model_equals_dense(block, backend, monkeypatch):
   from vdit_jax import kernels
   from vdit_jax import layout as layout_lib
 
-  monkeypatch.setattr(kernels, "platform_kernel", lambda platform=None: ("triton", True))
+  monkeypatch.setattr(backends_lib, "platform_kernel", lambda platform: ("triton", True))
 
   _, params, items, order, packed, _ = packed_case(block)
   graphdef_dense = _model(block)[0]
@@ -300,11 +305,11 @@ def test_blocksparse_model_equals_dense(block, backend, monkeypatch):
   config.unlock()
   config.model.attention_backend = backend
   graphdef_bs = nnx.split(model_lib.build_model(config, seed=0), nnx.Param)[0]
-  layouts = layout_lib.batch_layouts(layout_lib.config_patterns(config.model),
+  layouts = layout_lib.batch_layouts(schedule.config_patterns(config.model),
                                      packed["segment_ids"], packed["coords"], GRIDS)
   if backend == "pallas":  # full3d's lists hold every block (the kernel's whole rows); the
     # factorized and window layers' lists lie in between (blocksparse's spans)
-    runs = [kernels.runs_kernel(p, lay) for p, lay in layouts.items()]
+    runs = [kernels.runs_kernel(p, lay, L_PACKED) for p, lay in layouts.items()]
     assert runs == [block == "full3d"] * len(layouts)
   args = [jnp.asarray(packed[k]) for k in ("tokens", "seg_t", "seg_label", "segment_ids",
                                             "coords")]

@@ -3,15 +3,15 @@
 Computes the function of ``attention.dense_attention(q, k, v, pattern_mask(pattern, ...))`` for
 every real token, from a host-side layout made by ``vdit_jax.layout.make_layout``:
 
-1. tokens are permuted (``layout["perm"]``) so each group of the pattern is contiguous;
+1. tokens are permuted (``layout.perm``) into the pattern's order;
 2. the rows are cut into query blocks of ``block_q`` and key blocks of ``block_k`` tokens;
 3. each query block attends to the key blocks its list names (``kv_blocks``), with
    the exact per-pair predicate of ``pattern_mask`` rebuilt from the permuted segment ids and
    coordinates (``perm_segment``, ``perm_coords``);
 4. the output is permuted back.
 
-When the list may hold every key block (``max_kv_blocks >= L / block_k``, e.g. ``full`` on one
-long video) nothing can be skipped, and one dense masked matmul is used instead of blocks.
+When the list may hold every key block (``Layout.whole_row``, e.g. ``full`` on one long video)
+nothing can be skipped, and one dense masked matmul is used instead of blocks.
 
 Padding queries attend to the padding keys of their own query block only (see ``layout``), so
 padding outputs differ from ``dense``; real outputs and all gradients reaching real tokens'
@@ -36,13 +36,14 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from vdit_jax import flash, layout
-from vdit_jax.layout import LAYOUT_KEYS
+from vdit_jax import blockpairs, flash
+from vdit_jax import patterns as pat
+from vdit_jax.layout import Layout
 
 # Same finite "minus infinity" as attention.dense_attention, so masked entries match exactly.
 _MASK_VALUE = -1e30
 # Block-diagonal blocks up to this size attend whole; larger ones (layouts grow blocks up to
-# ``layout._MAX_BLOCK`` when that makes every list one block) go query-chunked through
+# ``bounds.MAX_BLOCK`` when that makes every list one block) go query-chunked through
 # ``flash.attend_chunked``.
 BLOCK_DIAGONAL_WHOLE = 256
 # Segment id of unused key-block slots: matches no query (real ids are > 0, padding's < 0).
@@ -133,44 +134,33 @@ def attend_masked(specs: tuple[str, str, str], q: jax.Array, k: jax.Array, v: ja
 attend_masked.defvjp(_attend_fwd, _attend_bwd)
 
 
-def pair_mask(pattern: str, seg_q: jax.Array, c_q: jax.Array, seg_k: jax.Array,
+def pair_mask(pattern: pat.Pattern, seg_q: jax.Array, c_q: jax.Array, seg_k: jax.Array,
               c_k: jax.Array) -> jax.Array:
-  """Whether a query may attend to a key under ``pattern``, on broadcastable operands.
-
-  ``seg_*`` are segment ids (here: padding already split into per-block chunks) and ``c_*``
-  the coordinates with a trailing axis of 3. ``layout.allowed`` in jax: the host-side layouts
-  test block pairs with the very same predicate, and ``attention.pattern_mask`` uses it too.
-  """
-  return layout.allowed(pattern, seg_q, c_q, seg_k, c_k, xp=jnp)
+  """``pattern.allowed`` in jax: segments (here with padding split per block) and coordinates."""
+  return pattern.allowed(seg_q, c_q, seg_k, c_k, xp=jnp)
 
 
-def check_layout(lay: dict, B: int, L: int) -> None:
-  """Raises a ValueError unless ``lay`` is a whole layout of a ``[B, L]`` batch."""
-  missing = [k for k in LAYOUT_KEYS if k not in lay]
-  if missing:
-    raise ValueError(f"layout lacks {missing}: build it with vdit_jax.layout.make_layout")
-  if lay["perm"].shape != (B, L):
-    raise ValueError(f"layout perm has shape {lay['perm'].shape} but q is [B={B}, L={L}, ...]:"
-                     " build the layout from this batch's segment_ids and coords")
+def check_layout(lay: Layout, B: int, L: int) -> None:
+  """Raises a ValueError unless ``lay`` is a layout of a ``[B, L]`` batch."""
+  if not isinstance(lay, Layout):
+    raise ValueError(f"expected a vdit_jax.layout.Layout, got {type(lay).__name__}: build it "
+                     "with layout.make_layout or backend.prepare")
+  if lay.perm.shape != (B, L) or L % lay.block_q or L % lay.block_k:
+    raise ValueError(f"layout perm has shape {lay.perm.shape} (blocks {lay.block_q}, "
+                     f"{lay.block_k}) but q is [B={B}, L={L}, ...]: build the layout from this "
+                     "batch's segment_ids and coords")
 
 
-def layout_blocks(lay: dict) -> tuple[int, int, int]:
-  """``(N, J, M)``: query blocks, list length (``max_kv_blocks``) and key blocks of a layout."""
-  N, J = lay["kv_blocks"].shape[1:]
-  return N, J, lay["kv_readers"].shape[1]
-
-
-def blocksparse_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array, pattern: str,
-                          layout: dict[str, jax.Array], *, kv_chunk: int | None = None
-                          ) -> jax.Array:
+def blocksparse_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array, pattern,
+                          layout: Layout, *, kv_chunk: int | None = None) -> jax.Array:
   """Masked softmax attention over the pairs ``pattern`` allows, visiting only listed blocks.
 
   Args:
     q_BLHK, k_BLHK, v_BLHK: queries, keys, values ``[B, L, H, K]`` in the batch's token order.
-    pattern: one pattern (``attention`` lists them); must be the one ``layout`` was built for.
-    layout: ``layout.make_layout(pattern, segment_ids, coords, ...)`` of this batch, as arrays
-      (numpy or jax). It carries the segment ids and coordinates (permuted), so they are not
-      arguments here. Block sizes are read off its shapes, so they are static under ``jit``.
+    pattern: one pattern (or its string); must be the one ``layout`` was built for.
+    layout: ``layout.make_layout(pattern, segment_ids, coords, ...)`` of this batch (numpy or
+      jax arrays). It carries the segment ids and coordinates (permuted), so they are not
+      arguments here; its block sizes are static fields.
     kv_chunk: ``None`` visits all listed key blocks at once (fastest; memory grows with
       ``L * max_kv_blocks * block_k`` per head). An int visits them ``kv_chunk`` blocks at a time
       with an online softmax in a rematerialised ``lax.scan``, so memory grows with
@@ -180,24 +170,35 @@ def blocksparse_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Arra
     ``[B, L, H, K]`` in the input order and ``v``'s dtype. Logits and softmax are f32.
   """
   B, L, H, K = q_BLHK.shape
+  pattern = pat.parse(pattern)
   check_layout(layout, B, L)
-  N, J, M = layout_blocks(layout)
+  (N, M), J = layout.num_blocks(L), layout.max_kv_blocks
   if kv_chunk is not None and int(kv_chunk) < 1:
     raise ValueError(f"kv_chunk={kv_chunk} must be >= 1, or None to visit all key blocks at once")
   if kv_chunk is not None and kv_chunk >= J:
     kv_chunk = None  # one chunk holds every listed block
-  bq, bk = L // N, L // M
-  perm_BL, inv_perm_BL = layout["perm"], layout["inv_perm"]
-  kv_blocks_BNJ, kv_valid_BNJ = layout["kv_blocks"], layout["kv_valid"]
+  bq, bk = layout.block_q, layout.block_k
+  perm_BL, inv_perm_BL = layout.perm, layout.inv_perm
+  kv_blocks_BNJ, kv_valid_BNJ = layout.kv_blocks, layout.kv_valid
 
   scale = jnp.asarray(K ** -0.5, q_BLHK.dtype)
   # Attention segments (padding split into one chunk per query block) and coordinates, in the
   # permuted order, come precomputed from the host: computed here, XLA:CPU fuses their gathers
   # and index arithmetic into the pair-sized select and redoes them for every pair (measured up
   # to 1.4x slower end to end).
-  seg_BL, c_BL3 = layout["perm_segment"], layout["perm_coords"]
+  seg_BL, c_BL3 = layout.perm_segment, layout.perm_coords
 
-  if J >= M and kv_chunk is None:
+  if layout.max_pairs and kv_chunk is None:  # lists flattened into pairs: visit those
+    q_BHLK, k_BHLK, v_BHLK = (_permute_to_heads(x, perm_BL, inv_perm_BL)
+                              for x in (q_BLHK * scale, k_BLHK, v_BLHK))
+    chunk = blockpairs.pair_chunk(B, H, bq, bk, layout.max_pairs)
+    pairs = (layout.pair_q, layout.pair_k, layout.pair_valid)
+    mask_BPqk = blockpairs.pair_masks(pattern, seg_BL, c_BL3, bq, bk, pairs)
+    o_BHLK = blockpairs.attend_pairs(bq, bk, chunk, q_BHLK, k_BHLK, v_BHLK, layout.pair_q,
+                                     layout.pair_k, mask_BPqk)
+    return _unpermute_from_heads(o_BHLK, perm_BL, inv_perm_BL)
+
+  if layout.whole_row(L) and kv_chunk is None:
     # Every key block may be listed, so nothing can be skipped: one masked attention over the
     # row, as in dense. Unlisted blocks hold no allowed pair, so the predicate alone gives the
     # same mask. Token-major einsums here, as in dense, measured faster than heads-major ones.
@@ -233,7 +234,7 @@ def blocksparse_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Arra
                       seg_k.reshape(B, N, 1, j * bk), c_k.reshape(B, N, 1, j * bk, 3))
     return k_g, v_g, mask
 
-  if kv_chunk is None and J == 1 and bq == bk:
+  if kv_chunk is None and layout.block_diagonal:
     # Block-diagonal: a query block always lists its own block (every query may attend to
     # itself, padding to its own chunk), so with one slot that is the only one: no gathers.
     mask_BNqm = pair_mask(pattern, seg_q_BNq[..., None], c_q_BNq3[:, :, :, None],

@@ -8,7 +8,7 @@ import os
 
 import ml_collections
 
-from vdit_jax import layout, tokens
+from vdit_jax import backends, schedule, tokens
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -46,16 +46,18 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.num_heads = 4  # H
   m.head_dim = 32  # K
   m.mlp_ratio = 4.0  # MLP hidden = mlp_ratio * D
-  # full3d | factorized | alternating | window | sparse | spatial_only | temporal_only, or a
-  # comma list of the single-layer types with one entry per layer (e.g. "window,window,full3d")
+  # full3d | factorized | alternating | window | sparse | causal3d | spatial_only |
+  # temporal_only, or a comma list of the single-layer types with one entry per layer (e.g.
+  # "window,window,full3d"); what each attends to: vdit_jax/schedule.py and patterns.py
   m.block = "full3d"
   m.window = (1, 2, 2)  # window blocks: (kt, kh, kw), attend where |dt|<=kt, |dh|<=kh, |dw|<=kw
   # sparse blocks: one sub-pattern (local | cross | global) per equal group of heads, in order
   m.sparse_heads = "local,local,cross,global"
   m.sparse_window = (2, 4, 8)  # sparse: (kt, local reach, cross reach); reach halves per frame
-  # dense | auto | blocksparse | sdpa | pallas (attention.resolve_backend)
+  m.causal_frames = -1  # causal3d: earlier frames a token sees besides its own (-1 = all)
+  # dense | auto | blocksparse | sdpa | pallas (backends.resolve)
   m.attention_backend = "dense"
-  m.attention_block = 0  # blocksparse block size (0 = layout.default_block per pattern)
+  m.attention_block = 0  # blocksparse block size (0 = bounds.default_block per pattern)
   m.attention_kv_chunk = 0  # blocksparse: key blocks per online-softmax step (0 = all at once)
   m.qk_norm = True  # RMS-normalise queries and keys (stabilises attention logits)
   m.rope_theta = 10000.0  # base of the 3D rotary frequencies
@@ -143,12 +145,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   ``trainer.validate``.
   """
   m, d = config.model, config.data
-  layout.layer_patterns(m)  # block types, per-layer schedule, window and sparse heads
-  # attention.BACKENDS, kept jax-free here
-  backends = ("auto", "dense", "blocksparse", "sdpa", "pallas")
-  if m.attention_backend not in backends:
-    raise ValueError(f"model.attention_backend={m.attention_backend!r} is unknown: use one of "
-                     f"{backends}")
+  schedule.layer_patterns(m)  # block types, per-layer schedule, window and sparse heads
+  backends.check_name(m.attention_backend)
   if m.attention_block and d.seq_len % m.attention_block:
     raise ValueError(f"data.seq_len={d.seq_len} is not a multiple of model.attention_block="
                      f"{m.attention_block}: use a divisor of seq_len, or 0 for the default")

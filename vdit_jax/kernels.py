@@ -16,8 +16,8 @@ the layout's shape decides what they run on:
 - lists that may hold every block: the whole row;
 - lists in between: ``blocksparse``'s spans, in XLA, which skip by data.
 
-Windowed patterns (``window``, ``local``, ``cross``) are not group relations: ``blocksparse``
-computes them. Padding queries attend to the padding of their own query block, as in
+Patterns that are not group relations (``window``, ``local``, ``cross``, ``frame_causal``):
+``blocksparse`` computes them. Padding queries attend to the padding of their own query block, as in
 ``blocksparse``, so real outputs and every gradient reaching them equal ``dense``'s.
 
 Neither kernel runs on CPU except in Pallas interpret mode, which the tests use; their speed on
@@ -31,73 +31,48 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from vdit_jax import blocksparse, layout
+from vdit_jax import backends, blocksparse, layout
+from vdit_jax import patterns as pat
 from vdit_jax import sharding as shard_lib
 
-KERNELS = ("splash", "triton")
-GROUP_PATTERNS = tuple(layout.GROUP_AXES)
+KERNELS = tuple(backends.PLATFORM_KERNELS.values())
 # Block-diagonal rows shorter than this are batched in runs of blocks: both kernels tile by 128.
 _MIN_ROW = 128
 
 
-def platform_kernel(platform: str | None = None) -> tuple[str, bool]:
-  """``(kernel, interpret)`` for ``platform`` (default: JAX's): splash on TPU, Triton on GPU."""
-  platform = platform or jax.default_backend()
-  if platform == "tpu":
-    return "splash", False
-  if platform == "gpu":
-    return "triton", False
-  raise ValueError(f"attention_backend='pallas' runs Pallas kernels on TPU (splash attention) "
-                   f"or GPU (Triton flash attention), and this platform is {platform!r}: use "
-                   "'blocksparse' (or 'auto', which picks it here)")
+def runs_kernel(pattern, lay: layout.Layout, seq_len: int) -> bool:
+  """Whether ``pallas_attention`` hands ``pattern`` on ``lay`` to a kernel (else blocksparse):
+  group relations whose lists are block-diagonal or the whole row."""
+  return pat.parse(pattern).grouped and (lay.block_diagonal or lay.whole_row(seq_len))
 
 
-def group_labels(pattern: str, seg_BL: jax.Array, c_BL3: jax.Array) -> jax.Array:
-  """``[B, L]`` int32 label per position of permuted rows: equal labels share a group.
-
-  ``seg_BL`` and ``c_BL3`` are a layout's ``perm_segment`` and ``perm_coords``: segments with
-  padding already split per query block, in the order that makes each group one run.
-  """
-  changed = seg_BL[:, 1:] != seg_BL[:, :-1]
-  for axis in layout.GROUP_AXES[pattern]:
-    changed |= c_BL3[:, 1:, axis] != c_BL3[:, :-1, axis]
-  first = jnp.zeros_like(seg_BL[:, :1], dtype=jnp.int32)
-  return jnp.concatenate([first, jnp.cumsum(changed, axis=1, dtype=jnp.int32)], axis=1)
-
-
-def runs_kernel(pattern: str, lay: dict) -> bool:
-  """Whether ``pallas_attention`` hands ``pattern`` on ``lay`` to a kernel (else blocksparse)."""
-  N, J, M = blocksparse.layout_blocks(lay)
-  return pattern in GROUP_PATTERNS and ((J == 1 and N == M) or J >= M)
-
-
-def pallas_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array, pattern: str,
-                     lay: dict, *, kernel: str, interpret: bool = False,
+def pallas_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array, pattern,
+                     lay: layout.Layout, *, kernel: str, interpret: bool = False,
                      kv_chunk: int | None = None) -> jax.Array:
   """``blocksparse.blocksparse_attention``'s function, through ``kernel`` where it can run.
 
   Args:
     q_BLHK, k_BLHK, v_BLHK: ``[B, L, H, K]`` in the batch's token order.
     pattern, lay: as for ``blocksparse.blocksparse_attention``.
-    kernel: ``splash`` or ``triton`` (``platform_kernel`` names the platform's).
+    kernel: ``splash`` or ``triton`` (``backends.platform_kernel`` names the platform's).
     interpret: run the kernel in Pallas interpret mode (any platform; for tests).
     kv_chunk: passed to ``blocksparse`` where it computes the pattern.
   """
   if kernel not in KERNELS:
     raise ValueError(f"unknown attention kernel {kernel!r}: use one of {KERNELS}")
   B, L, H, K = q_BLHK.shape
+  p = pat.parse(pattern)
   blocksparse.check_layout(lay, B, L)
-  if not runs_kernel(pattern, lay):
-    return blocksparse.blocksparse_attention(q_BLHK, k_BLHK, v_BLHK, pattern, lay,
-                                             kv_chunk=kv_chunk)
-  N, J, M = blocksparse.layout_blocks(lay)
+  if not runs_kernel(p, lay, L):
+    return blocksparse.blocksparse_attention(q_BLHK, k_BLHK, v_BLHK, p, lay, kv_chunk=kv_chunk)
   row = L
-  if J < M:  # block-diagonal: rows of one block, or of a run of blocks up to the kernel tile
-    row = L // N
+  if not lay.whole_row(L):  # block-diagonal: rows of one block, or of a run of blocks up to
+    row = lay.block_q       # the kernel tile
     while row < _MIN_ROW and L % (2 * row) == 0:
       row *= 2
-  perm_BL, inv_perm_BL = lay["perm"], lay["inv_perm"]
-  labels_RT = group_labels(pattern, lay["perm_segment"], lay["perm_coords"]).reshape(-1, row)
+  perm_BL, inv_perm_BL = lay.perm, lay.inv_perm
+  labels_BL = layout.group_labels(p, lay.perm_segment, lay.perm_coords, xp=jnp)
+  labels_RT = labels_BL.reshape(-1, row)
   q_RTHK, k_RTHK, v_RTHK = (blocksparse.permute(x, perm_BL, inv_perm_BL).reshape(-1, row, H, K)
                             for x in (q_BLHK, k_BLHK, v_BLHK))
   run = functools.partial(_KERNELS[kernel], interpret=interpret)

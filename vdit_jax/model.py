@@ -5,12 +5,13 @@ and per-video ``t [B, S]`` and ``label [B, S]``. Everything per video (timestep,
 per slot and reaches tokens by a gather with ``segment_ids``, so one video's output never depends
 on what else shares its row.
 
-Block types (``layout.BLOCK_PATTERNS``; ``model.block`` may also give one per layer):
+Block types (``schedule.BLOCK_PATTERNS``; ``model.block`` may also give one per layer):
 - ``full3d``: one attention sublayer with the ``full`` pattern, then the MLP;
 - ``factorized``: a ``spatial`` sublayer, then a ``temporal`` sublayer, then the MLP;
 - ``alternating``: ``spatial_only`` and ``temporal_only`` blocks in turn over depth;
 - ``window``: one sublayer with ``window(model.window)``;
 - ``sparse``: one sublayer whose heads use per-group sub-patterns (``model.sparse_heads``);
+- ``causal3d``: one sublayer with ``frame_causal(model.causal_frames)``;
 - ``spatial_only``, ``temporal_only``: one sublayer, the ablation controls.
 All keep the same parameter names for what they share (``attn``, ``mlp``, ``ada``), so ablations
 compare like with like; ``factorized`` adds ``attn_t``.
@@ -26,7 +27,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vdit_jax import attention as attn_lib
-from vdit_jax import layout as layout_lib
+from vdit_jax import backends as backends_lib
+from vdit_jax import schedule
 from vdit_jax import tokens as tokens_lib
 from vdit_jax.sharding import constrain
 
@@ -223,13 +225,12 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
 class VideoDiT(nnx.Module):
   """Denoiser ``v = f(x_t, t, label)`` on packed rows of spatiotemporal patch tokens."""
 
-  def __init__(self, cfg, token_size: int, *, rngs: nnx.Rngs):
-    """``cfg`` is ``config.model``; ``token_size`` is P = pt*ph*pw*C."""
-    layer_patterns = layout_lib.layer_patterns(cfg)  # raises on a bad block schedule
-    if cfg.attention_backend not in attn_lib.BACKENDS:
-      raise ValueError(f"model.attention_backend={cfg.attention_backend!r} is unknown: use "
-                       f"one of {attn_lib.BACKENDS}")
+  def __init__(self, cfg, token_size: int, backend: backends_lib.Backend, *, rngs: nnx.Rngs):
+    """``cfg`` is ``config.model``; ``token_size`` is P = pt*ph*pw*C; ``backend`` computes the
+    attention (``backends.resolve``)."""
+    layer_patterns = schedule.layer_patterns(cfg)  # raises on a bad block schedule
     D = cfg.width
+    self.backend = backend
     self.cfg = cfg
     self.dtype = _dtype(cfg.dtype)
     self.token_size = token_size
@@ -253,15 +254,10 @@ class VideoDiT(nnx.Module):
     self.final = nnx.Linear(D, token_size, kernel_init=_init(("embed", "token"), _ZEROS),
                             bias_init=_init(("token",), _ZEROS), dtype=self.dtype, rngs=rngs)
 
-  @property
-  def patterns(self) -> tuple[str, ...]:
-    """Every pattern the layers use, each once (what masks or layouts a batch needs)."""
-    return layout_lib.config_patterns(self.cfg)
-
   def __call__(self, tokens_BLP: jax.Array, t_BS: jax.Array, label_BS: jax.Array,
                segment_ids_BL: jax.Array, coords_BL3: jax.Array,
                layouts: dict | None = None) -> jax.Array:
-    """``layouts``: per-pattern block layouts (``layout.batch_layouts``), for ``blocksparse``."""
+    """``layouts``: what ``self.backend.prepare`` made for this batch (None for mask backends)."""
     cfg = self.cfg
     x_BLD = project("blp,pd->bld", tokens_BLP.astype(self.dtype),
                     self.embed.kernel[...].astype(self.dtype))
@@ -270,11 +266,7 @@ class VideoDiT(nnx.Module):
     c_BSD = c_BSD + self.label_embed(label_BS)
     angles = rope_angles(coords_BL3, cfg.head_dim, cfg.rope_theta)[:, :, None, :]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
-    backend = attn_lib.resolve_backend(cfg.attention_backend, self.patterns,
-                                       max_segments=t_BS.shape[1])
-    ctx = attn_lib.AttentionContext(backend, segment_ids_BL, coords_BL3,
-                                    self.patterns, layouts=layouts,
-                                    kv_chunk=cfg.attention_kv_chunk or None)
+    ctx = attn_lib.AttentionContext(self.backend, segment_ids_BL, coords_BL3, layouts)
 
     def run_block(block, x, c):
       return block(x, c, segment_ids_BL, ctx, cos, sin)
@@ -312,22 +304,26 @@ def forward_flops(cfg, seg_grids, seq_len: int, token_size: int) -> float:
   hidden = int(cfg.mlp_ratio * D)
   grids = [tuple(g) for g in seg_grids if math.prod(int(v) for v in g) > 0]
   linear = attn = 0
-  for layer in layout_lib.layer_patterns(cfg):
+  for layer in schedule.layer_patterns(cfg):
     linear += 2 * seq_len * (len(layer) * (D * 3 * H * K + H * K * D) + 2 * D * hidden)
     for p in layer:
-      head_pairs = sum(attn_lib.pattern_pairs(p, g) for g in grids)
+      head_pairs = sum(schedule.sublayer_pairs(p, g) for g in grids)
       attn += 4 * K * (head_pairs if isinstance(p, tuple) else H * head_pairs)
   io = 2 * seq_len * token_size * D * 2
   return float(linear + attn + io)
 
 
-def build_model(config, seed: int | None = None) -> VideoDiT:
+def build_model(config, seed: int | None = None,
+                backend: backends_lib.Backend | None = None) -> VideoDiT:
   """The model of a full config, parameters on the default device (shard them afterwards).
 
   Parameters carry logical axis names as metadata; ``sharding.param_shardings`` turns them into
-  mesh shardings, so creation itself needs no mesh.
+  mesh shardings, so creation itself needs no mesh. ``backend``: the run's resolved attention
+  backend (default: ``backends.resolve`` of the config on this platform).
   """
   token_size = tokens_lib.token_dim(config.model.patch, config.data.channels)
+  if backend is None:
+    backend = backends_lib.resolve(config.model, config.data.max_segments)
   with nnx.use_eager_sharding(False):
-    return VideoDiT(config.model, token_size,
+    return VideoDiT(config.model, token_size, backend,
                     rngs=nnx.Rngs(config.seed if seed is None else seed))

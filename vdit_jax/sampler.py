@@ -16,7 +16,6 @@ from flax import nnx
 
 from vdit_jax import checkpoint as ckpt_lib
 from vdit_jax import diffusion
-from vdit_jax import layout as layout_lib
 from vdit_jax import model as model_lib
 from vdit_jax import tokens as tokens_lib
 
@@ -81,12 +80,8 @@ def sample(model: model_lib.VideoDiT, config: ml_collections.ConfigDict,
             "label": lab} for g, lab in zip(grids, labels)]
   batch = tokens_lib.pack_rows([items], L, len(items), P,
                                seg_fields={"label": (np.int32, config.model.num_classes)})
-  layouts = None
-  if config.model.attention_backend in layout_lib.LAYOUT_BACKENDS:
-    # Sized for exactly this row: sampling compiles per call anyway.
-    layouts = layout_lib.batch_layouts(layout_lib.config_patterns(config.model),
-                                       batch["segment_ids"], batch["coords"], grids,
-                                       block=config.model.attention_block, exact=True)
+  # Sized for exactly this row: sampling compiles per call anyway.
+  layouts = model.backend.prepare(batch["segment_ids"], batch["coords"], grids, exact=True)
   shift = diffusion.video_shift(jnp.asarray(batch["seg_grid"]), config.diffusion)
   out = _integrate(model, jnp.asarray(batch["tokens"]), jnp.asarray(batch["segment_ids"]),
                    jnp.asarray(batch["coords"]), jnp.asarray(batch["seg_label"]), shift,

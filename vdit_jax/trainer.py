@@ -29,11 +29,10 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vdit_jax import attention
+from vdit_jax import backends as backends_lib
 from vdit_jax import checkpoint as ckpt_lib
 from vdit_jax import config as config_lib
 from vdit_jax import diffusion
-from vdit_jax import layout as layout_lib
 from vdit_jax import model as model_lib
 from vdit_jax import sharding as shard_lib
 from vdit_jax import tokens as tokens_lib
@@ -79,9 +78,11 @@ def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
 # ----------------------------------------------------------------------------- state
 
 
-def init_state(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, State]:
-  """Model graph and a fresh train state (unsharded; use ``create_sharded_state`` in runs)."""
-  model = model_lib.build_model(config)
+def init_state(config: ml_collections.ConfigDict, backend: backends_lib.Backend | None = None,
+               ) -> tuple[nnx.GraphDef, State]:
+  """Model graph and a fresh train state (unsharded; use ``create_sharded_state`` in runs).
+  ``backend``: the run's attention backend (default: ``backends.resolve``)."""
+  model = model_lib.build_model(config, backend=backend)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   if jax.tree.leaves(rest):
     raise TypeError("the model holds non-Param variables; the train state handles only Params")
@@ -119,19 +120,19 @@ def check_shardable(abstract: State, specs: Any, mesh) -> None:
                          f"(e.g. mesh.{names[0]} to a divisor of {dim}) or config.mesh.rules")
 
 
-def create_sharded_state(config, mesh) -> tuple[nnx.GraphDef, State, Any]:
+def create_sharded_state(config, mesh, backend=None) -> tuple[nnx.GraphDef, State, Any]:
   """Initialises the state directly into its shardings (no full copy on one device)."""
-  graphdef, abstract = jax.eval_shape(lambda: init_state(config))
+  graphdef, abstract = jax.eval_shape(lambda: init_state(config, backend))
   specs = state_specs(abstract, config.mesh.rules)
   check_shardable(abstract, specs, mesh)
   shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
-  state = jax.jit(lambda: init_state(config)[1], out_shardings=shardings)()
+  state = jax.jit(lambda: init_state(config, backend)[1], out_shardings=shardings)()
   return graphdef, state, shardings
 
 
-def abstract_state(config, mesh) -> tuple[nnx.GraphDef, State, Any]:
+def abstract_state(config, mesh, backend=None) -> tuple[nnx.GraphDef, State, Any]:
   """ShapeDtypeStructs with shardings: the restore target (nothing is allocated)."""
-  graphdef, abstract = jax.eval_shape(lambda: init_state(config))
+  graphdef, abstract = jax.eval_shape(lambda: init_state(config, backend))
   specs = state_specs(abstract, config.mesh.rules)
   check_shardable(abstract, specs, mesh)
   shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
@@ -143,15 +144,16 @@ def abstract_state(config, mesh) -> tuple[nnx.GraphDef, State, Any]:
   return graphdef, target, shardings
 
 
-def batch_shardings(config, mesh) -> dict[str, Any]:
-  """Shardings of every batch entry (a pytree like the batch), split over rows."""
+def batch_shardings(config, mesh, backend=None) -> dict[str, Any]:
+  """Shardings of every batch entry, split over rows: a pytree prefix of the batch."""
   rules = config.mesh.rules
   out: dict[str, Any] = {k: NamedSharding(mesh, shard_lib.logical_to_spec(v, rules))
                          for k, v in BATCH_AXES.items()}
-  if config.model.attention_backend in layout_lib.LAYOUT_BACKENDS:
-    rows = NamedSharding(mesh, shard_lib.logical_to_spec(("batch",), rules))
-    out["layouts"] = {p: {k: rows for k in layout_lib.LAYOUT_KEYS}
-                      for p in layout_lib.config_patterns(config.model)}
+  backend = backend or backends_lib.resolve(config.model, config.data.max_segments)
+  rows = NamedSharding(mesh, shard_lib.logical_to_spec(("batch",), rules))
+  layouts = backend.batch_sharding(rows)
+  if layouts is not None:
+    out["layouts"] = layouts
   return out
 
 
@@ -240,10 +242,10 @@ def train_step(state: State, batch: dict[str, jax.Array], *, graphdef: nnx.Graph
   return new_state, metrics
 
 
-def jit_train_step(config, graphdef, state_shardings, mesh):
+def jit_train_step(config, graphdef, state_shardings, mesh, backend=None):
   tx = make_optimizer(config)
   step_fn = functools.partial(train_step, graphdef=graphdef, tx=tx, config=config)
-  return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings(config, mesh)),
+  return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings(config, mesh, backend)),
                  out_shardings=(state_shardings, None), donate_argnums=0)
 
 
@@ -279,7 +281,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   config_lib.validate(config)
   initialize_distributed(config.distributed)
   # After joining: asking for the platform starts the backend, which must come after that.
-  attention.resolve_backend(config.model.attention_backend, (), 1)  # one this platform has
+  backends_lib.resolve(config.model, config.data.max_segments)  # one this platform has
   # config_lib cannot resolve a -1 mesh axis (it knows no device count); here we can.
   sizes = dict(zip(shard_lib.MESH_AXES, shard_lib.mesh_shape(
       {a: config.mesh[a] for a in shard_lib.MESH_AXES}, jax.device_count())))
@@ -401,26 +403,28 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> State:
   check_process_rows(config, mesh)
   rules = config.mesh.rules
   mngr = ckpt_lib.manager(workdir, keep=config.train.keep_ckpts)
+  # Resolved once: the model computes with it and the pipeline prepares batches for it.
+  backend = backends_lib.resolve(config.model, config.data.max_segments)
   with jax.set_mesh(mesh), shard_lib.axis_rules(rules):
     latest = mngr.latest_step()
     if latest is None:
-      graphdef, state, shardings = create_sharded_state(config, mesh)
+      graphdef, state, shardings = create_sharded_state(config, mesh, backend)
       data_state = None
     else:
-      graphdef, target, shardings = abstract_state(config, mesh)
+      graphdef, target, shardings = abstract_state(config, mesh, backend)
       state, data_state, _ = ckpt_lib.restore(mngr, latest, target)
     start = int(jax.device_get(state["step"]))
-    step_fn = jit_train_step(config, graphdef, shardings, mesh)
+    step_fn = jit_train_step(config, graphdef, shardings, mesh, backend)
 
     # The iterator always counts from step 0; a restored state moves it to where the run was.
     it = pipeline.make_train_iterator(config, start_step=0, process_index=jax.process_index(),
-                                      process_count=jax.process_count())
+                                      process_count=jax.process_count(), backend=backend)
     if data_state:
       it.set_state(data_state)
     elif start:
       raise ValueError(f"checkpoint step {start} in {workdir} has no data iterator state: it "
                        "cannot resume the same stream of batches")
-    b_shardings = batch_shardings(config, mesh)
+    b_shardings = batch_shardings(config, mesh, backend)
     writer = MetricWriter(workdir, is_main)
     flops_per_step = None
     peak = None
@@ -482,9 +486,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> State:
 
 
 def _device_batch(host_batch: dict[str, Any], shardings) -> dict[str, Any]:
-  """This process's rows -> global arrays; entries the step does not use are left on the host."""
-  return jax.tree.map(jax.make_array_from_process_local_data, shardings,
-                      {k: host_batch[k] for k in shardings})
+  """This process's rows -> global arrays; entries the step does not use are left on the host.
+  ``shardings`` is a prefix of the batch: a sharding stands for every array below it."""
+  def place(sharding, subtree):
+    return jax.tree.map(functools.partial(jax.make_array_from_process_local_data, sharding),
+                        subtree)
+
+  return jax.tree.map(place, shardings, {k: host_batch[k] for k in shardings})
 
 
 def warn_on_recompile(compiles: int, step: int) -> bool:

@@ -1,0 +1,346 @@
+"""Attention patterns: one type per kind, in one registry.
+
+A pattern is a predicate over a (query, key) token pair. Every pattern also requires both tokens
+to be in the same segment; padding (segment 0) forms a segment of its own, so a padding query
+attends only to padding and no real token ever sees padding, while no softmax row is empty.
+With ``dt, dh, dw`` the coordinate differences key minus query and ``reach(dt) = r >> |dt|``
+(``r`` halved per frame of distance, rounded down):
+
+| pattern             | attend when (and same video)                                          |
+| ------------------- | --------------------------------------------------------------------- |
+| `full`              | always                                                                |
+| `spatial`           | dt = 0                                                                |
+| `temporal`          | dh = 0 and dw = 0                                                     |
+| `window(kt,kh,kw)`  | abs(dt) <= kt, abs(dh) <= kh, abs(dw) <= kw                           |
+| `local(kt,r)`       | abs(dt) <= kt, abs(dh) <= reach(dt), abs(dw) <= reach(dt)             |
+| `cross(kt,r)`       | abs(dt) <= kt, and (dh = 0, abs(dw) <= reach(dt)) or (dw = 0, abs(dh) <= reach(dt)) |
+| `frame_causal(kt)`  | -kt <= dt <= 0 (kt = -1: every earlier frame and its own)             |
+
+Each type answers every question the rest of the code asks of a pattern: its predicate (numpy or
+``jax.numpy``), the token order inside a video that makes it cheap (``order_axes``), whether it
+is a group relation (``group_axes``: the kernels' segment-id form, exact block ranges), the box
+of key-minus-query offsets it allows (``offset_box``), how far apart in that order a query and
+its keys can be (``max_distance``), the first and last key of each position (``key_range``),
+and its exact pair count for FLOPs (``pairs``). ``parse`` turns config strings into these
+objects once; adding a pattern means adding one type here and its tests.
+
+Numpy only (and ``xp=jax.numpy`` for the predicate): the data pipeline plans layouts with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import ClassVar
+
+import numpy as np
+
+from vdit_jax import tokens
+
+# Stands for "no bound" in offset boxes: far beyond any coordinate, with no int32 overflow.
+UNBOUNDED = 2**20
+
+
+def _pairs_1d(n: int, k: int) -> int:
+  """Ordered pairs (i, j) in range(n) with abs(i - j) <= k."""
+  k = min(k, n - 1)
+  return n + 2 * (k * n - k * (k + 1) // 2)
+
+
+def _position(c, size):
+  """t-major position of coordinates ``c [..., 3]`` in a video of token grid ``size``."""
+  return (c[..., 0] * size[1] + c[..., 1]) * size[2] + c[..., 2]
+
+
+@dataclasses.dataclass(frozen=True)
+class Pattern:
+  """Base type; the subclasses below are the pattern kinds (``KINDS``)."""
+
+  kind: ClassVar[str]
+  # (t, h, w) axes a token's group is made of, for group relations (attend iff same group);
+  # None for the others.
+  group_axes: ClassVar[tuple[int, ...] | None] = None
+  # Sort order of a video's tokens (most significant first) that keeps each query's keys close.
+  order_axes: ClassVar[tuple[int, ...]] = (0, 1, 2)
+  # Whether the predicate is exactly "the offset lies in offset_box" (then block pairs whose
+  # offsets all lie in the box need no token-pair test).
+  is_box: ClassVar[bool] = False
+  symmetric: ClassVar[bool] = True
+
+  def __str__(self) -> str:
+    args = dataclasses.astuple(self)
+    return f"{self.kind}({','.join(map(str, args))})" if args else self.kind
+
+  @property
+  def grouped(self) -> bool:
+    return self.group_axes is not None
+
+  def relation(self, c_q, c_k, xp=np):
+    """The predicate without the segment test, on coordinates ``[..., 3]``."""
+    raise NotImplementedError
+
+  def allowed(self, seg_q, c_q, seg_k, c_k, xp=np):
+    """Whether a query may attend to a key, on broadcastable operands: ``seg_*`` segment ids
+    (padding may be split into chunks by the caller), ``c_*`` coordinates ``[..., 3]``."""
+    return (seg_q == seg_k) & self.relation(c_q, c_k, xp)
+
+  def offset_box(self) -> tuple[tuple[int, int], ...]:
+    """Per axis (t, h, w), bounds ``(lo, hi)`` on key minus query that hold for every allowed
+    pair (``UNBOUNDED`` where there is none)."""
+    raise NotImplementedError
+
+  def group_tokens(self, grid) -> int:
+    """Tokens in one group of a video of token grid ``grid`` (group relations only)."""
+    raise ValueError(f"pattern {self} has no groups: size its layouts by its distance")
+
+  def neighbourhood(self, grid) -> int:
+    """About how many keys a query of a video of token grid ``grid`` sees: what the default
+    block size follows (the offset box's volume for patterns without groups)."""
+    return math.prod(hi - lo + 1 for lo, hi in self.offset_box())
+
+  def max_distance(self, grid) -> int:
+    """Largest ``abs(key - query)`` position, in ``order_axes`` order, over the allowed pairs of
+    a video of token grid ``grid``."""
+    size = [int(g) for g in grid]
+    clip = [(max(lo, 1 - g), min(hi, g - 1)) for (lo, hi), g in zip(self.offset_box(), size)]
+    far = lambda pick: abs(_position(np.asarray([pick(b) for b in clip]), size))
+    return int(max(far(lambda b: b[0]), far(lambda b: b[1])))
+
+  def key_range(self, grid) -> tuple[np.ndarray, np.ndarray]:
+    """Per position of one video in this pattern's order: a lower bound on its first allowed
+    key and an upper bound on its last (exclusive), both non-decreasing, video-relative."""
+    return _box_key_range(self, tuple(int(g) for g in grid))
+
+  def range_kind(self, grid):
+    """What ``key_range`` depends on (videos of equal kind have equal ranges)."""
+    return tuple(int(g) for g in grid)
+
+  def pairs(self, grid) -> int:
+    """Allowed (query, key) pairs within one video of token grid ``grid``, exactly."""
+    raise NotImplementedError
+
+
+class _Group(Pattern):
+  """Group relations: a query attends to every key of its group (same video, same group axes)."""
+
+  def allowed(self, seg_q, c_q, seg_k, c_k, xp=np):
+    mask = seg_q == seg_k
+    for a in self.group_axes:
+      mask = mask & (c_q[..., a] == c_k[..., a])
+    return mask
+
+  def offset_box(self):
+    return tuple((0, 0) if a in self.group_axes else (-UNBOUNDED, UNBOUNDED) for a in range(3))
+
+  def group_tokens(self, grid) -> int:
+    return math.prod(int(g) for a, g in enumerate(grid) if a not in self.group_axes)
+
+  def neighbourhood(self, grid) -> int:
+    return self.group_tokens(grid)
+
+  def max_distance(self, grid) -> int:
+    return self.group_tokens(grid) - 1
+
+  def key_range(self, grid):
+    return _group_key_range(tokens.num_tokens(grid), self.group_tokens(grid))
+
+  def range_kind(self, grid):
+    return tokens.num_tokens(grid), self.group_tokens(grid)
+
+  def pairs(self, grid) -> int:
+    return tokens.num_tokens(grid) * self.group_tokens(grid)
+
+
+@dataclasses.dataclass(frozen=True)
+class Full(_Group):
+  kind: ClassVar[str] = "full"
+  group_axes: ClassVar[tuple[int, ...]] = ()
+  order_axes: ClassVar[tuple[int, ...]] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Spatial(_Group):
+  kind: ClassVar[str] = "spatial"
+  group_axes: ClassVar[tuple[int, ...]] = (0,)
+
+
+@dataclasses.dataclass(frozen=True)
+class Temporal(_Group):
+  kind: ClassVar[str] = "temporal"
+  group_axes: ClassVar[tuple[int, ...]] = (1, 2)
+  order_axes: ClassVar[tuple[int, ...]] = (1, 2, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Window(Pattern):
+  kt: int
+  kh: int
+  kw: int
+  kind: ClassVar[str] = "window"
+  is_box: ClassVar[bool] = True
+
+  def relation(self, c_q, c_k, xp=np):
+    d = [xp.abs(c_q[..., a] - c_k[..., a]) for a in range(3)]
+    return (d[0] <= self.kt) & (d[1] <= self.kh) & (d[2] <= self.kw)
+
+  def offset_box(self):
+    return tuple((-k, k) for k in (self.kt, self.kh, self.kw))
+
+  def pairs(self, grid) -> int:
+    t, h, w = (int(g) for g in grid)
+    return _pairs_1d(t, self.kt) * _pairs_1d(h, self.kh) * _pairs_1d(w, self.kw)
+
+
+def spatial_reach(r, dt, xp=np):
+  """Reach of ``local``/``cross`` at frame distance ``abs(dt)``: ``r`` halved per frame,
+  rounded down (``r >> dt``; shifts capped at 30 so large ``dt`` give 0, not undefined bits)."""
+  return xp.right_shift(r, xp.minimum(dt, 30))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shrinking(Pattern):
+  """Per-head sparse sub-patterns whose spatial reach halves per frame of distance."""
+  kt: int
+  r: int
+
+  def _plane(self, dh, dw, reach, xp):
+    raise NotImplementedError
+
+  def relation(self, c_q, c_k, xp=np):
+    dt, dh, dw = (xp.abs(c_q[..., a] - c_k[..., a]) for a in range(3))
+    return (dt <= self.kt) & self._plane(dh, dw, spatial_reach(self.r, dt, xp), xp)
+
+  def offset_box(self):
+    return ((-self.kt, self.kt), (-self.r, self.r), (-self.r, self.r))
+
+  def max_distance(self, grid) -> int:
+    t, h, w = (int(g) for g in grid)
+    far = 0
+    for dt in range(min(self.kt, t - 1) + 1):
+      reach = int(spatial_reach(self.r, dt))
+      dh, dw = min(reach, h - 1), min(reach, w - 1)
+      far = max(far, dt * h * w + self._plane_distance(dh, dw, w))
+    return far
+
+  def _plane_distance(self, dh: int, dw: int, w: int) -> int:
+    raise NotImplementedError
+
+  def _plane_pairs(self, h: int, w: int, reach: int) -> int:
+    raise NotImplementedError
+
+  def pairs(self, grid) -> int:
+    t, h, w = (int(g) for g in grid)
+    k = min(self.kt, t - 1)
+    return sum((t - abs(dt)) * self._plane_pairs(h, w, int(spatial_reach(self.r, abs(dt))))
+               for dt in range(-k, k + 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Local(_Shrinking):
+  kind: ClassVar[str] = "local"
+
+  def _plane(self, dh, dw, reach, xp):
+    return (dh <= reach) & (dw <= reach)
+
+  def _plane_distance(self, dh, dw, w):
+    return dh * w + dw
+
+  def _plane_pairs(self, h, w, reach):
+    return _pairs_1d(h, reach) * _pairs_1d(w, reach)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cross(_Shrinking):
+  kind: ClassVar[str] = "cross"
+
+  def _plane(self, dh, dw, reach, xp):
+    return ((dh == 0) & (dw <= reach)) | ((dw == 0) & (dh <= reach))
+
+  def _plane_distance(self, dh, dw, w):
+    return max(dh * w, dw)
+
+  def _plane_pairs(self, h, w, reach):
+    # The row and the column through each query, the query counted once.
+    return h * _pairs_1d(w, reach) + w * _pairs_1d(h, reach) - h * w
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameCausal(Pattern):
+  """Keys of the query's own frame and the ``kt`` frames before it (all earlier ones for
+  ``kt = -1``): the pattern of autoregressive and streaming video models. Not symmetric."""
+  kt: int
+  kind: ClassVar[str] = "frame_causal"
+  is_box: ClassVar[bool] = True
+  symmetric: ClassVar[bool] = False
+
+  def relation(self, c_q, c_k, xp=np):
+    dt = c_k[..., 0] - c_q[..., 0]
+    ok = dt <= 0
+    return ok if self.kt < 0 else ok & (dt >= -self.kt)
+
+  def offset_box(self):
+    back = UNBOUNDED if self.kt < 0 else self.kt
+    return ((-back, 0), (-UNBOUNDED, UNBOUNDED), (-UNBOUNDED, UNBOUNDED))
+
+  def pairs(self, grid) -> int:
+    t, h, w = (int(g) for g in grid)
+    k = t - 1 if self.kt < 0 else min(self.kt, t - 1)
+    return sum(t - dt for dt in range(k + 1)) * (h * w) ** 2
+
+
+# Every pattern kind, by the name configs use, with the number of integer arguments and the
+# smallest value each may take.
+KINDS: dict[str, type[Pattern]] = {
+    cls.kind: cls for cls in (Full, Spatial, Temporal, Window, Local, Cross, FrameCausal)}
+_MIN_ARG = {"frame_causal": -1}
+
+
+@functools.lru_cache(maxsize=512)
+def _parse_text(text: str) -> Pattern:
+  name, paren, rest = text.replace(" ", "").partition("(")
+  cls = KINDS.get(name)
+  nargs = len(dataclasses.fields(cls)) if cls is not None else -1
+  if cls is not None and not paren and nargs == 0:
+    return cls()
+  if cls is not None and paren and rest.endswith(")") and nargs > 0:
+    try:
+      args = tuple(int(a) for a in rest[:-1].split(","))
+    except ValueError:
+      args = ()
+    if len(args) == nargs and min(args) >= _MIN_ARG.get(name, 0):
+      return cls(*args)
+  raise ValueError(f"unknown attention pattern {text!r}: use full, spatial, temporal, "
+                   "window(kt,kh,kw), local(kt,r) or cross(kt,r) with integers >= 0, or "
+                   "frame_causal(kt) with kt >= -1")
+
+
+def parse(pattern: str | Pattern) -> Pattern:
+  """``"window(1,2,2)"`` -> ``Window(1, 2, 2)``; a Pattern comes back as it is."""
+  if isinstance(pattern, Pattern):
+    return pattern
+  return _parse_text(str(pattern))
+
+
+def window(kt: int, kh: int, kw: int) -> Window:
+  """The ``window`` pattern with these reaches (checked)."""
+  return parse(f"window({int(kt)},{int(kh)},{int(kw)})")
+
+
+@functools.lru_cache(maxsize=1024)
+def _group_key_range(n: int, g: int) -> tuple[np.ndarray, np.ndarray]:
+  p = np.arange(n)
+  return p // g * g, (p // g + 1) * g
+
+
+@functools.lru_cache(maxsize=1024)
+def _box_key_range(pattern: Pattern, grid: tuple[int, int, int]):
+  """Key ranges of a t-major pattern: the positions of its offset box's corners clipped to the
+  grid, made monotone by a suffix minimum and a prefix maximum."""
+  size = np.asarray(grid)
+  c = tokens.grid_coords(grid)
+  lo = np.asarray([b[0] for b in pattern.offset_box()])
+  hi = np.asarray([b[1] for b in pattern.offset_box()])
+  key_lo = _position(np.clip(c + lo, 0, size - 1), size)
+  key_hi = _position(np.clip(c + hi, 0, size - 1), size) + 1
+  return np.minimum.accumulate(key_lo[::-1])[::-1], np.maximum.accumulate(key_hi)
