@@ -11,7 +11,11 @@ gives them (``data.labels``): ``--labels "red circle,blue square"`` for syntheti
 
 import os
 
-from absl import app, flags, logging
+from vdit_jax import hostmem
+
+hostmem.keep_freed_memory()  # before JAX starts its threads (VDIT_JAX_MALLOC=system opts out)
+
+from absl import app, flags, logging  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory to restore from", required=True)
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: newest)")
