@@ -46,7 +46,7 @@ def test_large_buffers_are_reused_only_where_an_entry_point_applies_the_settings
   pages = 128 * 2**20 // 4096
   # Opted out: every call faults the whole scratch buffer in again.
   if _faults(apply=True, malloc="system") < pages // 2:
-    pytest.skip("this jaxlib's dot no longer maps its scratch afresh: nothing to compare")
+    pytest.skip("this jaxlib's dot does not map its scratch afresh: nothing to compare")
   # Importing vdit_jax (trainer and all) changes nothing...
   assert _faults(apply=False) >= pages // 2
   # ...and applied first thing, as train.py does, the buffer is reused.
