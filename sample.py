@@ -3,18 +3,24 @@
   python sample.py --workdir runs/default --shapes 8x32x32,8x24x40 --labels 0,7 --cfg 3 \
       --steps 30 --seed 0 --out runs/default/videos
 
-All requested shapes are packed into one call. Labels are ints or names such as "red circle"
-(``--labels "red circle,blue square"``); omit them for 0, 1, 2, ...
+All requested shapes are packed into one call. Labels are ids or the names the run's data source
+gives them (``data.labels``): ``--labels "red circle,blue square"`` for synthetic_shapes,
+``7`` or ``seven`` for moving_digits, a manifest's ``label_name`` for file sources; the id
+``model.num_classes`` or ``unconditional`` samples without a label. Omit them for 0, 1, 2, ...
 """
 
 import os
 
-from absl import app, flags, logging
+from vdit_jax import hostmem
+
+hostmem.keep_freed_memory()  # before JAX starts its threads (VDIT_JAX_MALLOC=system opts out)
+
+from absl import app, flags, logging  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory to restore from", required=True)
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: newest)")
 _SHAPES = flags.DEFINE_string("shapes", "8x32x32", "comma-separated TxHxW of the videos")
-_LABELS = flags.DEFINE_string("labels", "", "comma-separated labels (ints or names), one per shape")
+_LABELS = flags.DEFINE_string("labels", "", "comma-separated labels (ids or names), one per shape")
 _CFG = flags.DEFINE_float("cfg", 3.0, "classifier-free guidance scale (1 = none)")
 _STEPS = flags.DEFINE_integer("steps", 30, "Euler steps")
 _SEED = flags.DEFINE_integer("seed", 0, "noise seed")
@@ -26,15 +32,15 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
-  from data import synthetic_shapes
-  from vdit_jax import sampler, tokens, video_io
+  from data import labels as labels_lib
+  from vdit_jax import sampler, video_io
 
   shapes = sampler.parse_shapes(_SHAPES.value)
   model, config, step = sampler.load_model(_WORKDIR.value, _STEP.value)
   sampler.check_shapes(shapes, tuple(config.model.patch))  # before anything compiles
-  names = [x.strip() for x in _LABELS.value.split(",") if x.strip()]
-  text = ",".join(str(synthetic_shapes.parse_label(n)) for n in names)
-  labels = sampler.parse_labels(text, len(shapes), config.model.num_classes)
+  # Names are the data source's that trained the run (data.labels).
+  labels = sampler.parse_labels(_LABELS.value, len(shapes), config.model.num_classes,
+                                parse=labels_lib.label_set(config).parse)
   videos = sampler.sample(model, config, shapes, labels, cfg_scale=_CFG.value,
                           num_steps=_STEPS.value, seed=_SEED.value)
   out = _OUT.value or os.path.join(_WORKDIR.value, "videos")

@@ -5,10 +5,14 @@
 Rerunning the same command resumes from the newest checkpoint in the workdir.
 """
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from vdit_jax import hostmem
 
-from vdit_jax import trainer
+hostmem.keep_freed_memory()  # before JAX starts its threads (VDIT_JAX_MALLOC=system opts out)
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from vdit_jax import trainer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "config file",
                                           lock_config=True)

@@ -25,10 +25,10 @@ def get_config(arg: str | None = None):
   # Shift t towards noise (about 2.8x for these 256-token videos): the layout of a video is
   # decided at high noise, which an unshifted logit-normal rarely trains in a short run.
   c.diffusion.shift_base_tokens = 32
-  # Width 256 in 4 heads of 64 (5.0M parameters), two rows per step: against width 128 in heads
-  # of 32 with four rows (the default until the fifth session) it reached a lower loss at 1000
-  # steps (0.105 against 0.116) in 1.18x the time, and its matmuls are wide enough to run the
-  # step at about 0.35 of this CPU's matmul peak, where width 128 stays near 0.25 (bench/step.py).
+  # Width 256 in 4 heads of 64 (5.0M parameters), two rows per step: its matmuls are wide enough
+  # to run the step at a larger fraction of this CPU's matmul peak than width 128 in heads of 32,
+  # and it reaches a lower loss at 1000 steps for a little more time (bench/README.md compares
+  # the two). Heads of 64 also suit accelerator attention kernels.
   c.model.width = 256
   c.model.depth = 4
   c.model.num_heads = 4

@@ -4,11 +4,10 @@
   python sample.py --workdir runs/digits --shapes 8x32x32,8x28x36 --labels 3,7 \
       --out runs/digits/videos
 
-The default model on one or two digits per video (label = the first digit) at three aspect
-ratios; one grey channel, so a token is 2x4x4x1 = 32 values. Settings are the default run's, not
-tuned for digits. Checked so far only with a 300-step run (2-core CPU shared with other jobs,
-about 1.5 s per step): the loss fell from 1.46 (step 25) to about 0.23, with 99% real tokens,
-and the samples showed white blobs in motion, not yet legible digits.
+The default model on one or two digits per video (label = the first digit; sample by "7" or
+"seven") at three aspect ratios; one grey channel, so a token is 2x4x4x1 = 32 values. Settings
+are the default run's, not tuned for digits: a short run draws white blobs in motion, not yet
+legible digits (bench/README.md has the run).
 """
 
 from configs import default

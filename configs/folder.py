@@ -3,11 +3,13 @@
   python train.py --config configs/folder.py --workdir runs/folder \
       --config.data.path=/data/clips [--config.data.manifest=/data/clips.jsonl]
 
-The manifest's lines are {"path": "clip.mp4", "caption": "...", "label": 3} with paths relative
-to data.path; without one every video file in the folder is used, unconditionally (the null
-label). Each video is resized (aspect ratio kept, snapped to the nearest of data.aspect_ratios)
-to 8 frames at about 32x32 pixels, every second stored frame; files that cannot be used are
-skipped, listed once on stderr, and counted per reason as skipped_<reason> in the metrics.
+The manifest's lines are {"path": "clip.mp4", "caption": "...", "label": 3, "label_name": "dog"}
+with paths relative to data.path (label_name is optional: sample.py --labels then takes "dog" as
+well as 3); without a manifest every video file in the folder is used, unconditionally (the
+null label). Each video is resized (aspect ratio kept, snapped to the nearest of
+data.aspect_ratios) to 8 frames at about 32x32 pixels, every second stored frame; files that
+cannot be used are skipped, listed once on stderr, and counted per reason as skipped_<reason>
+in the metrics.
 The model is the default one; set model.num_classes to your manifest's label count.
 """
 

@@ -1,6 +1,6 @@
-"""Reference config P0: the sizes `bench/step.py` times against peer codebases.
+"""Reference config P0: the sizes `bench/step.py` times.
 
-  python bench/step.py               # fp32 forward+backward, full3d and factorized
+  python bench/step.py               # fp32 forward+backward of each block type and a plain DiT
 
 4 blocks, width 256, 4 heads x 64, MLP 1024; one 8x32x32 video with 4 channels (latent-like)
 per 2048-token row (patch 1x2x2), two rows per step. The bench feeds random 4-channel videos;

@@ -1,7 +1,10 @@
 """File sources: ``video_folder`` (mp4 / webm / gif / npy) and ``latents`` (npy / npz arrays).
 
-Both read a folder (or a JSONL manifest of ``{"path", "caption", "label"}`` lines, paths relative
-to the folder) and share one scan, one size rule and one way of skipping bad files.
+Both read a folder (or a JSONL manifest of ``{"path", "caption", "label", "label_name"}`` lines,
+paths relative to the folder) and share one scan, one size rule and one way of skipping bad files.
+A label is an id ``0..model.num_classes - 1`` (none: the null label, unconditional); the
+optional ``label_name`` names it, so ``sample.py --labels`` takes the name as well as the id
+(``data.labels``): one name per id, one id per name, and no name that is a number.
 
 Scan (once, at start-up): each file's header is probed for ``(frames, H, W)`` without decoding
 (npy/npz array headers, ffmpeg's stream info, gif frame count). A file that cannot be used is
@@ -209,7 +212,8 @@ def resize_cover(video_THWC: np.ndarray, H: int, W: int) -> np.ndarray:
 
 
 def read_manifest(folder: str, manifest: str) -> list[dict[str, Any]]:
-  """Entries ``{"path", "caption", "label"}``: the manifest's lines, or the folder's files."""
+  """Entries ``{"path", "caption", "label", "label_name"}``: the manifest's lines, or the folder's
+  files. Only the manifest is read."""
   if not manifest:
     return [{"path": os.path.join(folder, n)} for n in sorted(os.listdir(folder))]
   entries = []
@@ -222,9 +226,48 @@ def read_manifest(folder: str, manifest: str) -> list[dict[str, Any]]:
         path = entry["path"]
       except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{manifest} line {line_no}: {line.strip()[:80]!r} is not a JSON object "
-                         'with a "path" (and optional "caption", "label")') from e
+                         'with a "path" (and optional "caption", "label", "label_name")') from e
       entries.append({**entry, "path": os.path.join(folder, path)})
   return entries
+
+
+def label_names(entries: list[dict[str, Any]], num_classes: int) -> dict[int, str]:
+  """``{label: name}`` from the entries' ``label_name`` fields; raises on a label out of range,
+  a name that is a number, two names for one label or one name for two labels."""
+  names: dict[int, str] = {}
+  owners: dict[str, int] = {}
+  for e in entries:
+    label = _label_id(e, num_classes)
+    if "label_name" not in e:
+      continue
+    name = " ".join(str(e["label_name"]).split())
+    if label == num_classes or not name or name.isdigit() or name.lower() == "unconditional":
+      raise ValueError(f"{e['path']}: label_name {e['label_name']!r} needs a \"label\" id and a "
+                       "name that is not empty, a number or 'unconditional'")
+    if names.setdefault(label, name) != name:
+      raise ValueError(f"{e['path']}: label {label} is named {name!r} here and {names[label]!r} "
+                       "elsewhere in the manifest: give each label one name")
+    if owners.setdefault(name.lower(), label) != label:
+      raise ValueError(f"{e['path']}: label_name {name!r} names labels {owners[name.lower()]} and "
+                       f"{label}: give each label its own name")
+  return names
+
+
+def _label_id(entry: dict[str, Any], num_classes: int) -> int:
+  """The entry's label id, ``num_classes`` (the null label) when it gives none."""
+  label = entry.get("label")
+  if label is None:
+    return num_classes
+  try:
+    value = int(label)
+    whole = not isinstance(label, bool) and value == float(label)
+  except (TypeError, ValueError):
+    whole = False
+  if not whole or not 0 <= value <= num_classes:
+    raise ValueError(f"{entry['path']}: label {label!r} is out of range: use an id "
+                     f"0..{num_classes - 1} (a name goes in \"label_name\"; leave both out for "
+                     "unconditional) or raise model.num_classes")
+  return value
 
 
 class FolderSource:
@@ -266,12 +309,9 @@ class FolderSource:
     self.entries = [e for e in read_manifest(path, manifest) if e["path"].lower().endswith(exts)]
     for e in self.entries:
       e["path"] = os.path.abspath(e["path"])
-      label = e.get("label")
-      e["label"] = self.null_label if label is None else int(label)
-      if not 0 <= e["label"] <= self.null_label:
-        raise ValueError(f"{e['path']}: label {label} is out of range: use 0..{num_classes - 1} "
-                         f"(or leave it out for unconditional) or raise model.num_classes")
+      e["label"] = _label_id(e, self.null_label)
       e["caption"] = str(e.get("caption", ""))
+    label_names(self.entries, self.null_label)  # checked at start-up, used by data.labels
     # Probes wait on file reads and ffmpeg processes, so threads overlap them.
     with concurrent.futures.ThreadPoolExecutor(_SCAN_THREADS) as pool:
       scans = list(pool.map(self._scan, [e["path"] for e in self.entries]))

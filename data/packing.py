@@ -76,7 +76,8 @@ def pack_videos(rows: Sequence[Sequence[Mapping[str, Any]]], patch: Sequence[int
     null_label: the label of empty slots (``model.num_classes``).
 
   Returns:
-    ``tokens``, ``segment_ids``, ``coords``, ``seg_grid`` and ``seg_label`` (see DESIGN.md).
+    ``tokens``, ``segment_ids``, ``coords``, ``seg_grid`` and ``seg_label``, as
+    ``tokens.pack_rows`` describes them.
   """
   patch = tuple(int(p) for p in patch)
   packed_rows = [[{"tokens": tok.patchify_np(item["video"], patch),

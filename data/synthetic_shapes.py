@@ -51,22 +51,6 @@ def label_name(label: int) -> str:
   return f"{COLOR_NAMES[color]} {SHAPES[shape]}"
 
 
-def parse_label(label: int | str) -> int:
-  """Label id from an int, a numeric string or a name like ``"red circle"`` (case-insensitive)."""
-  if isinstance(label, (int, np.integer)) or str(label).strip().isdigit():
-    value = int(label)
-    if not 0 <= value < NUM_CLASSES:
-      raise ValueError(f"label {value} is out of range: use 0..{NUM_CLASSES - 1} or a name such as "
-                       f"'{label_name(0)}'")
-    return value
-  names = [label_name(i) for i in range(NUM_CLASSES)]
-  text = " ".join(str(label).lower().split())
-  if text not in names:
-    raise ValueError(f"unknown label {label!r}: use an id 0..{NUM_CLASSES - 1} or one of "
-                     + ", ".join(repr(n) for n in names))
-  return names.index(text)
-
-
 def _signed_distance(shape: int, dy_THW: np.ndarray, dx_THW: np.ndarray, r: float) -> np.ndarray:
   """Approximate signed distance in pixels (negative inside); exact near the edges."""
   if shape == 0:

@@ -1,4 +1,5 @@
-"""Test setup: 8 simulated CPU devices and the persistent compilation cache, before jax loads."""
+"""Test setup, before jax loads: 8 simulated CPU devices, the persistent compilation cache, and
+the host allocator settings the entry points apply (vdit_jax.hostmem)."""
 
 import os
 import sys
@@ -10,3 +11,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_ROOT, ".jax_cac
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
+
+from vdit_jax import hostmem  # noqa: E402
+
+hostmem.keep_freed_memory()  # as train.py and sample.py do (VDIT_JAX_MALLOC=system opts out)

@@ -1,5 +1,5 @@
 """The host allocator settings (vdit_jax.hostmem): large XLA:CPU buffers are reused, not mapped
-afresh on every call."""
+afresh on every call, in a process that applies them; importing vdit_jax applies nothing."""
 
 import os
 import subprocess
@@ -12,9 +12,13 @@ from vdit_jax import hostmem
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A dot whose [64, 256, 2048] f32 output (128 MiB) XLA:CPU's dot kernel also allocates as
-# scratch; prints the minor page faults of one call after warm-up.
+# scratch; prints whether importing hostmem imported jax, then the minor page faults of one call
+# after warm-up. {apply} is where an entry point calls hostmem.keep_freed_memory().
 _PROBE = """
-import resource
+import resource, sys
+from vdit_jax import hostmem
+jax_on_import = "jax" in sys.modules
+{apply}
 import vdit_jax.trainer  # everything train.py imports, before JAX starts its threads
 import jax, jax.numpy as jnp
 q, k = jnp.ones((64, 256, 64)), jnp.ones((64, 2048, 64))
@@ -22,22 +26,28 @@ f = jax.jit(lambda q, k: jnp.einsum("bqk,bmk->bqm", q, k).sum(-1))
 jax.block_until_ready(f(q, k))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 jax.block_until_ready(f(q, k))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(jax_on_import, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def _faults(malloc: str) -> int:
+def _faults(apply: bool, malloc: str = "") -> int:
   env = dict(os.environ, VDIT_JAX_MALLOC=malloc, PYTHONPATH=_ROOT)
-  out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True,
+  code = _PROBE.format(apply="hostmem.keep_freed_memory()" if apply else "")
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        check=True, timeout=300)
-  return int(out.stdout.split()[-1])
+  jax_on_import, faults = out.stdout.split()[-2:]
+  assert jax_on_import == "False", "importing vdit_jax.hostmem must not import jax"
+  return int(faults)
 
 
-@pytest.mark.skipif(not hostmem.APPLIED, reason="glibc malloc settings (Linux only)")
-def test_large_buffers_are_reused_not_faulted_in_again():
+# The suite's own process has them applied by conftest.py, unless the environment opts out.
+@pytest.mark.skipif(not hostmem.keep_freed_memory(), reason="glibc malloc settings (Linux only)")
+def test_large_buffers_are_reused_only_where_an_entry_point_applies_the_settings():
   pages = 128 * 2**20 // 4096
-  if _faults("system") < pages // 2:
-    pytest.skip("this jaxlib's dot no longer maps its scratch afresh: nothing to compare")
-  # Without the settings every call faults the whole scratch buffer in again; with them (the
-  # default on import) it is reused.
-  assert _faults("") < pages // 20
+  # Opted out: every call faults the whole scratch buffer in again.
+  if _faults(apply=True, malloc="system") < pages // 2:
+    pytest.skip("this jaxlib's dot does not map its scratch afresh: nothing to compare")
+  # Importing vdit_jax (trainer and all) changes nothing...
+  assert _faults(apply=False) >= pages // 2
+  # ...and applied first thing, as train.py does, the buffer is reused.
+  assert _faults(apply=True) < pages // 20

@@ -34,7 +34,8 @@ def run_sample(workdir, out, shapes, *extra):
 
 def test_sample_script_writes_mp4_and_gif(workdir, tmp_path):
   out = tmp_path / "videos"
-  proc = run_sample(workdir, out, "2x8x8,4x8x12")
+  # Labels by the run's source's name (synthetic_shapes) and by id: 0 and 1.
+  proc = run_sample(workdir, out, "2x8x8,4x8x12", "--labels", "Red Circle,1")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "_integrate" in proc.stderr  # the compile log works (see the bad-shape test)
   printed = proc.stdout.split()

@@ -2,9 +2,6 @@
 
 One file per concept: ``tokens`` (the token contract), ``attention`` (patterns and backends),
 ``model`` (the DiT), ``diffusion`` (rectified flow), ``trainer``, ``checkpoint``, ``sampler``,
-``sharding``, ``config`` (every config field), ``video_io``.
+``sharding``, ``config`` (every config field), ``video_io``, ``hostmem`` (the host allocator
+settings that the entry points apply first thing; importing the package changes nothing).
 """
-
-# Before JAX starts its threads: large XLA:CPU buffers otherwise cost a page fault per 4 KiB
-# on every step (see hostmem; VDIT_JAX_MALLOC=system opts out).
-from vdit_jax import hostmem as _hostmem  # noqa: E402,F401

@@ -20,7 +20,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # synthetic_shapes | moving_digits (both embedded) | video_folder | latents (files in data.path)
   d.source = "synthetic_shapes"
   d.path = ""  # video_folder: mp4/webm/gif/npy files; latents: npy/npz arrays [T, H, W, C]
-  d.manifest = ""  # optional JSONL of {"path", "caption", "label"}, paths relative to data.path
+  d.manifest = ""  # optional JSONL of {"path", "caption", "label", "label_name"}, relative paths
   d.frame_stride = 1  # file sources: take every k-th stored frame
   d.channels = 3  # C of the videos (3 for pixels, the VAE's latent channels for latents)
   d.frames = (8, 8)  # (min, max) frames per video, rounded down to the temporal patch
@@ -125,7 +125,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # ---- sampling ----
   s = c.sample = ml_collections.ConfigDict()
   s.shapes = "8x32x32,8x32x48"  # TxHxW of the videos sampled during/after training
-  s.labels = ""  # comma-separated labels, one per shape (empty = 0, 1, 2, ...)
+  s.labels = ""  # comma-separated ids or names (data.labels), one per shape (empty = 0, 1, 2, ...)
   s.steps = 30  # Euler steps
   s.cfg = 3.0  # classifier-free guidance scale (1 = no guidance)
   s.fps = 8  # frames per second of written videos

@@ -1,19 +1,23 @@
 """Host allocator settings that keep XLA:CPU's large buffers from costing page faults.
 
 XLA:CPU's dot kernels (YNNPACK) allocate scratch buffers of about the output's size with
-``malloc`` on every call, from a worker thread. glibc serves a request that large from a fresh ``mmap``
-(worker threads' arenas cannot grow past 64 MiB, and then map memory whatever ``M_MMAP_MAX``
-says) and unmaps it on ``free``, so every call touches new pages: one minor page fault per
-4 KiB. Measured on a 2-core CPU: a ``[64, 256, 2048]`` f32 logits matmul took 55 ms with 32769
-faults per call, 21 ms with none; P0 factorized forward+backward went from 1.13 s to 1.01 s.
+``malloc`` on every call, from a worker thread. glibc serves a request that large from a fresh
+``mmap`` (worker threads' arenas cannot grow past 64 MiB, and then map memory whatever
+``M_MMAP_MAX`` says) and unmaps it on ``free``, so every call touches new pages: one minor page
+fault per 4 KiB, a large share of a CPU train step's time (bench/README.md has the numbers).
 
 ``keep_freed_memory`` has every thread allocate from glibc's main arena (the one heap that grows
 in place), never map single allocations, and keep freed memory (up to 2 GiB free at the top of
 the heap) for reuse instead of returning it to the system. The process then holds on to about
 its peak host memory until it exits, which a training or sampling process would reach again
-at its next step anyway. ``import vdit_jax`` calls it, unless the environment
-sets ``VDIT_JAX_MALLOC=system``. It must run before JAX starts its thread pools (before the
-first computation): threads that have already allocated keep their own arenas.
+at its next step anyway.
+
+It changes the whole process, so a library import never calls it: the entry points do
+(``train.py``, ``sample.py``, ``bench/*.py``, and ``tests/conftest.py`` so the tests run as
+they do), first thing, unless the environment sets ``VDIT_JAX_MALLOC=system``. It must run
+before JAX starts its thread pools (before the first computation): threads that have already
+allocated keep their own arenas. This module imports nothing but the standard library (no jax),
+so calling it at the top of a script is early enough.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ _SETTINGS = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _INT_MAX))
 
 
 def keep_freed_memory() -> bool:
-  """Applies the settings above; returns whether they apply (Linux with glibc only)."""
+  """Applies the settings above to this process; returns whether they apply (Linux with glibc
+  only, and not opted out). Calling it again changes nothing."""
   if os.environ.get("VDIT_JAX_MALLOC", "").lower() == "system":
     return False
   if not _is_glibc():
@@ -54,5 +59,3 @@ def _is_glibc() -> bool:
   except (ValueError, OSError):  # the name or the value is unknown to this libc
     return False
 
-
-APPLIED = keep_freed_memory()

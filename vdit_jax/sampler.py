@@ -7,6 +7,7 @@ the patch size before anything is compiled.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -36,15 +37,16 @@ def parse_shapes(text: str) -> list[tuple[int, int, int]]:
   return shapes
 
 
-def parse_labels(text: str, count: int, num_classes: int) -> list[int]:
+def parse_labels(text: str, count: int, num_classes: int,
+                 parse: Callable[[str], int] = int) -> list[int]:
   """Labels for ``count`` videos: ``""`` -> 0, 1, 2, ...; one label is repeated for all.
 
-  A label is an int in [0, num_classes] (num_classes = unconditional) or a name the data source
-  knows (e.g. ``red circle``), resolved by the caller before it reaches here.
+  A label is an int in [0, num_classes] (num_classes = unconditional), or whatever ``parse``
+  turns into one (the run's data source's names: ``data.labels.label_set(config).parse``).
   """
   if not text.strip():
     return [i % num_classes for i in range(count)]
-  labels = [int(x) for x in text.split(",")]
+  labels = [parse(x.strip()) for x in text.split(",")]
   if len(labels) == 1:
     labels = labels * count
   if len(labels) != count:

@@ -4,7 +4,13 @@ A video ``[T, H, W, C]`` with patch ``(pt, ph, pw)`` becomes ``N = (T/pt)(H/ph)(
 of size ``P = pt*ph*pw*C`` in t-major order; token ``n`` sits at grid coordinate ``(t, h, w)``
 with ``n = (t*H' + h)*W' + w``. Inside a token the values are ordered ``(pt, ph, pw, C)``.
 
-Packed batches hold several videos per fixed-length row (see DESIGN.md, "The token contract").
+Packed batches hold several videos per fixed-length row of ``L`` tokens, back to back from
+position 0: ``segment_ids [B, L]`` numbers each row's videos 1..S (0 = padding), ``coords
+[B, L, 3]`` gives each token's ``(t, h, w)`` inside its own video, and per-video arrays
+``seg_* [B, S, ...]`` (grid, label) are indexed by segment id - 1 (``pack_rows``). Attention
+masks and RoPE are built from segment ids and coords alone, so the videos of a row never see
+each other and any mix of sizes shares one compiled step.
+
 Everything here is numpy (host side) except ``patchify``/``unpatchify``, which also have jax
 versions for use inside jitted code. The data pipeline and the sampler both build packed
 batches with ``pack_rows``.

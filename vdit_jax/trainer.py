@@ -396,6 +396,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> State:
 
   git_revision()
   validate(config)
+  _sample_labels(config)  # a bad sample.labels fails now, not at the first samples
   is_main = jax.process_index() == 0
   if is_main:
     write_run_info(config, workdir)
@@ -531,6 +532,15 @@ def _samples_dir(workdir: str, step: int) -> str:
   return os.path.join(workdir, "samples", f"step_{step:07d}")
 
 
+def _sample_labels(config) -> list[int]:
+  """``config.sample.labels`` as ids: ids or the names of the run's data source (data.labels)."""
+  from data import labels as labels_lib  # scripts' side of the arrow, as in train()
+  from vdit_jax import sampler
+  count = len(sampler.parse_shapes(config.sample.shapes))
+  return sampler.parse_labels(config.sample.labels, count, config.model.num_classes,
+                              parse=labels_lib.label_set(config).parse)
+
+
 def _write_samples(config, workdir, graphdef, state, step, is_main) -> None:
   from vdit_jax import sampler, video_io
   ema = state["ema"]
@@ -538,7 +548,7 @@ def _write_samples(config, workdir, graphdef, state, step, is_main) -> None:
   ema = multihost_utils.process_allgather(ema, tiled=True) if jax.process_count() > 1 else ema
   model = nnx.merge(graphdef, jax.device_get(ema))
   shapes = sampler.parse_shapes(config.sample.shapes)
-  labels = sampler.parse_labels(config.sample.labels, len(shapes), config.model.num_classes)
+  labels = _sample_labels(config)
   videos = sampler.sample(model, config, shapes, labels, cfg_scale=config.sample.cfg,
                           num_steps=config.sample.steps, seed=config.seed)
   if is_main:
