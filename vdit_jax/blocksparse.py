@@ -172,110 +172,128 @@ def blocksparse_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Arra
   B, L, H, K = q_BLHK.shape
   pattern = pat.parse(pattern)
   check_layout(layout, B, L)
-  (N, M), J = layout.num_blocks(L), layout.max_kv_blocks
   if kv_chunk is not None and int(kv_chunk) < 1:
     raise ValueError(f"kv_chunk={kv_chunk} must be >= 1, or None to visit all key blocks at once")
-  if kv_chunk is not None and kv_chunk >= J:
+  if kv_chunk is not None and kv_chunk >= layout.max_kv_blocks:
     kv_chunk = None  # one chunk holds every listed block
-  bq, bk = layout.block_q, layout.block_k
-  perm_BL, inv_perm_BL = layout.perm, layout.inv_perm
-  kv_blocks_BNJ, kv_valid_BNJ = layout.kv_blocks, layout.kv_valid
+  q_BLHK = q_BLHK * jnp.asarray(K ** -0.5, q_BLHK.dtype)
+  if kv_chunk is not None:
+    return _chunked(pattern, layout, q_BLHK, k_BLHK, v_BLHK, int(kv_chunk))
+  if layout.max_pairs:
+    return _visit_pairs(pattern, layout, q_BLHK, k_BLHK, v_BLHK)
+  if layout.whole_row(L):
+    return _visit_whole_row(pattern, layout, q_BLHK, k_BLHK, v_BLHK)
+  if layout.block_diagonal:
+    return _visit_block_diagonal(pattern, layout, q_BLHK, k_BLHK, v_BLHK)
+  return _visit_spans(pattern, layout, q_BLHK, k_BLHK, v_BLHK)
 
-  scale = jnp.asarray(K ** -0.5, q_BLHK.dtype)
-  # Attention segments (padding split into one chunk per query block) and coordinates, in the
-  # permuted order, come precomputed from the host: computed here, XLA:CPU fuses their gathers
-  # and index arithmetic into the pair-sized select and redoes them for every pair (measured up
-  # to 1.4x slower end to end).
-  seg_BL, c_BL3 = layout.perm_segment, layout.perm_coords
 
-  if layout.max_pairs and kv_chunk is None:  # lists flattened into pairs: visit those
-    q_BHLK, k_BHLK, v_BHLK = (_permute_to_heads(x, perm_BL, inv_perm_BL)
-                              for x in (q_BLHK * scale, k_BLHK, v_BLHK))
-    chunk = blockpairs.pair_chunk(B, H, bq, bk, layout.max_pairs)
-    pairs = (layout.pair_q, layout.pair_k, layout.pair_valid)
-    mask_BPqk = blockpairs.pair_masks(pattern, seg_BL, c_BL3, bq, bk, pairs)
-    o_BHLK = blockpairs.attend_pairs(bq, bk, chunk, q_BHLK, k_BHLK, v_BHLK, layout.pair_q,
-                                     layout.pair_k, mask_BPqk)
-    return _unpermute_from_heads(o_BHLK, perm_BL, inv_perm_BL)
+# Each visit takes ``q`` scaled, in the batch's order, and returns the output in that order.
+# Attention segments (padding split into one chunk per query block) and coordinates, in the
+# permuted order, come precomputed in the layout: computed in the step, XLA:CPU fuses their
+# gathers and index arithmetic into the pair-sized select and redoes them for every pair.
 
-  if layout.whole_row(L) and kv_chunk is None:
-    # Every key block may be listed, so nothing can be skipped: one masked attention over the
-    # row, as in dense. Unlisted blocks hold no allowed pair, so the predicate alone gives the
-    # same mask. Token-major einsums here, as in dense, measured faster than heads-major ones.
-    mask_B1LL = pair_mask(pattern, seg_BL[:, None, :, None], c_BL3[:, None, :, None, :],
-                           seg_BL[:, None, None, :], c_BL3[:, None, None, :, :])
-    q_p, k_p, v_p = (permute(x, perm_BL, inv_perm_BL) for x in (q_BLHK, k_BLHK, v_BLHK))
-    chunk = flash.query_chunk(B, H, L, L)
-    if chunk is not None:
-      o_BLHK = flash.attend_chunked(chunk, q_p * scale, k_p, v_p, mask_B1LL)
-    else:
-      o_BLHK = attend_masked(("bqhk", "bmhk", "bhqm"), q_p * scale, k_p, v_p, mask_B1LL)
-    return permute(o_BLHK, inv_perm_BL, perm_BL)
 
+def _heads_major(lay: Layout, *xs):
+  """Permuted, heads-major ``[B, H, L, K]`` copies of token-major inputs."""
+  return tuple(_permute_to_heads(x, lay.perm, lay.inv_perm) for x in xs)
+
+
+def _visit_pairs(pattern, lay: Layout, q_BLHK, k_BLHK, v_BLHK):
+  """Lists flattened into block pairs: each listed pair once (``blockpairs``)."""
+  B, L, H, _ = q_BLHK.shape
+  bq, bk = lay.block_q, lay.block_k
+  q_BHLK, k_BHLK, v_BHLK = _heads_major(lay, q_BLHK, k_BLHK, v_BLHK)
+  chunk = blockpairs.pair_chunk(B, H, bq, bk, lay.max_pairs)
+  mask_BPqk = blockpairs.pair_masks(pattern, lay.perm_segment, lay.perm_coords, bq, bk,
+                                    (lay.pair_q, lay.pair_k, lay.pair_valid))
+  o_BHLK = blockpairs.attend_pairs(bq, bk, chunk, q_BHLK, k_BHLK, v_BHLK, lay.pair_q, lay.pair_k,
+                                   mask_BPqk)
+  return _unpermute_from_heads(o_BHLK, lay.perm, lay.inv_perm)
+
+
+def _visit_whole_row(pattern, lay: Layout, q_BLHK, k_BLHK, v_BLHK):
+  """Every key block may be listed, so nothing can be skipped: one masked attention over the
+  row, as in dense. Unlisted blocks hold no allowed pair, so the predicate alone gives the same
+  mask. Token-major einsums here, as in dense, measured faster than heads-major ones."""
+  B, L, H, _ = q_BLHK.shape
+  seg_BL, c_BL3 = lay.perm_segment, lay.perm_coords
+  mask_B1LL = pair_mask(pattern, seg_BL[:, None, :, None], c_BL3[:, None, :, None, :],
+                        seg_BL[:, None, None, :], c_BL3[:, None, None, :, :])
+  q_p, k_p, v_p = (permute(x, lay.perm, lay.inv_perm) for x in (q_BLHK, k_BLHK, v_BLHK))
+  chunk = flash.query_chunk(B, H, L, L)
+  if chunk is not None:
+    o_BLHK = flash.attend_chunked(chunk, q_p, k_p, v_p, mask_B1LL)
+  else:
+    o_BLHK = attend_masked(("bqhk", "bmhk", "bhqm"), q_p, k_p, v_p, mask_B1LL)
+  return permute(o_BLHK, lay.inv_perm, lay.perm)
+
+
+def _visit_block_diagonal(pattern, lay: Layout, q_BLHK, k_BLHK, v_BLHK):
+  """A query block always lists its own block (every query may attend to itself, padding to
+  its own chunk), so with one slot that is the only one: no gathers."""
+  B, L, H, K = q_BLHK.shape
+  b = lay.block_q
+  N = L // b
+  seg_BNb, c_BNb3 = lay.perm_segment.reshape(B, N, b), lay.perm_coords.reshape(B, N, b, 3)
+  mask_BNqm = pair_mask(pattern, seg_BNb[..., None], c_BNb3[:, :, :, None],
+                        seg_BNb[:, :, None, :], c_BNb3[:, :, None, :, :])
+  chunk = flash.query_chunk(B * N, H, b, b) if b > BLOCK_DIAGONAL_WHOLE else None
+  if chunk is not None:
+    # Large blocks (e.g. whole 4096-token videos): query-chunked like dense, so the logits
+    # of one chunk stay in cache and memory stays O(L * chunk), not O(L * block).
+    q_p, k_p, v_p = (permute(x, lay.perm, lay.inv_perm).reshape(B * N, b, H, K)
+                     for x in (q_BLHK, k_BLHK, v_BLHK))
+    o = flash.attend_chunked(chunk, q_p, k_p, v_p, mask_BNqm.reshape(B * N, 1, b, b))
+    return permute(o.reshape(B, L, H, K), lay.inv_perm, lay.perm)
   # Heads-major for blocks: the batched block matmuls then need no transposes (measured faster).
-  q_BHLK = _permute_to_heads(q_BLHK, perm_BL, inv_perm_BL) * scale
-  k_BHLK = _permute_to_heads(k_BLHK, perm_BL, inv_perm_BL)
-  v_BHLK = _permute_to_heads(v_BLHK, perm_BL, inv_perm_BL)
+  q, k, v = (x.reshape(B, H, N, b, K) for x in _heads_major(lay, q_BLHK, k_BLHK, v_BLHK))
+  o_BHNqK = attend_masked(("bhnqk", "bhnmk", "bhnqm"), q, k, v, mask_BNqm[:, None])
+  return _unpermute_from_heads(o_BHNqK.reshape(B, H, L, K), lay.perm, lay.inv_perm)
+
+
+def _visit_spans(pattern, lay: Layout, q_BLHK, k_BLHK, v_BLHK):
+  """Every listed block lies in the ``max_kv_blocks`` blocks from the first listed one (layouts
+  guarantee it), so each query block attends to that span of keys: a slice, where gathering
+  the listed blocks per query block measured several times slower (bench/README.md). The pair
+  mask is computed once for all spans: inside the loops XLA:CPU recomputes the windows'
+  coordinate tests per pair, at a few GOP/s."""
+  L = q_BLHK.shape[1]
+  span = lay.max_kv_blocks * lay.block_k
+  start_BN = jnp.minimum(lay.kv_blocks[..., 0] * lay.block_k, L - span)
+  mask_SqM = _span_masks(pattern, span, lay.perm_segment, lay.perm_coords, start_BN)
+  o_BHLK = _ranged(span, *_heads_major(lay, q_BLHK, k_BLHK, v_BLHK), mask_SqM, start_BN)
+  return _unpermute_from_heads(o_BHLK, lay.perm, lay.inv_perm)
+
+
+def _chunked(pattern, lay: Layout, q_BLHK, k_BLHK, v_BLHK, chunk: int):
+  """Online softmax over the listed key blocks, ``chunk`` blocks per ``lax.scan`` step.
+
+  Built for memory, not speed: the listed blocks are gathered, and their gradients go back by
+  the gather's transpose, a scatter-add.
+  """
+  B, L, H, K = q_BLHK.shape
+  bq, bk = lay.block_q, lay.block_k
+  N, M = L // bq, L // bk
+  q_BHLK, k_BHLK, v_BHLK = _heads_major(lay, q_BLHK, k_BLHK, v_BLHK)
   q_BHNqK = q_BHLK.reshape(B, H, N, bq, K)
-  seg_q_BNq, c_q_BNq3 = seg_BL.reshape(B, N, bq), c_BL3.reshape(B, N, bq, 3)
-  k_BHMbK = k_BHLK.reshape(B, H, M, bk, K)
-  v_BHMbK = v_BHLK.reshape(B, H, M, bk, K)
-  seg_BMb, c_BMb3 = seg_BL.reshape(B, M, bk), c_BL3.reshape(B, M, bk, 3)
+  k_BHMbK, v_BHMbK = k_BHLK.reshape(B, H, M, bk, K), v_BHLK.reshape(B, H, M, bk, K)
+  seg_q_BNq, c_q_BNq3 = lay.perm_segment.reshape(B, N, bq), lay.perm_coords.reshape(B, N, bq, 3)
+  seg_BMb, c_BMb3 = lay.perm_segment.reshape(B, M, bk), lay.perm_coords.reshape(B, M, bk, 3)
   take_blocks = jax.vmap(lambda x, idx: x[idx])
 
-  def keys_of(kv_blocks_BNj, kv_valid_BNj, gather):
+  def keys_of(kv_blocks_BNj, kv_valid_BNj):
     """Gathered keys, values ``[B, H, N, j*bk, K]`` and the pair mask ``[B, N, bq, j*bk]``."""
     j = kv_blocks_BNj.shape[-1]
-    k_g = gather(k_BHMbK).reshape(B, H, N, j * bk, K)
-    v_g = gather(v_BHMbK).reshape(B, H, N, j * bk, K)
+    k_g = _gather_blocks_plain(k_BHMbK, kv_blocks_BNj).reshape(B, H, N, j * bk, K)
+    v_g = _gather_blocks_plain(v_BHMbK, kv_blocks_BNj).reshape(B, H, N, j * bk, K)
     seg_k = jnp.where(kv_valid_BNj[..., None], take_blocks(seg_BMb, kv_blocks_BNj), _NO_SEGMENT)
     c_k = take_blocks(c_BMb3, kv_blocks_BNj)
     mask = pair_mask(pattern, seg_q_BNq[..., None], c_q_BNq3[:, :, :, None],
-                      seg_k.reshape(B, N, 1, j * bk), c_k.reshape(B, N, 1, j * bk, 3))
+                     seg_k.reshape(B, N, 1, j * bk), c_k.reshape(B, N, 1, j * bk, 3))
     return k_g, v_g, mask
 
-  if kv_chunk is None and layout.block_diagonal:
-    # Block-diagonal: a query block always lists its own block (every query may attend to
-    # itself, padding to its own chunk), so with one slot that is the only one: no gathers.
-    mask_BNqm = pair_mask(pattern, seg_q_BNq[..., None], c_q_BNq3[:, :, :, None],
-                          seg_BMb[:, :, None, :], c_BMb3[:, :, None, :, :])
-    chunk = flash.query_chunk(B * N, H, bq, bk) if bq > BLOCK_DIAGONAL_WHOLE else None
-    if chunk is not None:
-      # Large blocks (e.g. whole 4096-token videos): query-chunked like dense, so the logits
-      # of one chunk stay in cache and memory stays O(L * chunk), not O(L * block).
-      q_p, k_p, v_p = (permute(x, perm_BL, inv_perm_BL).reshape(B * N, bq, H, K)
-                       for x in (q_BLHK * scale, k_BLHK, v_BLHK))
-      o = flash.attend_chunked(chunk, q_p, k_p, v_p, mask_BNqm.reshape(B * N, 1, bq, bk))
-      return permute(o.reshape(B, L, H, K), inv_perm_BL, perm_BL)
-    o_BHNqK = attend_masked(("bhnqk", "bhnmk", "bhnqm"), q_BHNqK, k_BHMbK, v_BHMbK,
-                            mask_BNqm[:, None])
-    return _unpermute_from_heads(o_BHNqK.reshape(B, H, L, K), perm_BL, inv_perm_BL)
-
-  if kv_chunk is None:
-    # Every listed block lies in the J blocks from the first listed one (layouts guarantee it),
-    # so each query block attends to that span of keys: a slice, where gathering the listed
-    # blocks per query block measured 1.6-4x slower (f32, forward + backward, L=16384: a
-    # packed row of 5 mixed videos 2.1 s against 6.1 s; window(4,31,31) 2.7 s against 5.2 s).
-    # The pair mask is computed once for all spans: inside the loops XLA:CPU recomputed the
-    # windows' coordinate tests per pair at a few GOP/s (the same window 5.7 s).
-    span = J * bk
-    start_BN = jnp.minimum(kv_blocks_BNJ[..., 0] * bk, L - span)
-    mask_SqM = _span_masks(pattern, span, seg_BL, c_BL3, start_BN)
-    o_BHLK = _ranged(span, q_BHLK, k_BHLK, v_BHLK, mask_SqM, start_BN)
-    return _unpermute_from_heads(o_BHLK, perm_BL, inv_perm_BL)
-
-  return _chunked(q_BHNqK, v_BLHK.dtype, kv_blocks_BNJ, kv_valid_BNJ, int(kv_chunk), keys_of,
-                  perm_BL, inv_perm_BL)
-
-
-def _chunked(q_BHNqK, out_dtype, kv_blocks_BNJ, kv_valid_BNJ, chunk, keys_of, perm_BL,
-             inv_perm_BL):
-  """Online softmax over the listed key blocks, ``chunk`` blocks per ``lax.scan`` step.
-
-  Built for memory, not speed: the key-block gathers here use the plain gather, whose transpose
-  is a scatter-add (the readers list is per whole row, not per chunk).
-  """
-  B, H, N, bq, K = q_BHNqK.shape
+  kv_blocks_BNJ, kv_valid_BNJ = lay.kv_blocks, lay.kv_valid
   J = kv_blocks_BNJ.shape[-1]
   steps = -(-J // chunk)
   pad = steps * chunk - J
@@ -290,8 +308,7 @@ def _chunked(q_BHNqK, out_dtype, kv_blocks_BNJ, kv_valid_BNJ, chunk, keys_of, pe
   def step(carry, xs):
     m_BHNq, l_BHNq, acc_BHNqK = carry
     blocks_BNc, valid_BNc = xs
-    k_g, v_g, mask_BNqm = keys_of(blocks_BNc, valid_BNc,
-                                  lambda x: _gather_blocks_plain(x, blocks_BNc))
+    k_g, v_g, mask_BNqm = keys_of(blocks_BNc, valid_BNc)
     mask = mask_BNqm[:, None]
     logits = jnp.einsum("bhnqk,bhnmk->bhnqm", q_BHNqK, k_g, preferred_element_type=jnp.float32)
     logits = jnp.where(mask, logits, _MASK_VALUE)
@@ -309,8 +326,8 @@ def _chunked(q_BHNqK, out_dtype, kv_blocks_BNJ, kv_valid_BNJ, chunk, keys_of, pe
           jnp.zeros((B, H, N, bq, K), jnp.float32))
   (_, l_BHNq, acc_BHNqK), _ = jax.lax.scan(step, init, (blocks_SBNc, valid_SBNc))
   # Every query attends at least to itself, so l > 0.
-  o_BHNqK = (acc_BHNqK / l_BHNq[..., None]).astype(out_dtype)
-  return _unpermute_from_heads(o_BHNqK.reshape(B, H, N * bq, K), perm_BL, inv_perm_BL)
+  o_BHNqK = (acc_BHNqK / l_BHNq[..., None]).astype(v_BLHK.dtype)
+  return _unpermute_from_heads(o_BHNqK.reshape(B, H, N * bq, K), lay.perm, lay.inv_perm)
 
 
 def _span_kv(span, k_BHLK, v_BHLK, b, start):

@@ -6,9 +6,8 @@ select, the softmax, and in the backward pass the probabilities, their gradient 
 gradient each go through memory. Taking ``chunk`` queries at a time keeps one chunk's
 ``[B, H, chunk, L]`` logits (about 16 MB, ``target_logits`` floats) in the last-level cache from
 the QK matmul to the PV matmul, and the backward pass recomputes them from the saved
-log-sum-exp instead of storing probabilities. Measured at P0 sizes (f32, forward + backward,
-XLA:CPU, 2 cores): 0.17 s against 0.38 s for ``blocksparse.attend_masked`` on the whole
-``[L, L]``, with memory O(B H chunk L) instead of O(B H L^2).
+log-sum-exp instead of storing probabilities: faster on CPU than ``blocksparse.attend_masked``
+on the whole ``[L, L]`` (bench/README.md), with memory O(B H chunk L) instead of O(B H L^2).
 
 Same function as ``blocksparse.attend_masked`` for every query with at least one allowed key
 (in vdit-jax every query may attend to itself). Token-major layouts: ``q [B, L, H, K]``,
@@ -67,8 +66,7 @@ def chunk_forward(q_BHcK, k_BHMK, v_BHMK, mask_BhcM):
   m_BHc = logits.max(axis=-1)
   p = jnp.exp(logits - m_BHc[..., None])
   l_BHc = p.sum(axis=-1)
-  # Normalised after the PV matmul: a pass over [c, K] outputs instead of [c, M] probabilities
-  # (0.97x the attention forward+backward at P0 sizes in an A/B).
+  # Normalised after the PV matmul: a pass over [c, K] outputs instead of [c, M] probabilities.
   o = jnp.einsum("bhqm,bhmk->bhqk", p.astype(v_BHMK.dtype), v_BHMK, preferred_element_type=_F32)
   o = (o / l_BHc[..., None]).astype(v_BHMK.dtype)
   return o, m_BHc + jnp.log(l_BHc)
@@ -76,8 +74,7 @@ def chunk_forward(q_BHcK, k_BHMK, v_BHMK, mask_BhcM):
 
 def _forward(chunk, q_BHLK, k_BHMK, v_BHMK, mask):
   """Heads-major inside (``[B, H, L, K]``): every einsum then has its batch axes leading, which
-  XLA:CPU's dots want; token-major chunks made it transpose each chunk's operands and outputs
-  (measured about 0.9x the attention time at P0 sizes with heads-major)."""
+  XLA:CPU's dots want; token-major chunks make it transpose each chunk's operands and outputs."""
   mask = jnp.broadcast_to(mask, mask.shape[:2] + (q_BHLK.shape[2], k_BHMK.shape[2]))
   o_chunks, lse_chunks = jax.lax.map(
       lambda xs: chunk_forward(xs[0], k_BHMK, v_BHMK, xs[1]),
@@ -116,7 +113,7 @@ def chunk_backward(q_BHcK, k_BHMK, v_BHMK, do_BHcK, maskT_BhMc, lse_BHc, delta_B
   made once outside the loop when the caller can): then the ``dv`` and ``dk`` matmuls contract
   the chunk's queries as the last axis of one operand and the first of the other, the layout
   XLA:CPU's fast dot path takes, where ``p^T do`` and ``ds^T q`` on ``[c, M]`` logits fall back
-  to a path about half as fast (the whole chunk backward measured 0.8x at P0 sizes).
+  to a path about half as fast.
   """
   logits_T = jnp.einsum("bhmk,bhqk->bhmq", k_BHMK, q_BHcK, preferred_element_type=_F32)
   # Masked pairs get exactly zero probability, as in the forward pass.

@@ -21,7 +21,7 @@ Patterns that are not group relations (``window``, ``local``, ``cross``, ``frame
 ``blocksparse``, so real outputs and every gradient reaching them equal ``dense``'s.
 
 Neither kernel runs on CPU except in Pallas interpret mode, which the tests use; their speed on
-TPU and GPU is unmeasured here (no accelerator was available).
+TPU and GPU is not measured in this repository yet.
 """
 
 from __future__ import annotations

@@ -112,8 +112,8 @@ def project(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
   the output gradient ``dy``; where ``dy`` is the residual stream's gradient (the attention
   output projection, the token embedding), XLA fuses the elementwise chain that makes it (the
   norm backward passes of every later block) into that transposing copy and recomputes it
-  there, element by element: about a quarter of the width-128 default step of the time. Here
-  the stored activations are transposed instead (that step 270 -> 208 ms, bench/README.md).
+  there, element by element, a large share of a small model's step. Here the stored
+  activations are transposed instead (bench/README.md has the step times).
   """
   return jnp.einsum(spec, x, w)
 
@@ -135,8 +135,8 @@ project.defvjp(_project_fwd, _project_bwd)
 @jax.custom_vjp
 def _split_qkv(qkv_BL3HK: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """q, k, v of the fused projection. Autodiff would transpose each slice into a zero-padded
-  full-size array and add the three (measured about 7% of a P0 factorized step on CPU); the
-  written-out backward stacks the three gradients once."""
+  full-size array and add the three (a visible share of a step on CPU); the written-out
+  backward stacks the three gradients once."""
   return qkv_BL3HK[:, :, 0], qkv_BL3HK[:, :, 1], qkv_BL3HK[:, :, 2]
 
 
