@@ -300,22 +300,28 @@ def test_bound_fits_random_packings():
         assert layout.needed_kv_blocks(pattern, seg, coords, bq, bk) <= bound
 
 
+def random_packing(rng, num_rows: int):
+  """A few random grids, a random ``max_segments`` S, and ``num_rows`` rows packed back to back
+  from them: ``(grids, S, segment_ids, coords)``."""
+  grids = sorted({tuple(int(x) for x in rng.integers(1, 6, size=3)) for _ in range(3)})
+  S = int(rng.integers(1, 4))
+  rows = []
+  for _ in range(num_rows):
+    row, used = [], 0
+    for _ in range(S):
+      g = grids[rng.integers(len(grids))]
+      if used + tokens.num_tokens(g) <= L:
+        row.append(g)
+        used += tokens.num_tokens(g)
+    rows.append(row)
+  return (grids, S) + packed(rows)
+
+
 def test_packed_bound_fits_random_packings_and_is_tight():
   """Rows packed back to back from a few sizes: the bound holds and some batch needs all of it."""
   rng = np.random.default_rng(2)
   for trial in range(12):
-    grids = sorted({tuple(int(x) for x in rng.integers(1, 6, size=3)) for _ in range(3)})
-    S = int(rng.integers(1, 4))
-    rows = []
-    for _ in range(200):  # many rows, so some hit the worst alignments
-      row, used = [], 0
-      for _ in range(S):
-        g = grids[rng.integers(len(grids))]
-        if used + tokens.num_tokens(g) <= L:
-          row.append(g)
-          used += tokens.num_tokens(g)
-      rows.append(row)
-    seg, coords = packed(rows)
+    grids, S, seg, coords = random_packing(rng, 200)  # many rows: some hit the worst alignments
     for pattern in PATTERNS:
       for b in (8, 16, 32):
         bound = bounds.packed_kv_blocks_bound(pattern, L, b, grids, S)
@@ -670,18 +676,7 @@ def test_frame_causal_layouts_list_pairs_and_about_half_of_full():
 def test_pair_bound_fits_random_packings():
   rng = np.random.default_rng(7)
   for trial in range(6):
-    grids = sorted({tuple(int(x) for x in rng.integers(1, 6, size=3)) for _ in range(3)})
-    S = int(rng.integers(1, 4))
-    rows = []
-    for _ in range(100):
-      row, used = [], 0
-      for _ in range(S):
-        g = grids[rng.integers(len(grids))]
-        if used + tokens.num_tokens(g) <= L:
-          row.append(g)
-          used += tokens.num_tokens(g)
-      rows.append(row)
-    seg, coords = packed(rows)
+    grids, S, seg, coords = random_packing(rng, 100)
     for pattern in ("frame_causal(-1)", "frame_causal(1)", "window(1,2,1)", "temporal"):
       J = bounds.packed_kv_blocks_bound(pattern, L, 16, grids, S)
       bound = bounds.pair_bound(pattern, L, 16, grids, S, J)
