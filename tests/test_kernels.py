@@ -84,6 +84,10 @@ def test_other_lists_and_windows_go_to_blocksparse():
   assert not kernels.runs_kernel("full", partial, seg.shape[1])
   window = layout.make_layout("window(1,1,2)", seg, coords, 16, 16, 8)
   assert not kernels.runs_kernel("window(1,1,2)", window, seg.shape[1])
+  # Not a group relation, whatever its lists: no segment-id form for the kernels.
+  causal = layout.make_layout("frame_causal(-1)", seg, coords, 16, 16, 8)
+  assert causal.whole_row(seg.shape[1])
+  assert not kernels.runs_kernel("frame_causal(-1)", causal, seg.shape[1])
   q, k, v, _ = random_qkv(seg)
   for pattern, lay in (("full", partial), ("window(1,1,2)", window)):
     np.testing.assert_array_equal(

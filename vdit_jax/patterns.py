@@ -21,7 +21,8 @@ Each type answers every question the rest of the code asks of a pattern: its pre
 is a group relation (``group_axes``: the kernels' segment-id form, exact block ranges), the box
 of key-minus-query offsets it allows (``offset_box``), how far apart in that order a query and
 its keys can be (``max_distance``), the first and last key of each position (``key_range``),
-and its exact pair count for FLOPs (``pairs``). ``parse`` turns config strings into these
+and its exact pair count for FLOPs (``pairs``). Nothing assumes a pattern is symmetric: offset
+boxes and key ranges have a lower and an upper side. ``parse`` turns config strings into these
 objects once; adding a pattern means adding one type here and its tests.
 
 Numpy only (and ``xp=jax.numpy`` for the predicate): the data pipeline plans layouts with it.
@@ -66,7 +67,6 @@ class Pattern:
   # Whether the predicate is exactly "the offset lies in offset_box" (then block pairs whose
   # offsets all lie in the box need no token-pair test).
   is_box: ClassVar[bool] = False
-  symmetric: ClassVar[bool] = True
 
   def __str__(self) -> str:
     args = dataclasses.astuple(self)
@@ -272,7 +272,6 @@ class FrameCausal(Pattern):
   kt: int
   kind: ClassVar[str] = "frame_causal"
   is_box: ClassVar[bool] = True
-  symmetric: ClassVar[bool] = False
 
   def relation(self, c_q, c_k, xp=np):
     dt = c_k[..., 0] - c_q[..., 0]
