@@ -4,16 +4,17 @@ Both read a folder (or a JSONL manifest of ``{"path", "caption", "label"}`` line
 to the folder) and share one scan, one size rule and one way of skipping bad files.
 
 Scan (once, at start-up): each file's header is probed for ``(frames, H, W)`` without decoding
-(npy/npz array headers, ffmpeg's stream info, gif frame count). A file that cannot be used is
-kept in the index with the reason, so the pipeline counts it each time it is drawn and reports
-it with the batch, and the run goes on: ``unreadable``, ``empty`` (0 bytes), ``truncated``
-(less data than the header promises), ``no_frames``, ``too_small`` (under ``_MIN_SIDE`` pixels,
-or under one patch for latents), ``absurd_size`` (a header over ``_MAX_PIXELS`` per frame or
-``_MAX_FRAMES``), ``too_short`` (fewer than ``data.frames[0]`` frames at ``data.frame_stride``),
-``bad_shape`` (an array that is not ``[T, H, W, C]``). Loading can still find ``not_finite``
-(NaN or inf values), ``truncated`` (fewer frames decode than the header said) and
-``unreadable``; those raise ``Skip`` and the pipeline drops the video from its batch. A channel
-count other than ``data.channels`` is a config mistake, not a bad file: it raises.
+(npy/npz array headers, mp4/webm container headers through PyAV, gif frame count). A file that
+cannot be used is kept in the index with the reason, so the pipeline counts it each time it is
+drawn and reports it with the batch, and the run goes on: ``unreadable``, ``empty`` (0 bytes),
+``truncated`` (less data than the header promises), ``no_frames``, ``too_small`` (under
+``_MIN_SIDE`` pixels, or under one patch for latents), ``absurd_size`` (a header over
+``_MAX_PIXELS`` per frame or ``_MAX_FRAMES``), ``too_short`` (fewer than ``data.frames[0]``
+frames at ``data.frame_stride``), ``bad_shape`` (an array that is not ``[T, H, W, C]``).
+Loading can still find ``not_finite`` (NaN or inf values), ``truncated`` (fewer frames decode
+than the header said) and ``unreadable``; those raise ``Skip`` and the pipeline drops the video
+from its batch. A channel count other than ``data.channels`` is a config mistake, not a bad
+file: it raises.
 
 Size (NaViT style, the rule of ``data.motion``): per index, frames are drawn from
 ``data.frames`` (at most what the file has), ``sqrt(H*W)`` from ``data.side``, and the file's
@@ -24,6 +25,8 @@ config's token budget and attention layouts. ``video_folder`` resizes to cover t
 they are randomly cropped, and shrink to the stored size when that is smaller. Item ``i`` is a
 pure function of ``(seed, i)``: the frame window and crop are drawn from
 ``np.random.default_rng([seed, i])``.
+
+Decoding (PyAV, one decoder thread) runs in the calling thread and starts no process.
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ import json
 import math
 import os
 import sys
-import warnings
 import zipfile
 from collections import Counter
 from typing import Any
@@ -42,6 +44,7 @@ import numpy as np
 
 from data import motion
 from vdit_jax import tokens as tok
+from vdit_jax import video_io
 
 SKIP_REASONS = ("unreadable", "empty", "truncated", "no_frames", "too_small", "absurd_size",
                 "too_short", "bad_shape", "not_finite")
@@ -107,30 +110,15 @@ def _probe_array(path: str) -> tuple[int, int, int, int]:
 
 
 def _probe_video(path: str) -> tuple[int, int, int, int]:
-  """``(frames, H, W, 3)`` of an mp4/webm (ffmpeg's stream info) or a gif."""
+  """``(frames, H, W, 3)`` of an mp4/webm (its container's header) or a gif."""
   if path.endswith(".gif"):
     import imageio.v3 as iio
     n, h, w = iio.improps(path, index=None).shape[:3]
   else:
-    gen = _ffmpeg_frames(path)
-    try:
-      meta = next(gen)
-    finally:
-      gen.close()
-    w, h = meta["size"]
-    # Container duration x rate; loading checks that this many frames really decode.
-    n = int(math.floor(float(meta["duration"]) * float(meta["fps"]) + 1e-6))
+    # Loading checks that this many frames really decode.
+    n, h, w = video_io.probe(path)
   _check_dims(n, h, w)
   return n, int(h), int(w), 3
-
-
-def _ffmpeg_frames(path: str):
-  """imageio-ffmpeg's generator: a metadata dict, then each frame's RGB bytes."""
-  import imageio_ffmpeg
-  # ffmpeg starts with fork+exec; the child execs at once, so JAX's warning about forking a
-  # multithreaded process does not apply.
-  warnings.filterwarnings("ignore", message="os.fork\\(\\) was called")
-  return imageio_ffmpeg.read_frames(path)
 
 
 def _check_dims(n: int, h: int, w: int) -> None:
@@ -173,18 +161,7 @@ def _read_frames(path: str, start: int, count: int, stride: int) -> np.ndarray:
     if frames.ndim == 3:  # grey gif
       frames = np.repeat(frames[..., None], 3, -1)
     return frames[start:last + 1:stride, ..., :3]
-  gen = _ffmpeg_frames(path)
-  try:
-    w, h = next(gen)["size"]
-    out = []
-    for i, raw in enumerate(gen):
-      if i > last:
-        break
-      if i >= start and (i - start) % stride == 0:
-        out.append(np.frombuffer(raw, np.uint8).reshape(h, w, 3))
-  finally:
-    gen.close()
-  return np.stack(out) if out else np.zeros((0, h, w, 3), np.uint8)
+  return video_io.read_frames(path, start, count, stride)
 
 
 def _resample_matrix(n_in: int, n_out: int, scale: float, offset: float) -> np.ndarray:
@@ -272,7 +249,7 @@ class FolderSource:
         raise ValueError(f"{e['path']}: label {label} is out of range: use 0..{num_classes - 1} "
                          f"(or leave it out for unconditional) or raise model.num_classes")
       e["caption"] = str(e.get("caption", ""))
-    # Probes wait on file reads and ffmpeg processes, so threads overlap them.
+    # Probes mostly wait on file reads, so threads overlap them.
     with concurrent.futures.ThreadPoolExecutor(_SCAN_THREADS) as pool:
       scans = list(pool.map(self._scan, [e["path"] for e in self.entries]))
     for e, (shape, skip, detail) in zip(self.entries, scans):

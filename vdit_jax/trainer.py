@@ -308,7 +308,8 @@ def check_process_rows(config, mesh) -> None:
 
 @functools.cache
 def git_revision() -> str:
-  # Called before jax starts its threads: forking later draws a (harmless) warning from jax.
+  # subprocess without preexec_fn runs no Python in the child between fork and exec: safe
+  # beside jax's threads.
   try:
     return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                           cwd=os.path.dirname(os.path.abspath(__file__)),
