@@ -26,7 +26,9 @@ they are randomly cropped, and shrink to the stored size when that is smaller. I
 pure function of ``(seed, i)``: the frame window and crop are drawn from
 ``np.random.default_rng([seed, i])``.
 
-Decoding (PyAV, one decoder thread) runs in the calling thread and starts no process.
+Threads: an item is decoded (PyAV, one decoder thread) and resized (gathered taps, elementwise
+numpy, no BLAS) in the calling thread, on one core and without starting a process, so items can
+be read from several threads at once (grain's prefetch thread, the scan's pool).
 """
 
 from __future__ import annotations
@@ -164,22 +166,63 @@ def _read_frames(path: str, start: int, count: int, stride: int) -> np.ndarray:
   return video_io.read_frames(path, start, count, stride)
 
 
-def _resample_matrix(n_in: int, n_out: int, scale: float, offset: float) -> np.ndarray:
-  """``[n_out, n_in]`` weights of an antialiased linear resize by ``scale``, output shifted by
-  ``offset`` output pixels (a crop). Rows sum to 1."""
+def _resample_taps(n_in: int, n_out: int, scale: float,
+                   offset: float) -> tuple[np.ndarray, np.ndarray]:
+  """An antialiased linear resize by ``scale`` along one axis, output shifted by ``offset`` output
+  pixels (a crop), as ``(index [n_out, K], weight [n_out, K])``: output pixel ``o`` is
+  ``sum_k weight[o, k] * input[index[o, k]]``. Weights sum to 1 over k.
+
+  The tent reaches one input pixel to either side when enlarging and ``1 / scale`` when
+  shrinking, so no input pixel is skipped; K is the most input pixels one tent covers.
+  """
   u_O = (np.arange(n_out) + 0.5 + offset) / scale - 0.5  # input coordinate of each output pixel
-  radius = max(1.0, 1.0 / scale)  # a wider tent when shrinking, so no input pixel is skipped
-  w_OI = np.maximum(0.0, 1.0 - np.abs(u_O[:, None] - np.arange(n_in)) / radius)
-  return (w_OI / w_OI.sum(1, keepdims=True)).astype(np.float32)
+  radius = max(1.0, 1.0 / scale)
+  # The tent is non-zero on the open interval (u - radius, u + radius): at most ceil(2 radius)
+  # integers, the first of them floor(u - radius) + 1; one more covers rounding.
+  first_O = np.floor(u_O - radius).astype(np.int64) + 1
+  i_OK = first_O[:, None] + np.arange(int(math.ceil(2 * radius)) + 1)
+  w_OK = np.maximum(0.0, 1.0 - np.abs(u_O[:, None] - i_OK) / radius)
+  w_OK[(i_OK < 0) | (i_OK >= n_in)] = 0.0
+  keep = w_OK.any(0)  # taps that are zero for every output pixel
+  i_OK, w_OK = np.clip(i_OK[:, keep], 0, n_in - 1), w_OK[:, keep]
+  return i_OK, (w_OK / w_OK.sum(1, keepdims=True)).astype(np.float32)
+
+
+def _resample_axis(x: np.ndarray, axis: int, index_OK: np.ndarray,
+                   weight_OK: np.ndarray) -> np.ndarray:
+  """``x`` resampled along ``axis`` by ``_resample_taps``'s taps, as float32.
+
+  Elementwise numpy and unoptimised ``np.einsum`` (its own loops), all in the calling thread. A
+  resampling matrix would be a BLAS matmul: BLAS runs it on its own thread pool, and several
+  threads calling it at once make the pools fight over the cores (and the matrix is mostly zeros
+  when shrinking). Python loops over the taps or over the outputs, whichever are fewer.
+  """
+  n_out, K = index_OK.shape
+  if K <= n_out:  # narrow tents (enlarging, mild shrinking): a weighted sum of K gathered slices
+    shape = [1] * x.ndim
+    shape[axis] = n_out
+    out = np.take(x, index_OK[:, 0], axis=axis) * weight_OK[:, 0].reshape(shape)
+    for k in range(1, K):
+      out += np.take(x, index_OK[:, k], axis=axis) * weight_OK[:, k].reshape(shape)
+    return out
+  # Wide tents (shrinking a lot): each output is a contraction of its K input slices.
+  x_I = np.moveaxis(x, axis, 0)
+  out_O = np.empty((n_out,) + x_I.shape[1:], np.float32)
+  for o in range(n_out):
+    out_O[o] = np.einsum("k,k...->...", weight_OK[o], x_I[index_OK[o]])
+  return np.moveaxis(out_O, 0, axis)
 
 
 def resize_cover(video_THWC: np.ndarray, H: int, W: int) -> np.ndarray:
-  """Resizes to cover ``H x W`` with the aspect ratio kept, then crops the centre."""
+  """Resizes to cover ``H x W`` with the aspect ratio kept, then crops the centre (float32).
+
+  Separable: rows first (contiguous slices of the input), then columns on the H rows left.
+  """
   _, h, w, _ = video_THWC.shape
   scale = max(H / h, W / w)
-  my = _resample_matrix(h, H, scale, 0.5 * (h * scale - H))
-  mx = _resample_matrix(w, W, scale, 0.5 * (w * scale - W))
-  return np.einsum("yh,thwc,xw->tyxc", my, video_THWC, mx, optimize=True).astype(np.float32)
+  rows = _resample_taps(h, H, scale, 0.5 * (h * scale - H))
+  cols = _resample_taps(w, W, scale, 0.5 * (w * scale - W))
+  return np.ascontiguousarray(_resample_axis(_resample_axis(video_THWC, 1, *rows), 2, *cols))
 
 
 # ----------------------------------------------------------------------------- the source
@@ -329,15 +372,17 @@ class FolderSource:
       raise Skip("unreadable", f"{entry['path']}: {type(e).__name__}: {e}") from e
     if raw.shape[0] < T:
       raise Skip("truncated", f"{entry['path']}: {raw.shape[0]} of {T} frames decode")
-    if raw.dtype == np.uint8:
-      video = raw.astype(np.float32) / 127.5 - 1.0
-    else:
-      video = raw.astype(np.float32)
-    if not np.isfinite(video).all():
-      raise Skip("not_finite", entry["path"])
+    if raw.dtype != np.uint8:
+      raw = raw.astype(np.float32, copy=False)
+      if not np.isfinite(raw).all():
+        raise Skip("not_finite", entry["path"])
     if self.kind == "latents":
-      video = video[:, y:y + H, x:x + W]
+      video = raw[:, y:y + H, x:x + W]
     else:
-      video = resize_cover(video, H, W)
+      # Resized as stored (uint8 stays uint8 until the weighted sum); the resize's weights sum
+      # to 1, so mapping 0..255 to [-1, 1] afterwards gives the same values on fewer pixels.
+      video = resize_cover(raw, H, W)
+    if raw.dtype == np.uint8:
+      video = video / np.float32(127.5) - np.float32(1.0)
     return {"video": video, "label": entry["label"], "caption": entry["caption"],
             "path": entry["path"]}

@@ -269,6 +269,41 @@ def test_resize_keeps_aspect_and_smooth_content():
   assert np.allclose(resize_cover(video, 32, 64), video, atol=1e-6)  # same size: identity
 
 
+def _resize_cover_by_matrices(video, H, W):
+  """resize_cover as two dense resampling matrices (the filter written out in full)."""
+  _, h, w, _ = video.shape
+  scale = max(H / h, W / w)
+
+  def matrix(n_in, n_out, offset):
+    u = (np.arange(n_out) + 0.5 + offset) / scale - 0.5
+    radius = max(1.0, 1.0 / scale)
+    m = np.maximum(0.0, 1.0 - np.abs(u[:, None] - np.arange(n_in)) / radius)
+    return m / m.sum(1, keepdims=True)
+
+  my = matrix(h, H, 0.5 * (h * scale - H))
+  mx = matrix(w, W, 0.5 * (w * scale - W))
+  return np.einsum("yh,thwc,xw->tyxc", my, video.astype(np.float64), mx)
+
+
+@pytest.mark.parametrize("h, w, H, W", [
+    (16, 24, 16, 24),    # same size
+    (9, 13, 32, 32),     # enlarge, crop the sides
+    (32, 48, 24, 16),    # shrink, crop the top and bottom
+    (240, 320, 16, 24),  # shrink 15x: wide tents
+    (101, 37, 20, 12),   # odd sizes, fractional offsets
+    (5, 300, 8, 8),      # enlarge one axis, crop most of the other
+])
+def test_resize_taps_equal_the_matrix_form(h, w, H, W):
+  rng = np.random.default_rng(h * w)
+  for video in (rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8),
+                rng.uniform(-1, 1, (2, h, w, 1)).astype(np.float32)):
+    out = resize_cover(video, H, W)
+    assert out.dtype == np.float32 and out.shape == (2, H, W, video.shape[-1])
+    scale = 255.0 if video.dtype == np.uint8 else 1.0
+    np.testing.assert_allclose(out, _resize_cover_by_matrices(video, H, W), rtol=0,
+                               atol=2e-6 * scale)
+
+
 def test_manifest_labels_captions_and_errors(video_folder, tmp_path):
   root, _ = video_folder
   manifest = tmp_path / "m.jsonl"
@@ -414,3 +449,4 @@ def test_new_configs_validate_and_make_batches(video_folder, tmp_path):
       a, b = maker(3), maker(3)
       assert a.keys() == b.keys() and np.array_equal(a["tokens"], b["tokens"])
       assert (a["segment_ids"] > 0).any()
+
