@@ -1,7 +1,12 @@
-"""Test setup: 8 simulated CPU devices and the persistent compilation cache, before jax loads."""
+"""Test setup: 8 simulated CPU devices and the persistent compilation cache, before jax loads;
+checks that each test leaves no data thread or worker process running."""
 
+import multiprocessing
 import os
 import sys
+import threading
+
+import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -10,3 +15,16 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_ROOT, ".jax_cac
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
+
+@pytest.fixture(autouse=True)
+def _nothing_left_running():
+  """Fails a test that leaves a grain prefetch thread or a worker process running: close
+  iterators (``contextlib.closing``, try/finally) in the test or its fixtures."""
+  before = set(threading.enumerate())
+  yield
+  threads = [t.name for t in threading.enumerate()
+             if t not in before and t.name.startswith("grain") and t.is_alive()]
+  children = multiprocessing.active_children()
+  assert not threads and not children, (
+      f"the test left running: threads {threads}, processes {children}; close the iterators it "
+      "opened (it.close())")
