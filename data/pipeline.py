@@ -210,24 +210,33 @@ class TrainIterator:
   """
 
   def __init__(self, iterator: grain.DatasetIterator):
-    self._it = iterator
+    self._it: grain.DatasetIterator | None = iterator
 
   def __iter__(self) -> "TrainIterator":
     return self
 
   def __next__(self) -> dict[str, Any]:
-    return _owned(next(self._it))
+    return _owned(next(self._open()))
 
   def get_state(self) -> dict[str, Any]:
-    return self._it.get_state()
+    return self._open().get_state()
 
   def set_state(self, state: dict[str, Any]) -> None:
-    self._it.set_state(state)
+    self._open().set_state(state)
 
   def close(self) -> None:
     """Stops the worker processes (freeing the batches they had ready) or joins the prefetch
     thread after the batch it is making; idempotent."""
-    self._it.close()
+    # Not kept once closed: grain's iterators close again when collected, which fails noisily at
+    # interpreter exit (say, a module-level TrainIterator), when their modules are gone.
+    it, self._it = self._it, None
+    if it is not None:
+      it.close()
+
+  def _open(self) -> grain.DatasetIterator:
+    if self._it is None:
+      raise ValueError("the train iterator is closed: make a new one with make_train_iterator")
+    return self._it
 
   def __enter__(self) -> "TrainIterator":
     return self
