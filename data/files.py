@@ -4,9 +4,9 @@ Both read a folder (or a JSONL manifest of ``{"path", "caption", "label"}`` line
 to the folder) and share one scan, one size rule and one way of skipping bad files.
 
 Scan (once, at start-up): each file's header is probed for ``(frames, H, W)`` without decoding
-(npy/npz array headers, mp4/webm container headers through PyAV, gif frame count). A file that
-cannot be used is kept in the index with the reason, so the pipeline counts it each time it is
-drawn and reports it with the batch, and the run goes on: ``unreadable``, ``empty`` (0 bytes),
+(npy/npz array headers, mp4/webm/gif container headers through PyAV). A file that cannot be
+used is kept in the index with the reason, so the pipeline counts it each time it is drawn and
+reports it with the batch, and the run goes on: ``unreadable``, ``empty`` (0 bytes),
 ``truncated`` (less data than the header promises), ``no_frames``, ``too_small`` (under
 ``_MIN_SIDE`` pixels, or under one patch for latents), ``absurd_size`` (a header over
 ``_MAX_PIXELS`` per frame or ``_MAX_FRAMES``), ``too_short`` (fewer than ``data.frames[0]``
@@ -112,15 +112,10 @@ def _probe_array(path: str) -> tuple[int, int, int, int]:
 
 
 def _probe_video(path: str) -> tuple[int, int, int, int]:
-  """``(frames, H, W, 3)`` of an mp4/webm (its container's header) or a gif."""
-  if path.endswith(".gif"):
-    import imageio.v3 as iio
-    n, h, w = iio.improps(path, index=None).shape[:3]
-  else:
-    # Loading checks that this many frames really decode.
-    n, h, w = video_io.probe(path)
+  """``(frames, H, W, 3)`` of an mp4/webm/gif from its container's header."""
+  n, h, w = video_io.probe(path)  # loading checks that this many frames really decode
   _check_dims(n, h, w)
-  return n, int(h), int(w), 3
+  return n, h, w, 3
 
 
 def _check_dims(n: int, h: int, w: int) -> None:
@@ -157,13 +152,7 @@ def _read_frames(path: str, start: int, count: int, stride: int) -> np.ndarray:
   if path.endswith(".npz"):
     with np.load(path) as z:
       return np.asarray(z[_npz_key(z.files)][start:last + 1:stride])
-  if path.endswith(".gif"):
-    import imageio.v3 as iio
-    frames = np.asarray(iio.imread(path, index=None))
-    if frames.ndim == 3:  # grey gif
-      frames = np.repeat(frames[..., None], 3, -1)
-    return frames[start:last + 1:stride, ..., :3]
-  return video_io.read_frames(path, start, count, stride)
+  return video_io.read_frames(path, start, count, stride)  # mp4, webm, gif: RGB
 
 
 def _resample_taps(n_in: int, n_out: int, scale: float,

@@ -175,7 +175,8 @@ def make_video_folder(root, rng):
 
 def test_video_io_encodes_probes_and_reads_windows(tmp_path):
   """PyAV round trip: the header's frame count and size, the frames close to what was written
-  (lossy codecs, smooth content), and a window equal to slicing every frame."""
+  (lossy codecs, smooth content), and a window equal to slicing every frame; gifs as Pillow
+  decodes them."""
   t, y, x = np.meshgrid(np.arange(9), np.arange(18), np.arange(26), indexing="ij")
   smooth = (np.stack([x * 9, y * 13, (t * 20 + x * 4) % 256], -1) % 256).astype(np.uint8)
   for name, codec, options, shape in (("even.mp4", "libx264", {"crf": "10"}, (18, 26)),
@@ -190,6 +191,16 @@ def test_video_io_encodes_probes_and_reads_windows(tmp_path):
     assert np.abs(every.astype(int) - source).mean() < 6, name
     assert np.array_equal(video_io.read_frames(path, 2, 3, 3), every[2:9:3])
     assert np.array_equal(video_io.read_frames(path, 5, 10, 1), every[5:])  # fewer decode
+  # gif: PyAV decodes what Pillow (imageio) decodes, colour and grey.
+  import imageio.v2 as imageio
+  import imageio.v3 as iio
+  for name, frames in (("rgb.gif", smooth), ("grey.gif", smooth[..., 2])):
+    path = str(tmp_path / name)
+    imageio.mimwrite(path, list(frames), duration=125, loop=0)
+    pillow = np.asarray(iio.imread(path, index=None))
+    pillow = np.repeat(pillow[..., None], 3, -1) if pillow.ndim == 3 else pillow[..., :3]
+    assert video_io.probe(path) == (9, 18, 26)
+    assert np.array_equal(video_io.read_frames(path), pillow), name
   with pytest.raises(ValueError, match="uint8 RGB frames"):
     video_io.encode(str(tmp_path / "f.mp4"), smooth.astype(np.float32), 8)
 

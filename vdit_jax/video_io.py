@@ -1,9 +1,10 @@
-"""Reading and writing video files: mp4 / webm through PyAV (FFmpeg's libraries, in process) and
-gif through imageio.
+"""Reading and writing video files through PyAV (FFmpeg's libraries, in process): mp4, webm and
+gif are read the same way; mp4 is written with H.264, gif through imageio (Pillow).
 
 Everything runs in the calling thread: no ffmpeg process is started, so nothing forks the
 (multithreaded) JAX process, and each decoder and encoder uses one thread, so reading from
-several threads at once keeps one core per reader.
+several threads at once keeps one core per reader. (Pillow's gif decoder read fewer gifs per
+second from several threads than from one: bench/README.md.)
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def encode(path: str, frames: np.ndarray, fps: int, codec: str = "libx264",
 def probe(path: str) -> tuple[int, int, int]:
   """``(frames, H, W)`` of a video file's first video stream, from its header (no decoding).
 
-  The frame count is the container's index where it has one (mp4), else duration x frame rate
+  The frame count is the container's (mp4's index, gif's frames), else duration x frame rate
   (webm); ``read_frames`` returns what really decodes.
   """
   import av
@@ -131,8 +132,5 @@ def read_frames(path: str, start: int = 0, count: int | None = None,
 
 
 def read_video(path: str) -> np.ndarray:
-  """All frames of a video file as uint8 ``[T, H, W, 3]``."""
-  if path.endswith(".gif"):
-    import imageio.v3 as iio
-    return np.asarray(iio.imread(path, index=None))[..., :3]
+  """All frames of a video file (mp4, webm, gif) as uint8 RGB ``[T, H, W, 3]``."""
   return read_frames(path)
