@@ -1,6 +1,8 @@
 """Test setup: 8 simulated CPU devices and the persistent compilation cache, before jax loads;
-checks that each test leaves no data thread or worker process running."""
+checks that each test leaves no data thread or worker process running, and that the session's
+process exits by itself."""
 
+import faulthandler
 import multiprocessing
 import os
 import sys
@@ -15,6 +17,17 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_ROOT, ".jax_cac
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
+
+# Seconds the process may take to exit after the session ends (it takes a few). Past that, a
+# thread that never ends (a prefetch thread stuck in a read, say) holds the interpreter's exit:
+# every thread's stack is printed and the process exits with status 1.
+_EXIT_LIMIT_S = 120
+
+
+def pytest_unconfigure(config):
+  del config
+  faulthandler.dump_traceback_later(_EXIT_LIMIT_S, exit=True, file=sys.__stderr__)
+
 
 @pytest.fixture(autouse=True)
 def _nothing_left_running():
