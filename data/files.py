@@ -7,16 +7,17 @@ optional ``label_name`` names it, so ``sample.py --labels`` takes the name as we
 (``data.labels``): one name per id, one id per name, and no name that is a number.
 
 Scan (once, at start-up): each file's header is probed for ``(frames, H, W)`` without decoding
-(npy/npz array headers, ffmpeg's stream info, gif frame count). A file that cannot be used is
-kept in the index with the reason, so the pipeline counts it each time it is drawn and reports
-it with the batch, and the run goes on: ``unreadable``, ``empty`` (0 bytes), ``truncated``
-(less data than the header promises), ``no_frames``, ``too_small`` (under ``_MIN_SIDE`` pixels,
-or under one patch for latents), ``absurd_size`` (a header over ``_MAX_PIXELS`` per frame or
-``_MAX_FRAMES``), ``too_short`` (fewer than ``data.frames[0]`` frames at ``data.frame_stride``),
-``bad_shape`` (an array that is not ``[T, H, W, C]``). Loading can still find ``not_finite``
-(NaN or inf values), ``truncated`` (fewer frames decode than the header said) and
-``unreadable``; those raise ``Skip`` and the pipeline drops the video from its batch. A channel
-count other than ``data.channels`` is a config mistake, not a bad file: it raises.
+(npy/npz array headers, mp4/webm/gif container headers through PyAV). A file that cannot be
+used is kept in the index with the reason, so the pipeline counts it each time it is drawn and
+reports it with the batch, and the run goes on: ``unreadable``, ``empty`` (0 bytes),
+``truncated`` (less data than the header promises), ``no_frames``, ``too_small`` (under
+``_MIN_SIDE`` pixels, or under one patch for latents), ``absurd_size`` (a header over
+``_MAX_PIXELS`` per frame or ``_MAX_FRAMES``), ``too_short`` (fewer than ``data.frames[0]``
+frames at ``data.frame_stride``), ``bad_shape`` (an array that is not ``[T, H, W, C]``).
+Loading can still find ``not_finite`` (NaN or inf values), ``truncated`` (fewer frames decode
+than the header said) and ``unreadable``; those raise ``Skip`` and the pipeline drops the video
+from its batch. A channel count other than ``data.channels`` is a config mistake, not a bad
+file: it raises.
 
 Size (NaViT style, the rule of ``data.motion``): per index, frames are drawn from
 ``data.frames`` (at most what the file has), ``sqrt(H*W)`` from ``data.side``, and the file's
@@ -27,6 +28,10 @@ config's token budget and attention layouts. ``video_folder`` resizes to cover t
 they are randomly cropped, and shrink to the stored size when that is smaller. Item ``i`` is a
 pure function of ``(seed, i)``: the frame window and crop are drawn from
 ``np.random.default_rng([seed, i])``.
+
+Threads: an item is decoded (PyAV, one decoder thread) and resized (gathered taps, elementwise
+numpy, no BLAS) in the calling thread, on one core and without starting a process, so items can
+be read from several threads at once (grain's prefetch thread, the scan's pool).
 """
 
 from __future__ import annotations
@@ -36,7 +41,6 @@ import json
 import math
 import os
 import sys
-import warnings
 import zipfile
 from collections import Counter
 from typing import Any
@@ -45,6 +49,7 @@ import numpy as np
 
 from data import motion
 from vdit_jax import tokens as tok
+from vdit_jax import video_io
 
 SKIP_REASONS = ("unreadable", "empty", "truncated", "no_frames", "too_small", "absurd_size",
                 "too_short", "bad_shape", "not_finite")
@@ -110,30 +115,10 @@ def _probe_array(path: str) -> tuple[int, int, int, int]:
 
 
 def _probe_video(path: str) -> tuple[int, int, int, int]:
-  """``(frames, H, W, 3)`` of an mp4/webm (ffmpeg's stream info) or a gif."""
-  if path.endswith(".gif"):
-    import imageio.v3 as iio
-    n, h, w = iio.improps(path, index=None).shape[:3]
-  else:
-    gen = _ffmpeg_frames(path)
-    try:
-      meta = next(gen)
-    finally:
-      gen.close()
-    w, h = meta["size"]
-    # Container duration x rate; loading checks that this many frames really decode.
-    n = int(math.floor(float(meta["duration"]) * float(meta["fps"]) + 1e-6))
+  """``(frames, H, W, 3)`` of an mp4/webm/gif from its container's header."""
+  n, h, w = video_io.probe(path)  # loading checks that this many frames really decode
   _check_dims(n, h, w)
-  return n, int(h), int(w), 3
-
-
-def _ffmpeg_frames(path: str):
-  """imageio-ffmpeg's generator: a metadata dict, then each frame's RGB bytes."""
-  import imageio_ffmpeg
-  # ffmpeg starts with fork+exec; the child execs at once, so JAX's warning about forking a
-  # multithreaded process does not apply.
-  warnings.filterwarnings("ignore", message="os.fork\\(\\) was called")
-  return imageio_ffmpeg.read_frames(path)
+  return n, h, w, 3
 
 
 def _check_dims(n: int, h: int, w: int) -> None:
@@ -170,42 +155,66 @@ def _read_frames(path: str, start: int, count: int, stride: int) -> np.ndarray:
   if path.endswith(".npz"):
     with np.load(path) as z:
       return np.asarray(z[_npz_key(z.files)][start:last + 1:stride])
-  if path.endswith(".gif"):
-    import imageio.v3 as iio
-    frames = np.asarray(iio.imread(path, index=None))
-    if frames.ndim == 3:  # grey gif
-      frames = np.repeat(frames[..., None], 3, -1)
-    return frames[start:last + 1:stride, ..., :3]
-  gen = _ffmpeg_frames(path)
-  try:
-    w, h = next(gen)["size"]
-    out = []
-    for i, raw in enumerate(gen):
-      if i > last:
-        break
-      if i >= start and (i - start) % stride == 0:
-        out.append(np.frombuffer(raw, np.uint8).reshape(h, w, 3))
-  finally:
-    gen.close()
-  return np.stack(out) if out else np.zeros((0, h, w, 3), np.uint8)
+  return video_io.read_frames(path, start, count, stride)  # mp4, webm, gif: RGB
 
 
-def _resample_matrix(n_in: int, n_out: int, scale: float, offset: float) -> np.ndarray:
-  """``[n_out, n_in]`` weights of an antialiased linear resize by ``scale``, output shifted by
-  ``offset`` output pixels (a crop). Rows sum to 1."""
+def _resample_taps(n_in: int, n_out: int, scale: float,
+                   offset: float) -> tuple[np.ndarray, np.ndarray]:
+  """An antialiased linear resize by ``scale`` along one axis, output shifted by ``offset`` output
+  pixels (a crop), as ``(index [n_out, K], weight [n_out, K])``: output pixel ``o`` is
+  ``sum_k weight[o, k] * input[index[o, k]]``. Weights sum to 1 over k.
+
+  The tent reaches one input pixel to either side when enlarging and ``1 / scale`` when
+  shrinking, so no input pixel is skipped; K is the most input pixels one tent covers.
+  """
   u_O = (np.arange(n_out) + 0.5 + offset) / scale - 0.5  # input coordinate of each output pixel
-  radius = max(1.0, 1.0 / scale)  # a wider tent when shrinking, so no input pixel is skipped
-  w_OI = np.maximum(0.0, 1.0 - np.abs(u_O[:, None] - np.arange(n_in)) / radius)
-  return (w_OI / w_OI.sum(1, keepdims=True)).astype(np.float32)
+  radius = max(1.0, 1.0 / scale)
+  # The tent is non-zero on the open interval (u - radius, u + radius): at most ceil(2 radius)
+  # integers, the first of them floor(u - radius) + 1; one more covers rounding.
+  first_O = np.floor(u_O - radius).astype(np.int64) + 1
+  i_OK = first_O[:, None] + np.arange(int(math.ceil(2 * radius)) + 1)
+  w_OK = np.maximum(0.0, 1.0 - np.abs(u_O[:, None] - i_OK) / radius)
+  w_OK[(i_OK < 0) | (i_OK >= n_in)] = 0.0
+  keep = w_OK.any(0)  # taps that are zero for every output pixel
+  i_OK, w_OK = np.clip(i_OK[:, keep], 0, n_in - 1), w_OK[:, keep]
+  return i_OK, (w_OK / w_OK.sum(1, keepdims=True)).astype(np.float32)
+
+
+def _resample_axis(x: np.ndarray, axis: int, index_OK: np.ndarray,
+                   weight_OK: np.ndarray) -> np.ndarray:
+  """``x`` resampled along ``axis`` by ``_resample_taps``'s taps, as float32.
+
+  Elementwise numpy and unoptimised ``np.einsum`` (its own loops), all in the calling thread. A
+  resampling matrix would be a BLAS matmul: BLAS runs it on its own thread pool, and several
+  threads calling it at once make the pools fight over the cores (and the matrix is mostly zeros
+  when shrinking). Python loops over the taps or over the outputs, whichever are fewer.
+  """
+  n_out, K = index_OK.shape
+  if K <= n_out:  # narrow tents (enlarging, mild shrinking): a weighted sum of K gathered slices
+    shape = [1] * x.ndim
+    shape[axis] = n_out
+    out = np.take(x, index_OK[:, 0], axis=axis) * weight_OK[:, 0].reshape(shape)
+    for k in range(1, K):
+      out += np.take(x, index_OK[:, k], axis=axis) * weight_OK[:, k].reshape(shape)
+    return out
+  # Wide tents (shrinking a lot): each output is a contraction of its K input slices.
+  x_I = np.moveaxis(x, axis, 0)
+  out_O = np.empty((n_out,) + x_I.shape[1:], np.float32)
+  for o in range(n_out):
+    out_O[o] = np.einsum("k,k...->...", weight_OK[o], x_I[index_OK[o]])
+  return np.moveaxis(out_O, 0, axis)
 
 
 def resize_cover(video_THWC: np.ndarray, H: int, W: int) -> np.ndarray:
-  """Resizes to cover ``H x W`` with the aspect ratio kept, then crops the centre."""
+  """Resizes to cover ``H x W`` with the aspect ratio kept, then crops the centre (float32).
+
+  Separable: rows first (contiguous slices of the input), then columns on the H rows left.
+  """
   _, h, w, _ = video_THWC.shape
   scale = max(H / h, W / w)
-  my = _resample_matrix(h, H, scale, 0.5 * (h * scale - H))
-  mx = _resample_matrix(w, W, scale, 0.5 * (w * scale - W))
-  return np.einsum("yh,thwc,xw->tyxc", my, video_THWC, mx, optimize=True).astype(np.float32)
+  rows = _resample_taps(h, H, scale, 0.5 * (h * scale - H))
+  cols = _resample_taps(w, W, scale, 0.5 * (w * scale - W))
+  return np.ascontiguousarray(_resample_axis(_resample_axis(video_THWC, 1, *rows), 2, *cols))
 
 
 # ----------------------------------------------------------------------------- the source
@@ -312,7 +321,7 @@ class FolderSource:
       e["label"] = _label_id(e, self.null_label)
       e["caption"] = str(e.get("caption", ""))
     label_names(self.entries, self.null_label)  # checked at start-up, used by data.labels
-    # Probes wait on file reads and ffmpeg processes, so threads overlap them.
+    # Probes mostly wait on file reads, so threads overlap them.
     with concurrent.futures.ThreadPoolExecutor(_SCAN_THREADS) as pool:
       scans = list(pool.map(self._scan, [e["path"] for e in self.entries]))
     for e, (shape, skip, detail) in zip(self.entries, scans):
@@ -392,15 +401,17 @@ class FolderSource:
       raise Skip("unreadable", f"{entry['path']}: {type(e).__name__}: {e}") from e
     if raw.shape[0] < T:
       raise Skip("truncated", f"{entry['path']}: {raw.shape[0]} of {T} frames decode")
-    if raw.dtype == np.uint8:
-      video = raw.astype(np.float32) / 127.5 - 1.0
-    else:
-      video = raw.astype(np.float32)
-    if not np.isfinite(video).all():
-      raise Skip("not_finite", entry["path"])
+    if raw.dtype != np.uint8:
+      raw = raw.astype(np.float32, copy=False)
+      if not np.isfinite(raw).all():
+        raise Skip("not_finite", entry["path"])
     if self.kind == "latents":
-      video = video[:, y:y + H, x:x + W]
+      video = raw[:, y:y + H, x:x + W]
     else:
-      video = resize_cover(video, H, W)
+      # Resized as stored (uint8 stays uint8 until the weighted sum); the resize's weights sum
+      # to 1, so mapping 0..255 to [-1, 1] afterwards gives the same values on fewer pixels.
+      video = resize_cover(raw, H, W)
+    if raw.dtype == np.uint8:
+      video = video / np.float32(127.5) - np.float32(1.0)
     return {"video": video, "label": entry["label"], "caption": entry["caption"],
             "path": entry["path"]}

@@ -22,14 +22,16 @@ than the source: frames (4, 16), side (16, 48), five aspect ratios, L=2304, S=4:
 averages 697 tokens per video, packed batches 611, with 91% real tokens (stopping at the first
 miss instead: about 665 tokens, 85% real). Fixed-size configs are unaffected.
 
-Nothing here uses jax: batches are made in grain worker processes that must not touch a device.
-(grain itself imports jax when it is installed; that initialises no backend.)
+Nothing here touches a device: batches are made in grain worker processes that must not (jax's
+pytree functions walk batches on the host; importing jax initialises no backend).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any
 
+import jax
 import numpy as np
 
 import grain
@@ -197,10 +199,63 @@ def _mark_absl_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
+class TrainIterator:
+  """grain's iterator over the batches of ``make_train_iterator``, with every array owned by the
+  caller; ``with`` closes it.
+
+  Worker processes hand batches over in shared memory, which grain frees from a background
+  thread pool when the array is dropped; a batch still held at interpreter exit is never freed
+  (the pool stops first: "resource_tracker: ... leaked shared_memory objects"). Each batch is
+  therefore copied out of shared memory as it arrives, so the shared memory is freed while the
+  step runs, whatever the caller keeps.
+  """
+
+  def __init__(self, iterator: grain.DatasetIterator):
+    self._it: grain.DatasetIterator | None = iterator
+
+  def __iter__(self) -> "TrainIterator":
+    return self
+
+  def __next__(self) -> dict[str, Any]:
+    return _owned(next(self._open()))
+
+  def get_state(self) -> dict[str, Any]:
+    return self._open().get_state()
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._open().set_state(state)
+
+  def close(self) -> None:
+    """Stops the worker processes (freeing the batches they had ready) or joins the prefetch
+    thread after the batch it is making; idempotent."""
+    # Not kept once closed: grain's iterators close again when collected, which fails noisily at
+    # interpreter exit (say, a module-level TrainIterator), when their modules are gone.
+    it, self._it = self._it, None
+    if it is not None:
+      it.close()
+
+  def _open(self) -> grain.DatasetIterator:
+    if self._it is None:
+      raise ValueError("the train iterator is closed: make a new one with make_train_iterator")
+    return self._it
+
+  def __enter__(self) -> "TrainIterator":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def _owned(tree: Any) -> Any:
+  """The batch with every array in shared memory copied out (layouts included: a pytree)."""
+  shared = grain.multiprocessing.SharedMemoryArray
+  return jax.tree.map(lambda x: np.array(x) if isinstance(x, shared) else x, tree)
+
+
 def make_train_iterator(config, start_step: int = 0, process_index: int = 0,
                         process_count: int = 1, backend: backends.Backend | None = None,
-                        ) -> grain.DatasetIterator:
-  """An endless grain iterator over ``make_batch(config, step, ...)`` for step = start_step, ...
+                        ) -> TrainIterator:
+  """An endless iterator over ``make_batch(config, step, ...)`` for step = start_step, ...
 
   ``get_state()`` / ``set_state()`` round-trip exactly. A state must be restored into an
   iterator built with the same ``start_step`` and ``data.worker_count`` (the state counts
@@ -209,6 +264,9 @@ def make_train_iterator(config, start_step: int = 0, process_index: int = 0,
 
   With ``data.worker_count > 0`` batches are made in that many worker processes, each keeping
   ``data.prefetch`` batches ready; otherwise one background thread keeps ``data.prefetch`` ready.
+  Close it when done, also on errors (``with make_train_iterator(...) as it:``): closing stops
+  the workers and frees the batches they had ready, or joins the thread once the batch it is
+  making is done, so nothing is left reading at exit.
   """
   d = config.data
   ds = grain.MapDataset.range(int(start_step), _END_STEP).map(
@@ -220,7 +278,11 @@ def make_train_iterator(config, start_step: int = 0, process_index: int = 0,
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=int(d.worker_count), per_worker_buffer_size=max(1, int(d.prefetch))))
   else:
-    prefetch = max(0, int(d.prefetch))
-    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1 if prefetch else 0,
-                                                 prefetch_buffer_size=prefetch))
-  return iter(it_ds)
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    if d.prefetch > 0:
+      # This prefetch thread's close() joins it. (ReadOptions' thread pool would leave the batch
+      # it is making running after close(), and interpreter exit would wait for it.) The state
+      # is the inner iterator's, {"next_index": n}, as with ReadOptions' prefetching.
+      it_ds = grain.experimental.ThreadPrefetchIterDataset(
+          it_ds, prefetch_buffer_size=int(d.prefetch))
+  return TrainIterator(iter(it_ds))

@@ -1,8 +1,15 @@
 """Test setup, before jax loads: 8 simulated CPU devices, the persistent compilation cache, and
-the host allocator settings the entry points apply (vdit_jax.hostmem)."""
+the host allocator settings the entry points apply (vdit_jax.hostmem); checks that each test
+leaves no data thread or worker process running, and that the session's process exits by
+itself."""
 
+import faulthandler
+import multiprocessing
 import os
 import sys
+import threading
+
+import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -15,3 +22,27 @@ if _ROOT not in sys.path:
 from vdit_jax import hostmem  # noqa: E402
 
 hostmem.keep_freed_memory()  # as train.py and sample.py do (VDIT_JAX_MALLOC=system opts out)
+
+# Seconds the process may take to exit after the session ends (it takes a few). Past that, a
+# thread that never ends (a prefetch thread stuck in a read, say) holds the interpreter's exit:
+# every thread's stack is printed and the process exits with status 1.
+_EXIT_LIMIT_S = 120
+
+
+def pytest_unconfigure(config):
+  del config
+  faulthandler.dump_traceback_later(_EXIT_LIMIT_S, exit=True, file=sys.__stderr__)
+
+
+@pytest.fixture(autouse=True)
+def _nothing_left_running():
+  """Fails a test that leaves a grain prefetch thread or a worker process running: close
+  iterators (``contextlib.closing``, try/finally) in the test or its fixtures."""
+  before = set(threading.enumerate())
+  yield
+  threads = [t.name for t in threading.enumerate()
+             if t not in before and t.name.startswith("grain") and t.is_alive()]
+  children = multiprocessing.active_children()
+  assert not threads and not children, (
+      f"the test left running: threads {threads}, processes {children}; close the iterators it "
+      "opened (it.close())")

@@ -12,10 +12,6 @@ from flax import nnx
 from tests import helpers
 from vdit_jax import sampler, video_io
 
-# sample.py runs in a subprocess; the fork happens before the child execs, so JAX's warning about
-# forking a multithreaded process does not apply.
-pytestmark = pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
-
 UPSCALE = 4  # video_io.write_video's default, which sample.py uses
 
 

@@ -1,6 +1,9 @@
 """The sources beyond synthetic_shapes: moving_digits, video_folder and latents."""
 
+import concurrent.futures
 import os
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ from data.moving_digits import MovingDigits, _load_digits
 from tests.test_data import tiny_config
 from vdit_jax import config as base
 from vdit_jax import tokens as tok
+from vdit_jax import video_io
 
 
 def digits_config(**data):
@@ -141,10 +145,9 @@ def make_video_folder(root, rng):
 
   root.mkdir(exist_ok=True)
   pixels = lambda *shape: rng.integers(0, 256, shape, dtype=np.uint8)
-  imageio.mimwrite(root / "a.mp4", list(pixels(6, 16, 24, 3)), fps=8, macro_block_size=1,
-                   codec="libx264")
-  imageio.mimwrite(root / "b.webm", list(pixels(6, 24, 16, 3)), fps=8, macro_block_size=1,
-                   codec="libvpx-vp9", output_params=["-crf", "30", "-b:v", "0"])
+  video_io.encode(str(root / "a.mp4"), pixels(6, 16, 24, 3), 8, "libx264")
+  video_io.encode(str(root / "b.webm"), pixels(6, 24, 16, 3), 8, "libvpx-vp9",
+                  {"crf": "30", "b": "0"})
   imageio.mimwrite(root / "c.gif", list(pixels(5, 16, 16, 3)), duration=125, loop=0)
   np.save(root / "d.npy", pixels(7, 20, 20, 3))
   np.save(root / "e.npy", rng.uniform(-1, 1, (4, 12, 16, 3)).astype(np.float32))
@@ -168,6 +171,38 @@ def make_video_folder(root, rng):
           "cut.npy": "truncated", "zero_frames.npy": "no_frames", "one_pixel.npy": "too_small",
           "huge.npy": "absurd_size", "short.npy": "too_short", "flat.npy": "bad_shape",
           "nan.npy": ""}  # nan.npy passes the scan; loading finds not_finite
+
+
+def test_video_io_encodes_probes_and_reads_windows(tmp_path):
+  """PyAV round trip: the header's frame count and size, the frames close to what was written
+  (lossy codecs, smooth content), and a window equal to slicing every frame; gifs as Pillow
+  decodes them."""
+  t, y, x = np.meshgrid(np.arange(9), np.arange(18), np.arange(26), indexing="ij")
+  smooth = (np.stack([x * 9, y * 13, (t * 20 + x * 4) % 256], -1) % 256).astype(np.uint8)
+  for name, codec, options, shape in (("even.mp4", "libx264", {"crf": "10"}, (18, 26)),
+                                      ("odd.mp4", "libx264", {"crf": "10"}, (17, 25)),
+                                      ("v.webm", "libvpx-vp9", {"crf": "10", "b": "0"}, (18, 26))):
+    path = str(tmp_path / name)
+    source = np.ascontiguousarray(smooth[:, :shape[0], :shape[1]])
+    video_io.encode(path, source, 8, codec, options)
+    assert video_io.probe(path) == (9, *shape)
+    every = video_io.read_frames(path)
+    assert every.shape == (9, *shape, 3) and every.dtype == np.uint8
+    assert np.abs(every.astype(int) - source).mean() < 6, name
+    assert np.array_equal(video_io.read_frames(path, 2, 3, 3), every[2:9:3])
+    assert np.array_equal(video_io.read_frames(path, 5, 10, 1), every[5:])  # fewer decode
+  # gif: PyAV decodes what Pillow (imageio) decodes, colour and grey.
+  import imageio.v2 as imageio
+  import imageio.v3 as iio
+  for name, frames in (("rgb.gif", smooth), ("grey.gif", smooth[..., 2])):
+    path = str(tmp_path / name)
+    imageio.mimwrite(path, list(frames), duration=125, loop=0)
+    pillow = np.asarray(iio.imread(path, index=None))
+    pillow = np.repeat(pillow[..., None], 3, -1) if pillow.ndim == 3 else pillow[..., :3]
+    assert video_io.probe(path) == (9, 18, 26)
+    assert np.array_equal(video_io.read_frames(path), pillow), name
+  with pytest.raises(ValueError, match="uint8 RGB frames"):
+    video_io.encode(str(tmp_path / "f.mp4"), smooth.astype(np.float32), 8)
 
 
 def folder_config(path, source="video_folder", **data):
@@ -246,6 +281,41 @@ def test_resize_keeps_aspect_and_smooth_content():
   assert np.all(np.diff(out[0, 0, :, 0]) > 0)
   assert -0.6 < out.min() < -0.4 and 0.4 < out.max() < 0.6  # the middle half of the ramp
   assert np.allclose(resize_cover(video, 32, 64), video, atol=1e-6)  # same size: identity
+
+
+def _resize_cover_by_matrices(video, H, W):
+  """resize_cover as two dense resampling matrices (the filter written out in full)."""
+  _, h, w, _ = video.shape
+  scale = max(H / h, W / w)
+
+  def matrix(n_in, n_out, offset):
+    u = (np.arange(n_out) + 0.5 + offset) / scale - 0.5
+    radius = max(1.0, 1.0 / scale)
+    m = np.maximum(0.0, 1.0 - np.abs(u[:, None] - np.arange(n_in)) / radius)
+    return m / m.sum(1, keepdims=True)
+
+  my = matrix(h, H, 0.5 * (h * scale - H))
+  mx = matrix(w, W, 0.5 * (w * scale - W))
+  return np.einsum("yh,thwc,xw->tyxc", my, video.astype(np.float64), mx)
+
+
+@pytest.mark.parametrize("h, w, H, W", [
+    (16, 24, 16, 24),    # same size
+    (9, 13, 32, 32),     # enlarge, crop the sides
+    (32, 48, 24, 16),    # shrink, crop the top and bottom
+    (240, 320, 16, 24),  # shrink 15x: wide tents
+    (101, 37, 20, 12),   # odd sizes, fractional offsets
+    (5, 300, 8, 8),      # enlarge one axis, crop most of the other
+])
+def test_resize_taps_equal_the_matrix_form(h, w, H, W):
+  rng = np.random.default_rng(h * w)
+  for video in (rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8),
+                rng.uniform(-1, 1, (2, h, w, 1)).astype(np.float32)):
+    out = resize_cover(video, H, W)
+    assert out.dtype == np.float32 and out.shape == (2, H, W, video.shape[-1])
+    scale = 255.0 if video.dtype == np.uint8 else 1.0
+    np.testing.assert_allclose(out, _resize_cover_by_matrices(video, H, W), rtol=0,
+                               atol=2e-6 * scale)
 
 
 def test_manifest_labels_captions_and_errors(video_folder, tmp_path):
@@ -393,3 +463,93 @@ def test_new_configs_validate_and_make_batches(video_folder, tmp_path):
       a, b = maker(3), maker(3)
       assert a.keys() == b.keys() and np.array_equal(a["tokens"], b["tokens"])
       assert (a["segment_ids"] > 0).any()
+
+
+# Forks of this process that run Python in the child before exec (os.fork, or subprocess with a
+# preexec_fn): unsafe beside jax's threads. subprocess without preexec_fn runs none.
+_FORKS = {"counting": False, "count": 0}
+
+
+def _count_fork():
+  if _FORKS["counting"]:
+    _FORKS["count"] += 1
+
+
+os.register_at_fork(before=_count_fork)
+
+
+class JaxComputing:
+  """A jitted computation run in a loop on a background thread (XLA's threads busy) while the
+  block is open, as in training."""
+
+  def __enter__(self):
+    import jax
+    import jax.numpy as jnp
+
+    f = jax.jit(lambda a: jnp.tanh(a @ a) * 0.5)  # 0.27 GFLOP: about 2 ms on XLA's threads
+    x = jnp.ones((512, 512), jnp.float32)
+    f(x).block_until_ready()
+    self.stop, self.steps = threading.Event(), 0
+
+    def loop():
+      y = x
+      while not self.stop.is_set():
+        y = f(y).block_until_ready()
+        self.steps += 1
+
+    self.thread = threading.Thread(target=loop, name="jax-computing")
+    self.thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    self.stop.set()
+    self.thread.join()
+
+
+def test_folder_items_from_threads_beside_jax_stay_fast(tmp_path):
+  """Items read from 4 threads at once, while jax computes on its own threads, take at most a
+  few times as long as the same items read from one thread (decode and resize use one core per
+  item: no processes, no BLAS thread pools fighting over the cores), are the same items, and
+  nothing forked the process. Four formats, 120 items per timing, two rounds."""
+  t, y, x = np.meshgrid(np.arange(24), np.arange(32), np.arange(48), indexing="ij")
+  root = tmp_path / "clips"
+  root.mkdir()
+  _FORKS.update(counting=True, count=0)
+  try:
+    import imageio.v2 as imageio
+    for i in range(3):
+      wave = np.sin((x + 2 * t + 3 * i) / 5.0) + np.cos((y - t + i) / 4.0)
+      v = (np.stack([wave, wave[:, ::-1], wave[:, :, ::-1]], -1) * 60 + 128).astype(np.uint8)
+      video_io.encode(str(root / f"{i}.mp4"), v, 8, "libx264")
+      video_io.encode(str(root / f"{i}.webm"), v, 8, "libvpx-vp9", {"crf": "30", "b": "0"})
+      imageio.mimwrite(root / f"{i}.gif", list(v), duration=125, loop=0)
+      np.save(root / f"{i}.npy", v)
+    from configs import folder
+    c = folder.get_config()
+    c.unlock()
+    c.data.path = str(root)
+    src = FolderSource.from_config(c, "video_folder")
+    assert not any(e["skip"] for e in src.entries) and len(src) == 12
+    indices = [i % len(src) for i in range(120)]
+    alone = {i: src[i]["video"] for i in range(len(src))}
+
+    def read(threads):
+      t0 = time.perf_counter()
+      with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        items = list(pool.map(src.__getitem__, indices))
+      return time.perf_counter() - t0, items
+
+    times = {1: [], 4: []}
+    with JaxComputing() as jax_loop:
+      for _ in range(2):
+        for threads in (1, 4):
+          seconds, items = read(threads)
+          times[threads].append(seconds)
+          for i, item in zip(indices, items):
+            assert np.array_equal(item["video"], alone[i])
+    assert jax_loop.steps > 0
+    video_io.write_video(str(tmp_path / "out" / "v"), alone[0])
+  finally:
+    _FORKS["counting"] = False
+  assert _FORKS["count"] == 0, "reading or writing videos forked the process"
+  assert min(times[4]) <= 3 * min(times[1]), times

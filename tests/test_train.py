@@ -161,6 +161,29 @@ def test_run_writes_metrics_config_and_samples(runs):
   assert len([n for n in names if n.endswith(".gif")]) == n_shapes
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_run_that_fails_stops_its_data_workers(tmp_path, monkeypatch, workers):
+  """An exception mid-run closes the data iterator on the way out: no prefetch thread or worker
+  process is left making batches (the autouse fixture checks the same after every test)."""
+  import multiprocessing
+  import threading
+
+  monkeypatch.setattr(trainer, "measured_peak_flops", lambda: 1e12)
+  device_batch, calls = trainer._device_batch, []
+
+  def failing(batch, shardings):
+    calls.append(1)
+    if len(calls) == 2:
+      raise RuntimeError("step 2 fails")
+    return device_batch(batch, shardings)
+
+  monkeypatch.setattr(trainer, "_device_batch", failing)
+  with pytest.raises(RuntimeError, match="step 2 fails"):
+    trainer.train(helpers.run_config(4, **{"data.worker_count": workers}), str(tmp_path / "run"))
+  assert not [t.name for t in threading.enumerate() if t.name.startswith("grain")]
+  assert not multiprocessing.active_children()
+
+
 def test_a_recompile_after_the_first_step_warns(capsys):
   """The compile count train() logs comes from the jitted step's cache; a second shape is a
   second compile, and the warning names it."""

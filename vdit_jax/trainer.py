@@ -8,6 +8,7 @@ state; the batch shapes are static per config, so it compiles exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -310,7 +311,8 @@ def check_process_rows(config, mesh) -> None:
 
 @functools.cache
 def git_revision() -> str:
-  # Called before jax starts its threads: forking later draws a (harmless) warning from jax.
+  # subprocess without preexec_fn runs no Python in the child between fork and exec: safe
+  # beside jax's threads.
   try:
     return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                           cwd=os.path.dirname(os.path.abspath(__file__)),
@@ -362,6 +364,7 @@ class MetricWriter:
 
   def close(self) -> None:
     if self.enabled:
+      self.enabled = False  # closes once
       self._f.close()
       if self._tb is not None:
         self._tb.close()
@@ -406,7 +409,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> State:
   mngr = ckpt_lib.manager(workdir, keep=config.train.keep_ckpts)
   # Resolved once: the model computes with it and the pipeline prepares batches for it.
   backend = backends_lib.resolve(config.model, config.data.max_segments)
-  with jax.set_mesh(mesh), shard_lib.axis_rules(rules):
+  # However the run ends (its last step, SIGTERM, an exception), ``cleanup`` closes what it
+  # started: the data iterator's worker processes or prefetch thread, the metric writer, the
+  # progress bar and the checkpoint manager.
+  with (_StopFlag() as stop, contextlib.ExitStack() as cleanup, jax.set_mesh(mesh),
+        shard_lib.axis_rules(rules)):
+    cleanup.callback(mngr.close)
     latest = mngr.latest_step()
     if latest is None:
       graphdef, state, shardings = create_sharded_state(config, mesh, backend)
@@ -418,8 +426,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> State:
     step_fn = jit_train_step(config, graphdef, shardings, mesh, backend)
 
     # The iterator always counts from step 0; a restored state moves it to where the run was.
-    it = pipeline.make_train_iterator(config, start_step=0, process_index=jax.process_index(),
-                                      process_count=jax.process_count(), backend=backend)
+    it = cleanup.enter_context(pipeline.make_train_iterator(
+        config, start_step=0, process_index=jax.process_index(),
+        process_count=jax.process_count(), backend=backend))
     if data_state:
       it.set_state(data_state)
     elif start:
@@ -427,62 +436,63 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> State:
                        "cannot resume the same stream of batches")
     b_shardings = batch_shardings(config, mesh, backend)
     writer = MetricWriter(workdir, is_main)
+    cleanup.callback(writer.close)
     flops_per_step = None
     peak = None
     total = config.train.steps
     bar = _progress(start, total, config.train.progress and is_main)
+    cleanup.callback(bar.close)
     t_last, tok_acc, real_acc, steps_acc = time.perf_counter(), 0, [], 0
     skipped_acc: dict[str, int] = {}  # files the data source passed over, per reason
     warned_recompile = False
-    with _StopFlag() as stop:
-      for step in range(start, total):
-        host_batch = next(it)
-        batch = _device_batch(host_batch, b_shardings)
-        if flops_per_step is None:
-          flops_per_step = step_flops(config, host_batch)
-        state, metrics = step_fn(state, batch)
-        tok_acc += host_batch["segment_ids"].size * jax.process_count()
-        real_acc.append(metrics.pop("real_tokens"))  # fetched at the next log line, not now
-        for reason, n in host_batch.get("skipped", {}).items():
-          skipped_acc[reason] = skipped_acc.get(reason, 0) + int(n)
-        steps_acc += 1
-        done = step + 1
-        if done % config.train.log_every == 0 or done == total:
-          m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-          real = float(sum(jax.device_get(real_acc)))
-          dt = time.perf_counter() - t_last
-          if peak is None:
-            peak = measured_peak_flops()
-          m.update(step_time=dt / steps_acc, tokens_per_s=tok_acc / dt,
-                   useful_tokens_per_s=real / dt, packing=real / max(tok_acc, 1),
-                   mfu=flops_per_step * steps_acc / dt / peak,
-                   compiles=_cache_size(step_fn), **peak_memory())
-          m.update({f"skipped_{r}": n for r, n in skipped_acc.items()})
-          if not math.isfinite(m["loss"]):
-            raise FloatingPointError(f"loss is {m['loss']} at step {done}: lower optim.lr or "
-                                     "set optim.grad_clip; the last checkpoint is intact")
-          writer.write(done, m)
-          warned_recompile = warned_recompile or warn_on_recompile(m["compiles"], done)
-          bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}",
-                          mfu=f"{m['mfu']:.2f}")
-          t_last, tok_acc, real_acc, steps_acc = time.perf_counter(), 0, [], 0
-          skipped_acc = dict.fromkeys(skipped_acc, 0)
-        bar.update(1)
-        if done % config.train.ckpt_every == 0 or done == total or stop.stop:
-          ckpt_lib.save(mngr, done, state, it.get_state(), config)
-        if config.train.sample_every and done % config.train.sample_every == 0 and done < total:
-          _write_samples(config, workdir, graphdef, state, done, is_main)
-        if stop.stop:
-          print(f"SIGTERM: saved step {done} in {workdir}; rerun the same command to resume",
-                file=sys.stderr)
-          break
+    for step in range(start, total):
+      host_batch = next(it)
+      batch = _device_batch(host_batch, b_shardings)
+      if flops_per_step is None:
+        flops_per_step = step_flops(config, host_batch)
+      state, metrics = step_fn(state, batch)
+      tok_acc += host_batch["segment_ids"].size * jax.process_count()
+      real_acc.append(metrics.pop("real_tokens"))  # fetched at the next log line, not now
+      for reason, n in host_batch.get("skipped", {}).items():
+        skipped_acc[reason] = skipped_acc.get(reason, 0) + int(n)
+      steps_acc += 1
+      done = step + 1
+      if done % config.train.log_every == 0 or done == total:
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        real = float(sum(jax.device_get(real_acc)))
+        dt = time.perf_counter() - t_last
+        if peak is None:
+          peak = measured_peak_flops()
+        m.update(step_time=dt / steps_acc, tokens_per_s=tok_acc / dt,
+                 useful_tokens_per_s=real / dt, packing=real / max(tok_acc, 1),
+                 mfu=flops_per_step * steps_acc / dt / peak,
+                 compiles=_cache_size(step_fn), **peak_memory())
+        m.update({f"skipped_{r}": n for r, n in skipped_acc.items()})
+        if not math.isfinite(m["loss"]):
+          raise FloatingPointError(f"loss is {m['loss']} at step {done}: lower optim.lr or "
+                                   "set optim.grad_clip; the last checkpoint is intact")
+        writer.write(done, m)
+        warned_recompile = warned_recompile or warn_on_recompile(m["compiles"], done)
+        bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}",
+                        mfu=f"{m['mfu']:.2f}")
+        t_last, tok_acc, real_acc, steps_acc = time.perf_counter(), 0, [], 0
+        skipped_acc = dict.fromkeys(skipped_acc, 0)
+      bar.update(1)
+      if done % config.train.ckpt_every == 0 or done == total or stop.stop:
+        ckpt_lib.save(mngr, done, state, it.get_state(), config)
+      if config.train.sample_every and done % config.train.sample_every == 0 and done < total:
+        _write_samples(config, workdir, graphdef, state, done, is_main)
+      if stop.stop:
+        print(f"SIGTERM: saved step {done} in {workdir}; rerun the same command to resume",
+              file=sys.stderr)
+        break
+    it.close()  # no more batches: the workers' memory is free before sampling
     bar.close()
     mngr.wait_until_finished()
     writer.close()
     if not stop.stop and (start < total or not os.path.isdir(_samples_dir(workdir, total))):
       _write_samples(config, workdir, graphdef, state, int(jax.device_get(state["step"])),
                      is_main)
-  mngr.close()
   return state
 
 

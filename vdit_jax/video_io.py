@@ -1,11 +1,22 @@
-"""Writing videos for people to look at: mp4 (H.264 via imageio-ffmpeg) and gif."""
+"""Reading and writing video files through PyAV (FFmpeg's libraries, in process): mp4, webm and
+gif are read the same way; mp4 is written with H.264, gif through imageio (Pillow).
+
+Everything runs in the calling thread: no ffmpeg process is started, so nothing forks the
+(multithreaded) JAX process, and each decoder and encoder uses one thread, so reading from
+several threads at once keeps one core per reader. (Pillow's gif decoder read fewer gifs per
+second from several threads than from one: bench/README.md.)
+"""
 
 from __future__ import annotations
 
+import math
 import os
-import warnings
+from fractions import Fraction
 
 import numpy as np
+
+# x264's constant rate factor for written samples: visually lossless at these small sizes.
+_X264_CRF = "10"
 
 
 def to_uint8(video: np.ndarray) -> np.ndarray:
@@ -25,12 +36,6 @@ def write_video(stem: str, video: np.ndarray, fps: int = 8, upscale: int = 4,
 
   Returns the written paths.
   """
-  import imageio.v2 as imageio
-
-  # imageio-ffmpeg starts ffmpeg with fork+exec; the child execs at once, so JAX's warning
-  # about forking a multithreaded process does not apply.
-  warnings.filterwarnings("ignore", message="os.fork\\(\\) was called")
-
   frames = to_uint8(video)
   if upscale > 1:
     frames = frames.repeat(upscale, axis=1).repeat(upscale, axis=2)
@@ -39,9 +44,9 @@ def write_video(stem: str, video: np.ndarray, fps: int = 8, upscale: int = 4,
   for fmt in formats:
     path = f"{stem}.{fmt}"
     if fmt == "mp4":
-      imageio.mimwrite(path, list(frames), fps=fps, macro_block_size=1, codec="libx264",
-                       quality=8, pixelformat="yuv420p" if _even(frames) else "yuv444p")
+      encode(path, frames, fps, "libx264", {"crf": _X264_CRF})
     elif fmt == "gif":
+      import imageio.v2 as imageio
       imageio.mimwrite(path, list(frames), duration=1000.0 / fps, loop=0)
     elif fmt == "npy":
       np.save(path, np.asarray(video, np.float32))
@@ -51,11 +56,81 @@ def write_video(stem: str, video: np.ndarray, fps: int = 8, upscale: int = 4,
   return paths
 
 
-def _even(frames: np.ndarray) -> bool:
-  return frames.shape[1] % 2 == 0 and frames.shape[2] % 2 == 0
+def encode(path: str, frames: np.ndarray, fps: int, codec: str = "libx264",
+           options: dict[str, str] | None = None) -> None:
+  """Encodes uint8 RGB ``frames [T, H, W, 3]`` into ``path`` (container from the extension).
+
+  Chroma is subsampled (yuv420p) when H and W are even, else kept whole (yuv444p). ``options``
+  are the codec's own (``{"crf": "30", "b": "0"}`` for constant-quality vp9).
+  """
+  import av
+
+  frames = np.asarray(frames)
+  if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+    raise ValueError(f"encode takes uint8 RGB frames [T, H, W, 3], got {frames.dtype} "
+                     f"{frames.shape}: convert with to_uint8")
+  _, h, w, _ = frames.shape
+  with av.open(path, "w") as container:
+    stream = container.add_stream(codec, rate=Fraction(fps), options=dict(options or {}))
+    stream.width, stream.height = w, h
+    stream.pix_fmt = "yuv420p" if h % 2 == 0 and w % 2 == 0 else "yuv444p"
+    stream.codec_context.thread_count = 1
+    for frame in frames:
+      container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+    container.mux(stream.encode())  # what the encoder still holds
+
+
+def probe(path: str) -> tuple[int, int, int]:
+  """``(frames, H, W)`` of a video file's first video stream, from its header (no decoding).
+
+  The frame count is the container's (mp4's index, gif's frames), else duration x frame rate
+  (webm); ``read_frames`` returns what really decodes.
+  """
+  import av
+
+  with av.open(path) as container:
+    if not container.streams.video:
+      raise ValueError(f"{path} has no video stream")
+    stream = container.streams.video[0]
+    n = int(stream.frames)
+    if n <= 0:
+      rate = stream.average_rate or stream.guessed_rate
+      if stream.duration is not None and stream.time_base is not None:
+        seconds = float(stream.duration * stream.time_base)
+      elif container.duration is not None:
+        seconds = container.duration / av.time_base
+      else:
+        seconds = None
+      if not rate or seconds is None:
+        raise ValueError(f"{path}: the header gives neither a frame count nor a duration and "
+                         "frame rate")
+      n = int(math.floor(seconds * float(rate) + 1e-6))
+    return n, int(stream.codec_context.height), int(stream.codec_context.width)
+
+
+def read_frames(path: str, start: int = 0, count: int | None = None,
+                stride: int = 1) -> np.ndarray:
+  """Decoded frames ``start, start + stride, ...`` (``count`` of them, or to the end) of a video
+  file's first video stream as uint8 RGB ``[n, H, W, 3]``; fewer when fewer decode.
+
+  Decoding stops after the last frame asked for.
+  """
+  import av
+
+  last = None if count is None else start + (count - 1) * stride
+  out = []
+  with av.open(path) as container:
+    stream = container.streams.video[0]
+    stream.codec_context.thread_count = 1  # one core per reader (callers run in parallel)
+    for i, frame in enumerate(container.decode(stream)):
+      if last is not None and i > last:
+        break
+      if i >= start and (i - start) % stride == 0:
+        out.append(frame.to_ndarray(format="rgb24"))
+    h, w = stream.codec_context.height, stream.codec_context.width
+  return np.stack(out) if out else np.zeros((0, h, w, 3), np.uint8)
 
 
 def read_video(path: str) -> np.ndarray:
-  """All frames of a video file as uint8 ``[T, H, W, 3]``."""
-  import imageio.v3 as iio
-  return np.asarray(iio.imread(path, index=None))[..., :3]
+  """All frames of a video file (mp4, webm, gif) as uint8 RGB ``[T, H, W, 3]``."""
+  return read_frames(path)
