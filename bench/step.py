@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 from configs import default, p0  # noqa: E402
 from data import pipeline  # noqa: E402
 from vdit_jax import config as config_lib  # noqa: E402
-from vdit_jax import backends, trainer, tokens  # noqa: E402
+from vdit_jax import backends, metrics, trainer, tokens  # noqa: E402
 from vdit_jax import model as model_lib  # noqa: E402
 from vdit_jax import sharding as shard_lib  # noqa: E402
 
@@ -192,7 +192,7 @@ def time_steps(variants: dict, repeats: int) -> dict[str, float]:
 
 
 def matmul_variant(n: int = 2048):
-  """An f32 ``n x n`` matmul (as trainer.measured_peak_flops times it) and its FLOPs, to time
+  """An f32 ``n x n`` matmul (as metrics.measured_peak_flops times it) and its FLOPs, to time
   in turns with the steps: a peak measured under the same load as they are."""
   a = jnp.ones((n, n), jnp.float32)
   return (jax.jit(lambda x, y: (x, x @ y)), a, a, None), 2.0 * n**3
@@ -224,7 +224,7 @@ def default_step_bench(quick: bool, repeats: int) -> dict[str, float]:
               "f32 matmul 2048": matmul}
   sec = time_steps(variants, repeats)
   peak = matmul_flops / sec.pop("f32 matmul 2048")
-  flops = trainer.step_flops(f32, variants["sharded f32"][3])
+  flops = metrics.step_flops(f32, variants["sharded f32"][3])
   remat = {"model.remat": True}
   dots = {"model.remat": True, "model.remat_policy": "dots_with_no_batch_dims_saveable"}
   mem = {"no remat": temp_bytes(f32), "remat": temp_bytes(default_config(quick, **remat))}
@@ -263,7 +263,7 @@ def main():
   ap.add_argument("--repeats", type=int, default=5)
   args = ap.parse_args()
 
-  peak = trainer.measured_peak_flops()
+  peak = metrics.measured_peak_flops()
   rows = []
   results = {}
   variants = (

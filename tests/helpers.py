@@ -18,6 +18,7 @@ import pytest
 
 from configs import tiny
 from vdit_jax import checkpoint as ckpt_lib
+from vdit_jax import metrics
 from vdit_jax import sharding as shard_lib
 from vdit_jax import tokens as tok
 from vdit_jax import trainer
@@ -110,7 +111,7 @@ def shared_runs(tmp_path_factory) -> dict[str, str]:
       shutil.rmtree(root, ignore_errors=True)
       with pytest.MonkeyPatch.context() as mp:
         # MFU's CPU peak is a multi-second matmul benchmark; its value does not matter here.
-        mp.setattr(trainer, "measured_peak_flops", lambda: 1e12)
+        mp.setattr(metrics, "measured_peak_flops", lambda: 1e12)
         trainer.train(run_config(3), runs["resumed"])
         trainer.train(run_config(5), runs["resumed"])
         trainer.train(run_config(5), runs["straight"])

@@ -13,7 +13,6 @@ from tests import helpers
 from vdit_jax import attention as attn_lib
 from vdit_jax import backends as backends_lib
 from vdit_jax import model as model_lib
-from vdit_jax import patterns as pat
 from vdit_jax import schedule
 from vdit_jax import tokens as tok
 

@@ -74,8 +74,8 @@ def test_two_processes_train_like_one(runs, tmp_path):
 
 def _worker(workdir: str, address: str) -> None:
   from tests import helpers
-  from vdit_jax import trainer
-  trainer.measured_peak_flops = lambda: 1e12  # MFU's value does not matter here
+  from vdit_jax import metrics, trainer
+  metrics.measured_peak_flops = lambda: 1e12  # MFU's value does not matter here
   config = helpers.run_config(STEPS, **{
       "distributed.coordinator_address": address, "distributed.num_processes": 2,
       "data.shards": 0,  # one stream per process: the default way of splitting the batch

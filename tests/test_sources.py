@@ -433,10 +433,10 @@ def test_two_step_train_on_a_folder_reports_skips(video_folder, tmp_path, monkey
   import json
 
   from helpers import run_config
-  from vdit_jax import trainer
+  from vdit_jax import metrics, trainer
 
   root, _ = video_folder
-  monkeypatch.setattr(trainer, "measured_peak_flops", lambda: 1e12)
+  monkeypatch.setattr(metrics, "measured_peak_flops", lambda: 1e12)
   c = run_config(2, **{"data.source": "video_folder", "data.path": str(root),
                        "train.ckpt_every": 2})
   trainer.train(c, str(tmp_path / "run"))

@@ -15,6 +15,7 @@ from data import pipeline
 from tests import helpers
 from vdit_jax import checkpoint as ckpt_lib
 from vdit_jax import config as config_lib
+from vdit_jax import metrics
 from vdit_jax import sharding as shard_lib
 from vdit_jax import trainer
 
@@ -168,7 +169,7 @@ def test_a_run_that_fails_stops_its_data_workers(tmp_path, monkeypatch, workers)
   import multiprocessing
   import threading
 
-  monkeypatch.setattr(trainer, "measured_peak_flops", lambda: 1e12)
+  monkeypatch.setattr(metrics, "measured_peak_flops", lambda: 1e12)
   device_batch, calls = trainer._device_batch, []
 
   def failing(batch, shardings):
@@ -189,9 +190,9 @@ def test_a_recompile_after_the_first_step_warns(capsys):
   second compile, and the warning names it."""
   fn = jax.jit(lambda x: x * 2)
   fn(jnp.ones(2))
-  assert trainer._cache_size(fn) == 1 and not trainer.warn_on_recompile(1, 1)
+  assert metrics.cache_size(fn) == 1 and not metrics.warn_on_recompile(1, 1)
   fn(jnp.ones(3))
-  assert trainer._cache_size(fn) == 2 and trainer.warn_on_recompile(2, 7)
+  assert metrics.cache_size(fn) == 2 and metrics.warn_on_recompile(2, 7)
   assert "compiled 2 times by step 7" in capsys.readouterr().err
 
 
@@ -272,7 +273,7 @@ def test_a_mesh_that_cannot_split_a_parameter_fails_clearly():
 def test_training_continues_on_another_mesh(runs, tmp_path, monkeypatch):
   """Steps 3 -> 5 on mesh (1, 1, 8) (tensor-parallel only) from a (2, 2, 2) checkpoint match
   the straight (2, 2, 2) run up to float reassociation (the reductions are split differently)."""
-  monkeypatch.setattr(trainer, "measured_peak_flops", lambda: 1e12)
+  monkeypatch.setattr(metrics, "measured_peak_flops", lambda: 1e12)
   workdir = tmp_path / "moved"
   shutil.copytree(runs["resumed"], workdir)
   shutil.rmtree(workdir / "checkpoints" / "5")

@@ -13,7 +13,8 @@ With ``dt, dh, dw`` the coordinate differences key minus query and ``reach(dt) =
 | `temporal`          | dh = 0 and dw = 0                                                     |
 | `window(kt,kh,kw)`  | abs(dt) <= kt, abs(dh) <= kh, abs(dw) <= kw                           |
 | `local(kt,r)`       | abs(dt) <= kt, abs(dh) <= reach(dt), abs(dw) <= reach(dt)             |
-| `cross(kt,r)`       | abs(dt) <= kt, and (dh = 0, abs(dw) <= reach(dt)) or (dw = 0, abs(dh) <= reach(dt)) |
+| `cross(kt,r)`       | abs(dt) <= kt, and either dh = 0, abs(dw) <= reach(dt)                |
+|                     | or dw = 0, abs(dh) <= reach(dt)                                       |
 | `frame_causal(kt)`  | -kt <= dt <= 0 (kt = -1: every earlier frame and its own)             |
 
 Each type answers every question the rest of the code asks of a pattern: its predicate (numpy or

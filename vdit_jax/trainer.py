@@ -10,21 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
 import os
-import platform
-import resource
 import signal
-import subprocess
 import sys
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -34,6 +28,7 @@ from vdit_jax import backends as backends_lib
 from vdit_jax import checkpoint as ckpt_lib
 from vdit_jax import config as config_lib
 from vdit_jax import diffusion
+from vdit_jax import metrics as metrics_lib
 from vdit_jax import model as model_lib
 from vdit_jax import sharding as shard_lib
 from vdit_jax import tokens as tokens_lib
@@ -309,67 +304,6 @@ def check_process_rows(config, mesh) -> None:
                      f"mesh.data x mesh.fsdp a multiple of the process count ({n})")
 
 
-@functools.cache
-def git_revision() -> str:
-  # subprocess without preexec_fn runs no Python in the child between fork and exec: safe
-  # beside jax's threads.
-  try:
-    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                          cwd=os.path.dirname(os.path.abspath(__file__)),
-                          timeout=10).stdout.strip()
-  except (OSError, subprocess.SubprocessError):
-    return ""
-
-
-def write_run_info(config, workdir: str) -> None:
-  """Resolved config, package versions and git revision: the run is reproducible from workdir."""
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json(indent=2))
-  rev = git_revision()
-  versions = {"python": platform.python_version(), "git_revision": rev,
-              "argv": sys.argv, "devices": [str(d) for d in jax.devices()]}
-  for pkg in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy"):
-    try:
-      from importlib.metadata import version
-      versions[pkg] = version(pkg)
-    except Exception:  # noqa: BLE001 - a missing version is not worth failing a run
-      versions[pkg] = None
-  with open(os.path.join(workdir, "run_info.json"), "w") as f:
-    json.dump(versions, f, indent=2)
-
-
-class MetricWriter:
-  """JSONL + TensorBoard on process 0; other processes write nothing."""
-
-  def __init__(self, workdir: str, enabled: bool):
-    self.enabled = enabled
-    self._tb = None
-    if enabled:
-      self._f = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      try:
-        from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
-      except ImportError:
-        self._tb = None
-
-  def write(self, step: int, metrics: dict[str, float]) -> None:
-    if not self.enabled:
-      return
-    self._f.write(json.dumps({"step": step, **metrics}) + "\n")
-    self._f.flush()
-    if self._tb is not None:
-      for k, v in metrics.items():
-        self._tb.add_scalar(k, v, step)
-
-  def close(self) -> None:
-    if self.enabled:
-      self.enabled = False  # closes once
-      self._f.close()
-      if self._tb is not None:
-        self._tb.close()
-
-
 class _StopFlag:
   """Turns SIGTERM into a checkpoint at the next step boundary instead of lost work."""
 
@@ -393,16 +327,27 @@ class _StopFlag:
       signal.signal(signal.SIGTERM, self._old)
 
 
+def _init_or_restore(config, mesh, mngr, backend):
+  """``(graphdef, state, shardings, data iterator state)``: the newest checkpoint's, or fresh
+  (no iterator state)."""
+  latest = mngr.latest_step()
+  if latest is None:
+    return create_sharded_state(config, mesh, backend) + (None,)
+  graphdef, target, shardings = abstract_state(config, mesh, backend)
+  state, data_state, _ = ckpt_lib.restore(mngr, latest, target)
+  return graphdef, state, shardings, data_state
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> State:
   """Trains ``config`` in ``workdir``, resuming from its newest checkpoint if there is one."""
   from data import pipeline  # scripts' side of the arrow: only train() needs the data package
 
-  git_revision()
+  metrics_lib.git_revision()
   validate(config)
   _sample_labels(config)  # a bad sample.labels fails now, not at the first samples
   is_main = jax.process_index() == 0
   if is_main:
-    write_run_info(config, workdir)
+    metrics_lib.write_run_info(config, workdir)
   mesh = shard_lib.make_mesh(config.mesh)
   check_process_rows(config, mesh)
   rules = config.mesh.rules
@@ -415,13 +360,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> State:
   with (_StopFlag() as stop, contextlib.ExitStack() as cleanup, jax.set_mesh(mesh),
         shard_lib.axis_rules(rules)):
     cleanup.callback(mngr.close)
-    latest = mngr.latest_step()
-    if latest is None:
-      graphdef, state, shardings = create_sharded_state(config, mesh, backend)
-      data_state = None
-    else:
-      graphdef, target, shardings = abstract_state(config, mesh, backend)
-      state, data_state, _ = ckpt_lib.restore(mngr, latest, target)
+    graphdef, state, shardings, data_state = _init_or_restore(config, mesh, mngr, backend)
     start = int(jax.device_get(state["step"]))
     step_fn = jit_train_step(config, graphdef, shardings, mesh, backend)
 
@@ -435,48 +374,26 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> State:
       raise ValueError(f"checkpoint step {start} in {workdir} has no data iterator state: it "
                        "cannot resume the same stream of batches")
     b_shardings = batch_shardings(config, mesh, backend)
-    writer = MetricWriter(workdir, is_main)
-    cleanup.callback(writer.close)
-    flops_per_step = None
-    peak = None
+    writer = cleanup.enter_context(contextlib.closing(metrics_lib.MetricWriter(workdir, is_main)))
     total = config.train.steps
-    bar = _progress(start, total, config.train.progress and is_main)
-    cleanup.callback(bar.close)
-    t_last, tok_acc, real_acc, steps_acc = time.perf_counter(), 0, [], 0
-    skipped_acc: dict[str, int] = {}  # files the data source passed over, per reason
+    bar = cleanup.enter_context(contextlib.closing(
+        metrics_lib.progress(start, total, config.train.progress and is_main)))
+    meter = metrics_lib.Throughput(config)
     warned_recompile = False
     for step in range(start, total):
       host_batch = next(it)
-      batch = _device_batch(host_batch, b_shardings)
-      if flops_per_step is None:
-        flops_per_step = step_flops(config, host_batch)
-      state, metrics = step_fn(state, batch)
-      tok_acc += host_batch["segment_ids"].size * jax.process_count()
-      real_acc.append(metrics.pop("real_tokens"))  # fetched at the next log line, not now
-      for reason, n in host_batch.get("skipped", {}).items():
-        skipped_acc[reason] = skipped_acc.get(reason, 0) + int(n)
-      steps_acc += 1
+      state, metrics = step_fn(state, _device_batch(host_batch, b_shardings))
+      meter.add(host_batch, metrics)
       done = step + 1
       if done % config.train.log_every == 0 or done == total:
-        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        real = float(sum(jax.device_get(real_acc)))
-        dt = time.perf_counter() - t_last
-        if peak is None:
-          peak = measured_peak_flops()
-        m.update(step_time=dt / steps_acc, tokens_per_s=tok_acc / dt,
-                 useful_tokens_per_s=real / dt, packing=real / max(tok_acc, 1),
-                 mfu=flops_per_step * steps_acc / dt / peak,
-                 compiles=_cache_size(step_fn), **peak_memory())
-        m.update({f"skipped_{r}": n for r, n in skipped_acc.items()})
+        m = meter.line(metrics, step_fn)
         if not math.isfinite(m["loss"]):
           raise FloatingPointError(f"loss is {m['loss']} at step {done}: lower optim.lr or "
                                    "set optim.grad_clip; the last checkpoint is intact")
         writer.write(done, m)
-        warned_recompile = warned_recompile or warn_on_recompile(m["compiles"], done)
+        warned_recompile = warned_recompile or metrics_lib.warn_on_recompile(m["compiles"], done)
         bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}",
                         mfu=f"{m['mfu']:.2f}")
-        t_last, tok_acc, real_acc, steps_acc = time.perf_counter(), 0, [], 0
-        skipped_acc = dict.fromkeys(skipped_acc, 0)
       bar.update(1)
       if done % config.train.ckpt_every == 0 or done == total or stop.stop:
         ckpt_lib.save(mngr, done, state, it.get_state(), config)
@@ -506,38 +423,6 @@ def _device_batch(host_batch: dict[str, Any], shardings) -> dict[str, Any]:
   return jax.tree.map(place, shardings, {k: host_batch[k] for k in shardings})
 
 
-def warn_on_recompile(compiles: int, step: int) -> bool:
-  """Warns (and says so) if the step compiled more than once: shapes must be static per run."""
-  if compiles <= 1:
-    return False
-  print(f"warning: the train step compiled {compiles} times by step {step}; batch shapes or "
-        "dtypes changed between steps (each compile costs seconds to minutes)", file=sys.stderr)
-  return True
-
-
-def peak_memory() -> dict[str, float]:
-  """Peak device memory (GB, largest local device) where the platform reports it (GPU, TPU);
-  elsewhere (CPU) the peak resident memory of this host process, named as such."""
-  stats = [d.memory_stats() for d in jax.local_devices()]
-  if all(s and "peak_bytes_in_use" in s for s in stats):
-    return {"peak_device_memory_gb": max(s["peak_bytes_in_use"] for s in stats) / 1e9}
-  kib = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
-  return {"peak_host_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib / 1e9}
-
-
-def _cache_size(fn) -> int:
-  try:
-    return int(fn._cache_size())
-  except AttributeError:
-    return -1
-
-
-def _progress(start: int, total: int, enabled: bool):
-  from tqdm import tqdm
-  return tqdm(total=total, initial=start, disable=not enabled, dynamic_ncols=True,
-              desc="train", file=sys.stderr)
-
-
 def _samples_dir(workdir: str, step: int) -> str:
   return os.path.join(workdir, "samples", f"step_{step:07d}")
 
@@ -565,39 +450,3 @@ def _write_samples(config, workdir, graphdef, state, step, is_main) -> None:
     out = _samples_dir(workdir, step)
     for i, (video, label) in enumerate(zip(videos, labels)):
       video_io.write_video(os.path.join(out, f"{i:02d}_label{label}"), video, config.sample.fps)
-
-
-# ----------------------------------------------------------------------------- throughput
-
-
-def step_flops(config, host_batch: dict[str, np.ndarray]) -> float:
-  """Analytic FLOPs of one train step (forward + backward = 3x forward), from this process's
-  rows times the process count."""
-  token_size = host_batch["tokens"].shape[-1]
-  L = host_batch["tokens"].shape[1]
-  fwd = sum(model_lib.forward_flops(config.model, [g for g in grids if np.prod(g) > 0], L,
-                                    token_size)
-            for grids in host_batch["seg_grid"])
-  return 3.0 * fwd * jax.process_count()
-
-
-@functools.cache
-def measured_peak_flops() -> float:
-  """Matmul FLOP/s of this machine's devices: CPU peak is measured, accelerators from a table."""
-  dev = jax.devices()[0]
-  table = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
-           "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
-  for name, flops in table.items():
-    if dev.device_kind.startswith(name):
-      return flops * jax.device_count()
-  n = 2048
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  best = float("inf")
-  for _ in range(3):
-    t0 = time.perf_counter()
-    f(a).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
-  # Host devices share the same cores: the CPU peak is one device's, whatever the mesh.
-  return 2.0 * n**3 / best
