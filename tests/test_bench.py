@@ -34,3 +34,7 @@ def test_attention_bench_quick_prints_targets():
 
 def test_packing_bench_quick_prints_targets():
   assert len(quick_targets("bench/packing.py")) == 4
+
+
+def test_decode_bench_quick_prints_targets():
+  assert len(quick_targets("bench/decode.py")) == 3

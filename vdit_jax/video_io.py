@@ -3,7 +3,7 @@ gif are read the same way; mp4 is written with H.264, gif through imageio (Pillo
 
 Everything runs in the calling thread: no ffmpeg process is started, so nothing forks the
 (multithreaded) JAX process, and each decoder and encoder uses one thread, so reading from
-several threads at once keeps one core per reader. (Pillow's gif decoder read fewer gifs per
+several threads at once keeps one core per reader. (Pillow's gif decoder read no more gifs per
 second from several threads than from one: bench/README.md.)
 """
 
