@@ -3,9 +3,10 @@
   python bench/attention.py [--quick] [--repeats 3]
 
 Default sizes: one 16x32x32-token video (L=16384), attended with factorized and with windows of
-about 1/2, 1/4 and 1/8 of its pairs (bands of frames and rows, the targets; and boxes); a row of
-4 videos of 16x16x16 (L=16384); one 16x16x16 video alone (L=4096) for the comparison with
-``jax.nn.dot_product_attention``.
+about 1/2, 1/4 and 1/8 of its pairs (bands of frames and rows, the targets; and boxes) and with
+``frame_causal(-1)`` (a target: its layouts list block pairs); a row of 4 videos of 16x16x16
+(L=16384); one 16x16x16 video alone (L=4096) for the comparison with
+``jax.nn.dot_product_attention`` and ``frame_causal(-1)`` at the blocks ``--causal-blocks`` names.
 One row, 2 heads x 64, f32 (``--dtype bfloat16`` for accelerators); each time is the median over
 ``--repeats`` rounds of forward + backward (gradients of q, k, v), the variants taking turns
 within a round; TFLOP/s counts the allowed pairs only. Blocksparse uses the
@@ -81,9 +82,10 @@ def make_row(grids, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
   return seg, coords
 
 
-def make_backend(name: str, patterns, kv_chunk: int | None = None) -> backends.Backend:
+def make_backend(name: str, patterns, kv_chunk: int | None = None,
+                 block: int = 0) -> backends.Backend:
   kernel = backends.platform_kernel(jax.default_backend()) if name == "pallas" else None
-  return backends.Backend(name, patterns, kv_chunk=kv_chunk, kernel=kernel)
+  return backends.Backend(name, patterns, block=block, kv_chunk=kv_chunk, kernel=kernel)
 
 
 def grad_fn(backend: backends.Backend):
@@ -197,6 +199,9 @@ def main():
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                   help="q, k, v dtype of the timed rows (bfloat16 for accelerators)")
+  ap.add_argument("--causal-blocks", default="",
+                  help="comma list of block sizes: also time frame_causal(-1) on the 'alone' "
+                       "video with each (its pair layouts' block; the default grows it)")
   args = ap.parse_args()
   dtype = jnp.dtype(args.dtype)
   size = SIZES["quick" if args.quick else "default"]
@@ -224,16 +229,20 @@ def main():
       "alone: dense full": ("sdpa", "dense", ("full",), False),
       "alone: sdpa (xla) full": ("sdpa", "sdpa", ("full",), False),
       "alone: blocksparse full": ("sdpa", "blocksparse", ("full",), False),
+      "alone: blocksparse frame_causal(-1)": ("sdpa", "blocksparse", (causal,), False),
+      **{f"alone: blocksparse frame_causal(-1), block {b}": ("sdpa", "blocksparse", (causal,),
+                                                             False, int(b))
+         for b in args.causal_blocks.split(",") if b},
   }
   if jax.default_backend() in ("gpu", "tpu"):  # the Pallas kernels (vdit_jax.kernels)
     variants.update({"video: pallas factorized": ("video", "pallas", fact, False),
                      "packed: pallas full": ("packed", "pallas", ("full",), False),
                      "alone: pallas full": ("sdpa", "pallas", ("full",), False)})
   cases, pair_ratio, computed = {}, {}, {}
-  for name, (row, backend, patterns, exact) in variants.items():
+  for name, (row, backend, patterns, exact, *block) in variants.items():
     grids, seq_len = rows[row]
     seg, coords = make_row(grids, seq_len)
-    be = make_backend(backend, patterns)
+    be = make_backend(backend, patterns, block=block[0] if block else 0)
     layouts = pipeline_layouts(be, seg, coords, grids, exact=exact)
     computed[name] = len(patterns)  # dense: every pair, per pattern
     if layouts is not None:
