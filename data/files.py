@@ -175,7 +175,7 @@ def _resample_taps(n_in: int, n_out: int, scale: float,
   i_OK = first_O[:, None] + np.arange(int(math.ceil(2 * radius)) + 1)
   w_OK = np.maximum(0.0, 1.0 - np.abs(u_O[:, None] - i_OK) / radius)
   w_OK[(i_OK < 0) | (i_OK >= n_in)] = 0.0
-  keep = w_OK.any(0)  # taps that are zero for every output pixel
+  keep = w_OK.any(0)  # drops the taps that are zero for every output pixel
   i_OK, w_OK = np.clip(i_OK[:, keep], 0, n_in - 1), w_OK[:, keep]
   return i_OK, (w_OK / w_OK.sum(1, keepdims=True)).astype(np.float32)
 

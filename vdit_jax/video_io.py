@@ -15,7 +15,8 @@ from fractions import Fraction
 
 import numpy as np
 
-# x264's constant rate factor for written samples: visually lossless at these small sizes.
+# x264's constant rate factor for written samples: high quality (0 is lossless, 23 x264's
+# default).
 _X264_CRF = "10"
 
 
@@ -120,6 +121,8 @@ def read_frames(path: str, start: int = 0, count: int | None = None,
   last = None if count is None else start + (count - 1) * stride
   out = []
   with av.open(path) as container:
+    if not container.streams.video:
+      raise ValueError(f"{path} has no video stream")
     stream = container.streams.video[0]
     stream.codec_context.thread_count = 1  # one core per reader (callers run in parallel)
     for i, frame in enumerate(container.decode(stream)):
