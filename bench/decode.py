@@ -39,7 +39,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from configs import folder  # noqa: E402
-from data import files, pipeline  # noqa: E402
+from data import files  # noqa: E402
+import common  # noqa: E402  (bench/common.py)
 
 FORMATS = ("mp4", "webm", "gif", "npy")
 CLIPS_PER_FORMAT = 8
@@ -146,20 +147,6 @@ class JaxBeside:
     self._thread.join()
 
 
-def loader_batches_per_s(config, workers: int, batches: int) -> float:
-  c = config.copy_and_resolve_references()
-  c.data.worker_count = workers
-  it = pipeline.make_train_iterator(c)
-  try:
-    next(it)  # workers start and fill their buffers
-    t0 = time.perf_counter()
-    for _ in range(batches):
-      next(it)
-    return batches / (time.perf_counter() - t0)
-  finally:
-    it.close()
-
-
 def row(label: str, rates: dict, jobs: int, extra: str = "") -> str:
   """A table row: jobs/s from each thread count, their ratio, ``extra``, and how many jobs were
   done where not all."""
@@ -229,7 +216,7 @@ def main():
       print(f"{stuck} reader(s) still busy {budget:.0f} s after the budget: the measurements "
             "after them are skipped")
     else:
-      loader = {w: loader_batches_per_s(config, w, 4 if args.quick else 30) for w in (2, 0)}
+      loader = {w: common.loader_rate(config, w, 4 if args.quick else 30) for w in (2, 0)}
       print(f"\nTraining iterator, configs/folder.py: {loader[2]:.1f} batches/s with 2 worker "
             f"processes, {loader[0]:.1f} with one prefetch thread")
   print()

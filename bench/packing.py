@@ -42,6 +42,7 @@ import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402
 from data import packing, pipeline  # noqa: E402
+import common  # noqa: E402  (bench/common.py)
 from vdit_jax import config as config_lib  # noqa: E402
 from vdit_jax import backends, trainer  # noqa: E402
 from vdit_jax import tokens as tok  # noqa: E402
@@ -142,21 +143,6 @@ def step_time(config, batch: dict, backend: str, repeats: int) -> float:
   return _time(run, repeats)
 
 
-def loader_rate(config, workers: int, batches: int) -> float:
-  """Batches per second from a grain iterator with ``workers`` processes, after the first."""
-  c = config.copy_and_resolve_references()
-  c.data.worker_count = workers
-  it = pipeline.make_train_iterator(c)
-  try:
-    next(it)  # workers start and fill their buffers
-    t0 = time.perf_counter()
-    for _ in range(batches):
-      next(it)
-    return batches / (time.perf_counter() - t0)
-  finally:
-    it.close()
-
-
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--quick", action="store_true", help="small sizes, for smoke tests")
@@ -183,7 +169,7 @@ def main():
                    "rows": {v: (b["tokens"].shape[:2], backend,
                                 step_time(c, b, backend, repeats))
                             for v, (b, backend) in variants.items()}}
-  loader = loader_rate(mixes["default"], 2, 10 if args.quick else 60)
+  loader = common.loader_rate(mixes["default"], 2, 10 if args.quick else 60)
 
   size = "quick sizes (1-block model)" if args.quick else "default model"
   print(f"\nPacking, {batches} batches per mix ({size}); host ms per batch")

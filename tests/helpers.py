@@ -84,7 +84,7 @@ def run_config(steps: int, **fields):
 
 @contextlib.contextmanager
 def _session_dir(tmp_path_factory, name: str):
-  """A directory shared by all xdist workers of this session, held under an exclusive lock."""
+  """A directory shared by all xdist workers of this pytest run, held under an exclusive lock."""
   base = tmp_path_factory.getbasetemp()
   if os.environ.get("PYTEST_XDIST_WORKER"):
     base = base.parent  # the session's root, shared by the workers (fresh per session)
