@@ -11,7 +11,7 @@ One row, 2 heads x 64, f32 (``--dtype bfloat16`` for accelerators); each time is
 ``--repeats`` rounds of forward + backward (gradients of q, k, v), the variants taking turns
 within a round; TFLOP/s counts the allowed pairs only. Blocksparse uses the
 layouts the training pipeline makes for data of exactly the row's video sizes, packed back to
-back (``layout.batch_layouts`` with ``max_segments``: static block size and ``max_kv_blocks``);
+back (``Backend.prepare`` with ``max_segments``: static block size, ``max_kv_blocks`` and pairs);
 rows marked "exact" use layouts sized for this very row.
 ``dense`` on these rows goes through ``flash.attend_chunked`` (64-query chunks), since the whole
 ``[L, L]`` f32 logits would be 2 GiB per head.

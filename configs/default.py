@@ -34,7 +34,7 @@ def get_config(arg: str | None = None):
   c.model.num_heads = 4
   c.model.head_dim = 64
   # Blocksparse on every platform: these rows of two 252- or 256-token videos attend in aligned
-  # blocks of 256 (layout.aligned_block), half the pairs of dense's whole 512-token rows.
+  # blocks of 256 (bounds.aligned_block), half the pairs of dense's whole 512-token rows.
   c.model.attention_backend = "blocksparse"
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 100
