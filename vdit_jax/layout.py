@@ -77,10 +77,6 @@ class Layout:
   pair_valid: np.ndarray | None = None
   max_pairs: int = 0
 
-  def num_blocks(self, seq_len: int) -> tuple[int, int]:
-    """``(query blocks, key blocks)`` of rows of ``seq_len`` tokens."""
-    return seq_len // self.block_q, seq_len // self.block_k
-
   @property
   def block_diagonal(self) -> bool:
     """One key block per list, equal blocks: each block attends only to itself."""
