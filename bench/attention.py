@@ -44,6 +44,7 @@ import numpy as np  # noqa: E402
 
 from vdit_jax import attention, backends, bounds, layout, schedule, tokens  # noqa: E402
 from vdit_jax import patterns as pat  # noqa: E402
+import common  # noqa: E402  (bench/common.py)
 from vdit_jax import config as config_lib  # noqa: E402
 from vdit_jax import model as model_lib  # noqa: E402
 
@@ -188,11 +189,6 @@ def largest_len(backend: str, patterns, lo: int, hi: int, kv_chunk: int | None =
   return best, best_bytes
 
 
-def target(name: str, value: float, op: str, goal: float) -> None:
-  ok = value <= goal if op == "<=" else value >= goal
-  print(f"target {name}: {value:.4g} (goal {op} {goal:.4g}) {'PASS' if ok else 'FAIL'}")
-
-
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--quick", action="store_true", help="small sizes, for smoke tests")
@@ -313,27 +309,27 @@ def main():
 
   dense_video = sec["video: dense full"]
   ratio = sec["video: blocksparse factorized"] / dense_video
-  target("video_factorized_blocksparse_over_full_dense", ratio, "<=",
+  common.target("video_factorized_blocksparse_over_full_dense", ratio, "<=",
          1.5 * pair_ratio["video: blocksparse factorized"])
   ratio = sec["packed: blocksparse full"] / sec["packed: dense full"]
-  target("packed4_full_blocksparse_over_dense", ratio, "<=",
+  common.target("packed4_full_blocksparse_over_dense", ratio, "<=",
          1.3 * pair_ratio["packed: blocksparse full"])
   for w in size["windows"]:
     name = f"video: blocksparse {w}"
     args = "_".join(map(str, dataclasses.astuple(pat.parse(w))))
-    target(f"video_window_{args}_blocksparse_over_full_dense",
+    common.target(f"video_window_{args}_blocksparse_over_full_dense",
            sec[name] / dense_video, "<=", 1.25 * pair_ratio[name] + 0.05)
   name = f"video: blocksparse {causal}"
-  target("video_frame_causal_blocksparse_over_full_dense", sec[name] / dense_video, "<=",
+  common.target("video_frame_causal_blocksparse_over_full_dense", sec[name] / dense_video, "<=",
          1.25 * pair_ratio[name] + 0.05)
-  target("alone_full_blocksparse_over_sdpa_xla",
+  common.target("alone_full_blocksparse_over_sdpa_xla",
          sec["alone: blocksparse full"] / sec["alone: sdpa (xla) full"], "<=", 1.2)
   dense_len = memory["dense full"][0] or 0
-  target("max_len_16gib_blocksparse_full_over_dense",
+  common.target("max_len_16gib_blocksparse_full_over_dense",
          (memory["blocksparse full"][0] or 0) / max(dense_len, 1), ">=", 1.0)
-  target("max_len_16gib_blocksparse_factorized_over_dense_full",
+  common.target("max_len_16gib_blocksparse_factorized_over_dense_full",
          (memory["blocksparse factorized"][0] or 0) / max(dense_len, 1), ">=", 1.0)
-  target("model_flops_attention_rel_diff", model_diff, "<=", 0.0)
+  common.target("model_flops_attention_rel_diff", model_diff, "<=", 0.0)
 
 
 if __name__ == "__main__":

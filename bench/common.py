@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import time
 
-from data import pipeline
+
+def target(name: str, value: float, op: str, goal: float) -> None:
+  """Prints a target line: ``target <name>: <value> (goal <op> <goal>) PASS|FAIL``."""
+  ok = value <= goal if op == "<=" else value >= goal
+  print(f"target {name}: {value:.4g} (goal {op} {goal:.4g}) {'PASS' if ok else 'FAIL'}")
 
 
 def loader_rate(config, workers: int, batches: int) -> float:
   """Batches per second from the training iterator with ``workers`` processes (0: one prefetch
   thread), after the first batch."""
+  from data import pipeline  # here: the other scripts need no data pipeline
+
   c = config.copy_and_resolve_references()
   c.data.worker_count = workers
   with pipeline.make_train_iterator(c) as it:

@@ -221,20 +221,16 @@ def main():
             f"processes, {loader[0]:.1f} with one prefetch thread")
   print()
 
-  def target(name, value, op, goal):
-    ok = value <= goal if op == "<=" else value >= goal
-    print(f"target {name}: {value:.3f} (goal {op} {goal}) {'PASS' if ok else 'FAIL'}")
-
   def ratio(beside):
     r = items_rates.get(beside, {})
     return r[4][0] / r[1][0] if len(r) == 2 else 0.0
 
   # Small clips' items are mostly GIL-bound work (PyAV's per-frame calls, small numpy ops), so 4
   # readers are about as fast as one; the goal catches readers that slow each other down.
-  target("items_per_s_4_threads_vs_1_thread", ratio(False), ">=", 0.8)
-  target("items_per_s_4_threads_vs_1_thread_jax_beside", ratio(True), ">=", 0.8)
+  common.target("items_per_s_4_threads_vs_1_thread", ratio(False), ">=", 0.8)
+  common.target("items_per_s_4_threads_vs_1_thread_jax_beside", ratio(True), ">=", 0.8)
   one = items_rates.get(False, {}).get(1, (0.0,))[0]
-  target("ms_per_item_1_thread", 1e3 / max(one, 1e-9), "<=", 20.0)
+  common.target("ms_per_item_1_thread", 1e3 / max(one, 1e-9), "<=", 20.0)
   if stuck:
     sys.stdout.flush()
     os._exit(0)  # the stuck readers would hold the interpreter's exit

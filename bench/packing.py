@@ -199,16 +199,12 @@ def main():
         f"consumes {1 / default_step:.2f} batches/s")
   print()
 
-  def target(name, value, op, goal):
-    ok = value <= goal if op == "<=" else value >= goal
-    print(f"target {name}: {value:.3f} (goal {op} {goal}) {'PASS' if ok else 'FAIL'}")
-
   d = host["default"]
-  target("packing_efficiency_default_mix", d["eff"], ">=", 0.98)
-  target("host_packing_time_per_step_default_mix", (d["plan"] + d["pack"]) / default_step,
+  common.target("packing_efficiency_default_mix", d["eff"], ">=", 0.98)
+  common.target("host_packing_time_per_step_default_mix", (d["plan"] + d["pack"]) / default_step,
          "<=", 0.05)
-  target("loader_2_workers_vs_step_rate_default_mix", loader * default_step, ">=", 3.0)
-  target("useful_tokens_per_s_packed_vs_padded_mixed_mix", ratios["mixed"], ">=", 1.8)
+  common.target("loader_2_workers_vs_step_rate_default_mix", loader * default_step, ">=", 3.0)
+  common.target("useful_tokens_per_s_packed_vs_padded_mixed_mix", ratios["mixed"], ">=", 1.8)
 
 
 if __name__ == "__main__":

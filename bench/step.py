@@ -43,6 +43,7 @@ from configs import default, p0  # noqa: E402
 from data import pipeline  # noqa: E402
 from vdit_jax import config as config_lib  # noqa: E402
 from vdit_jax import backends, metrics, trainer, tokens  # noqa: E402
+import common  # noqa: E402  (bench/common.py)
 from vdit_jax import model as model_lib  # noqa: E402
 from vdit_jax import sharding as shard_lib  # noqa: E402
 
@@ -252,9 +253,9 @@ def default_step_bench(quick: bool, repeats: int) -> dict[str, float]:
   return out
 
 
-def default_step_targets(results: dict[str, float], target) -> None:
-  target("default_step_mfu_vs_measured_peak", results["mfu"], ">=", 0.35)
-  target("default_step_1dev_mesh_vs_plain_jit", results["mesh_vs_plain"], "<=", 1.05)
+def default_step_targets(results: dict[str, float]) -> None:
+  common.target("default_step_mfu_vs_measured_peak", results["mfu"], ">=", 0.35)
+  common.target("default_step_1dev_mesh_vs_plain_jit", results["mesh_vs_plain"], "<=", 1.05)
 
 
 def main():
@@ -303,18 +304,14 @@ def main():
   alt = results["vdit alternating bsparse"]
   plain = results["plain einsum full"]
 
-  def target(name, value, op, goal):
-    ok = value <= goal if op == "<=" else value >= goal
-    print(f"target {name}: {value:.3f} (goal {op} {goal}) {'PASS' if ok else 'FAIL'}")
-
-  target("p0_full3d_vs_plain_einsum_same_run", full / plain, "<=", 1.0)
-  target("p0_full3d_seconds_vs_maxdiffusion", full, "<=", PEERS["maxdiffusion_full"])
-  target("p0_full3d_seconds_vs_pytorch_fused", full, "<=", PEERS["pytorch_fused_full"])
-  target("p0_factorized_seconds_vs_latte", fact, "<=", PEERS["latte_factorized"])
-  target("p0_factorized_seconds_vs_stdit3", fact, "<=", PEERS["stdit3_factorized"])
-  target("p0_alternating_seconds_vs_latte", alt, "<=", PEERS["latte_factorized"])
-  target("p0_alternating_seconds_vs_stdit3", alt, "<=", PEERS["stdit3_factorized"])
-  default_step_targets(scale, target)
+  common.target("p0_full3d_vs_plain_einsum_same_run", full / plain, "<=", 1.0)
+  common.target("p0_full3d_seconds_vs_maxdiffusion", full, "<=", PEERS["maxdiffusion_full"])
+  common.target("p0_full3d_seconds_vs_pytorch_fused", full, "<=", PEERS["pytorch_fused_full"])
+  common.target("p0_factorized_seconds_vs_latte", fact, "<=", PEERS["latte_factorized"])
+  common.target("p0_factorized_seconds_vs_stdit3", fact, "<=", PEERS["stdit3_factorized"])
+  common.target("p0_alternating_seconds_vs_latte", alt, "<=", PEERS["latte_factorized"])
+  common.target("p0_alternating_seconds_vs_stdit3", alt, "<=", PEERS["stdit3_factorized"])
+  default_step_targets(scale)
 
 
 if __name__ == "__main__":
