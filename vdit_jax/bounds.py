@@ -133,9 +133,8 @@ def packed_kv_blocks_bound(pattern, seq_len: int, block: int, grids,
   bounds when sizes are few (one 8x16x16 video per row needs 1 block of 256 for ``spatial``,
   not 3). ``None`` when the enumeration would be too large to be worth it.
   """
-  spans = _packed_spans(pat.parse(pattern), int(seq_len), int(block), grids_key(grids),
-                        int(max_segments))
-  return None if spans is None else int(spans.max())
+  return _packed_bound(pat.parse(pattern), int(seq_len), int(block), grids_key(grids),
+                       int(max_segments))
 
 
 @functools.lru_cache(maxsize=256)
