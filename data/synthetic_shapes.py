@@ -66,12 +66,63 @@ def _signed_distance(shape: int, dy_THW: np.ndarray, dx_THW: np.ndarray, r: floa
   return d_THW - 0.5 * big_r
 
 
+def render(shapes_K: np.ndarray, rgb_K3: np.ndarray, cy_KT: np.ndarray, cx_KT: np.ndarray,
+           r_K: np.ndarray, H: int, W: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Draws ``K`` objects on black: ``(video_THWC, masks_KTHW, boxes_KT4)`` as in the items.
+
+  ``shapes_K`` int ``[K]`` (indices into ``SHAPES``), or ``[K, T]`` for a shape per frame;
+  ``rgb_K3`` colours in ``[-1, 1]``; ``cy_KT, cx_KT`` f32 centres in pixels (``T`` frames);
+  ``r_K`` object radii in pixels. Object 0 is drawn last, so it is on top. Rendering an item's
+  ``gt_shapes, gt_colors, gt_centers[..., 0], gt_centers[..., 1], gt_radius`` gives back its
+  video bit for bit, which is what lets evaluations re-render an item with one thing changed.
+  """
+  cy_KT = np.asarray(cy_KT, np.float32)
+  cx_KT = np.asarray(cx_KT, np.float32)
+  k, T = cy_KT.shape
+  shapes_KT = np.asarray(shapes_K)
+  if shapes_KT.ndim == 1:
+    shapes_KT = np.repeat(shapes_KT[:, None], T, axis=1)
+  if shapes_KT.shape != (k, T) or cx_KT.shape != (k, T) or len(r_K) != k or len(rgb_K3) != k:
+    raise ValueError(f"render got shapes {np.shape(shapes_K)}, colours {np.shape(rgb_K3)}, centres "
+                     f"{cy_KT.shape} and {cx_KT.shape}, radii {np.shape(r_K)}: pass [K] or [K, T] "
+                     f"shapes, [K, 3] colours, [K, T] centres and [K] radii for the same K and T")
+  rgb_K3 = np.asarray(rgb_K3, np.float32)
+  y_H = np.arange(H, dtype=np.float32) + 0.5  # pixel centres
+  x_W = np.arange(W, dtype=np.float32) + 0.5
+  video_THWC = np.full((T, H, W, 3), -1.0, np.float32)
+  masks_KTHW = np.zeros((k, T, H, W), bool)
+  boxes_KT4 = np.zeros((k, T, 4), np.float32)
+  alphas = []
+  for j in range(k):
+    # A Python float radius, as the items were first drawn with: it keeps the float32 arithmetic
+    # below identical to theirs.
+    r = float(r_K[j])
+    cy_T, cx_T = cy_KT[j], cx_KT[j]
+    dist_THW = np.empty((T, H, W), np.float32)
+    for shape in np.unique(shapes_KT[j]):
+      frames = shapes_KT[j] == shape
+      dist_THW[frames] = _signed_distance(int(shape), y_H[None, :, None] - cy_T[frames, None, None],
+                                          x_W[None, None, :] - cx_T[frames, None, None], r)
+      half_y, half_x = (f * r for f in _HALF_EXTENT[int(shape)])
+      boxes_KT4[j, frames] = np.stack([cy_T[frames] - half_y, cx_T[frames] - half_x,
+                                       cy_T[frames] + half_y, cx_T[frames] + half_x], -1)
+    masks_KTHW[j] = dist_THW <= 0
+    # Coverage ramps linearly over one pixel across the edge: cheap anti-aliasing, and
+    # coverage >= 0.5 exactly where the mask is set.
+    alphas.append(np.clip(0.5 - dist_THW, 0.0, 1.0))
+  for j in reversed(range(k)):  # back to front, so object 0 ends on top
+    video_THWC += alphas[j][..., None] * (rgb_K3[j] - video_THWC)
+  return video_THWC, masks_KTHW, boxes_KT4
+
+
 class SyntheticShapes(motion.MovingSource):
   """Random-access source of moving-shape videos; see the module docstring.
 
   Each item is a dict: ``video`` f32 ``[T, H, W, 3]`` in ``[-1, 1]``, ``label`` int, ``caption``
   str, and ground truth ``gt_masks`` bool ``[K, T, H, W]``, ``gt_boxes`` f32 ``[K, T, 4]``,
-  ``gt_colors`` f32 ``[K, 3]``, ``gt_shapes`` int ``[K]`` for its ``K`` objects.
+  ``gt_colors`` f32 ``[K, 3]``, ``gt_shapes`` int ``[K]``, ``gt_centers`` f32 ``[K, T, 2]``
+  (y, x) and ``gt_radius`` f64 ``[K]`` for its ``K`` objects (``render`` redraws the video from
+  them).
   """
 
   def __init__(self, *, num_classes: int = NUM_CLASSES, **ranges):
@@ -93,26 +144,19 @@ class SyntheticShapes(motion.MovingSource):
     shapes_K = rng.integers(len(SHAPES), size=k)
     colors_K = rng.integers(len(COLORS), size=k)
     t_T = np.arange(T, dtype=np.float32)
-    y_H = np.arange(H, dtype=np.float32) + 0.5  # pixel centres
-    x_W = np.arange(W, dtype=np.float32) + 0.5
-    video_THWC = np.full((T, H, W, 3), -1.0, np.float32)
-    masks_KTHW = np.zeros((k, T, H, W), bool)
-    boxes_KT4 = np.zeros((k, T, 4), np.float32)
-    directions, alphas = [], []
-    for j in range(k):
-      r = 0.5 * rng.uniform(*self.object_size) * min(H, W)
-      half_y, half_x = (f * r for f in _HALF_EXTENT[int(shapes_K[j])])
-      cy_T, cx_T, direction = motion.draw_track(rng, H, W, half_y, half_x, self.speed, t_T)
+    # float64: the radius is drawn and used in double precision, and keeping it so lets
+    # ``render`` reproduce the video exactly.
+    r_K = np.zeros(k, np.float64)
+    cy_KT = np.zeros((k, T), np.float32)
+    cx_KT = np.zeros((k, T), np.float32)
+    directions = []
+    for j in range(k):  # radius then track per object: the order the stream is drawn in
+      r_K[j] = 0.5 * rng.uniform(*self.object_size) * min(H, W)
+      half_y, half_x = (f * r_K[j] for f in _HALF_EXTENT[int(shapes_K[j])])
+      cy_KT[j], cx_KT[j], direction = motion.draw_track(rng, H, W, float(half_y), float(half_x),
+                                                        self.speed, t_T)
       directions.append(direction)
-      dist_THW = _signed_distance(int(shapes_K[j]), y_H[None, :, None] - cy_T[:, None, None],
-                                  x_W[None, None, :] - cx_T[:, None, None], r)
-      masks_KTHW[j] = dist_THW <= 0
-      boxes_KT4[j] = np.stack([cy_T - half_y, cx_T - half_x, cy_T + half_y, cx_T + half_x], -1)
-      # Coverage ramps linearly over one pixel across the edge: cheap anti-aliasing, and
-      # coverage >= 0.5 exactly where the mask is set.
-      alphas.append(np.clip(0.5 - dist_THW, 0.0, 1.0))
-    for j in reversed(range(k)):  # back to front, so object 0 ends on top
-      video_THWC += alphas[j][..., None] * (_RGB[colors_K[j]] - video_THWC)
+    video_THWC, masks_KTHW, boxes_KT4 = render(shapes_K, _RGB[colors_K], cy_KT, cx_KT, r_K, H, W)
     names = [f"{COLOR_NAMES[c]} {SHAPES[s]} moving {d}"
              for s, c, d in zip(shapes_K, colors_K, directions)]
     return {
@@ -123,4 +167,6 @@ class SyntheticShapes(motion.MovingSource):
         "gt_boxes": boxes_KT4,
         "gt_colors": _RGB[colors_K].copy(),
         "gt_shapes": shapes_K.astype(np.int32),
+        "gt_centers": np.stack([cy_KT, cx_KT], -1),
+        "gt_radius": r_K,
     }
