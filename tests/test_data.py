@@ -8,7 +8,7 @@ import pytest
 
 from vdit_jax import config as base
 from data import packing, pipeline
-from data.synthetic_shapes import COLORS, NUM_CLASSES, SyntheticShapes, label_name
+from data.synthetic_shapes import COLORS, NUM_CLASSES, SyntheticShapes, label_name, render
 from vdit_jax import tokens as tok
 from vdit_jax import schedule
 
@@ -130,6 +130,26 @@ def test_masks_match_rendered_colours():
     # ...and with a single object, every pixel outside its mask leans towards the background.
     if len(item["gt_shapes"]) == 1:
       assert np.all(v[~mask_THW] < 0)
+
+
+def test_render_redraws_items_exactly():
+  # Evaluations re-render items with one thing changed; unchanged, they must get the item back.
+  src = SyntheticShapes.from_config(motion_config(num_objects=(1, 3)))
+  for i in range(10):
+    item = src[i]
+    T, H, W, _ = item["video"].shape
+    cy_KT, cx_KT = item["gt_centers"][..., 0], item["gt_centers"][..., 1]
+    for shapes in (item["gt_shapes"], np.repeat(item["gt_shapes"][:, None], T, axis=1)):
+      video, masks, boxes = render(shapes, item["gt_colors"], cy_KT, cx_KT, item["gt_radius"], H, W)
+      assert np.array_equal(video, item["video"]) and np.array_equal(masks, item["gt_masks"])
+      assert np.array_equal(boxes, item["gt_boxes"])
+  # A shape per frame: frame 1 alone drawn as a square.
+  shapes_KT = np.repeat(item["gt_shapes"][:, None], T, axis=1)
+  shapes_KT[0, 1] = 1
+  _, masks, _ = render(shapes_KT, item["gt_colors"], cy_KT, cx_KT, item["gt_radius"], H, W)
+  assert np.array_equal(masks[0, 2:], item["gt_masks"][0, 2:])
+  assert np.array_equal(masks[0, 1], render([1], item["gt_colors"][:1], cy_KT[:1, 1:2],
+                                            cx_KT[:1, 1:2], item["gt_radius"][:1], H, W)[1][0, 0])
 
 
 def test_render_is_fast():
