@@ -1,0 +1,1 @@
+"""Evaluations of generated videos: pixel metrics and the corruptions that validate them."""
