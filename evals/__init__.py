@@ -1,0 +1,1 @@
+"""Evaluations of generated videos that need no download."""
