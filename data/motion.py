@@ -15,7 +15,7 @@ import numpy as np
 
 from vdit_jax import tokens as tok
 
-_DIRECTIONS = ("right", "up-right", "up", "up-left", "left", "down-left", "down", "down-right")
+DIRECTIONS = ("right", "up-right", "up", "up-left", "left", "down-left", "down", "down-right")
 
 
 def check_range(name: str, value: Sequence[float]) -> None:
@@ -120,7 +120,7 @@ def bounce(p0: float, v: float, lo: float, hi: float, t_T: np.ndarray) -> np.nda
 def direction_name(vy: float, vx: float) -> str:
   """``"up-left"`` etc. for a velocity; y grows downwards, so "up" is negative vy."""
   angle = math.atan2(-vy, vx)
-  return _DIRECTIONS[int(round(angle / (math.pi / 4))) % 8]
+  return DIRECTIONS[int(round(angle / (math.pi / 4))) % 8]
 
 
 def draw_track(rng: np.random.Generator, H: int, W: int, half_y: float, half_x: float,

@@ -1,1 +1,1 @@
-"""Evaluations of generated videos: pixel metrics and the corruptions that validate them."""
+"""Evaluation of trained models: evaluators the trainer runs, the metrics they report, and attention ablations."""
