@@ -10,7 +10,8 @@ the same on any number of processes that divides it. Resuming at step k therefor
 but k, and grain's iterator state (which records it) round-trips exactly, in process or with
 worker processes.
 
-Per step and stream: draw video indices, ask the source for their sizes only, best-fit them into
+Per step and stream: draw video indices (below the ``data.heldout`` indices the evaluators
+keep), ask the source for their sizes only, best-fit them into
 the stream's rows of ``data.seq_len`` tokens with at most ``data.max_segments`` videos each
 (stopping after ``_MAX_MISSES`` consecutive videos that fit nowhere), render and patchify only
 the placed videos, and drop labels to the null id (``model.num_classes``) with probability
@@ -85,6 +86,12 @@ class BatchMaker:
     if not 0.0 <= d.label_dropout <= 1.0:
       raise ValueError(f"data.label_dropout={d.label_dropout} must be a probability in [0, 1]")
     self.source = make_source(config)
+    # The source's last data.heldout indices belong to the evaluators (BatchMaker.heldout_batches).
+    self.train_videos = len(self.source) - int(d.heldout)
+    if int(d.heldout) < 0 or self.train_videos < 1:
+      raise ValueError(f"data.heldout={d.heldout} leaves no videos to train on: the source has "
+                       f"{len(self.source)}; hold out fewer (0 <= data.heldout < "
+                       f"{len(self.source)})")
     self.skip_reasons = tuple(getattr(self.source, "skip_reasons", ()))
     self.seed = int(config.seed)
     mine = shards // process_count
@@ -136,7 +143,7 @@ class BatchMaker:
 
     def token_counts():
       while True:
-        index = int(rng.integers(len(self.source)))
+        index = int(rng.integers(self.train_videos))
         try:
           size = self.source.video_size(index)
         except files.Skip as e:
@@ -167,16 +174,53 @@ class BatchMaker:
         if drop:
           item["label"] = self.null_label
         items[-1].append(item)
-    batch = packing.pack_videos(items, self.patch, self.seq_len, self.max_segments,
-                                self.channels, self.null_label)
+    batch = self.pack(items)
     if self.skip_reasons:  # host-side: the trainer reports them as skipped_<reason> metrics
       batch["skipped"] = {r: np.int64(n) for r, n in skipped.items()}
+    return batch
+
+  def pack(self, rows: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """The packed batch of items already placed in rows, with the layouts its backend needs."""
+    batch = packing.pack_videos(rows, self.patch, self.seq_len, self.max_segments,
+                                self.channels, self.null_label)
     # Made here, on the host (in grain's workers when there are any), with static shapes.
     layouts = self.backend.prepare(batch["segment_ids"], batch["coords"], self.layout_grids,
                                    max_segments=self.layout_segments)
     if layouts is not None:
       batch["layouts"] = layouts
     return batch
+
+  def heldout_indices(self, count: int) -> list[int]:
+    """The first ``count`` of the source's held-out indices (the last ``data.heldout``)."""
+    held = len(self.source) - self.train_videos
+    if not 0 < count <= held:
+      raise ValueError(f"{count} held-out videos asked for, but data.heldout={held}: set "
+                       f"data.heldout >= {max(count, 1)} (indices never trained on)")
+    return list(range(self.train_videos, self.train_videos + count))
+
+  def heldout_batches(self, count: int) -> tuple[list[dict[str, Any]], list[list[int]]]:
+    """The first ``count`` held-out videos packed into whole batches of ``data.batch_rows``
+    rows (the last padded with empty rows), and the source index of each row's videos, in
+    order. The same for every run of the same data config: evaluations compare across runs.
+    Skipped files leave their slot empty."""
+    indices = self.heldout_indices(count)
+    counts = [tok.num_tokens(tok.grid_shape(self.source.video_size(i), self.patch))
+              for i in indices]
+    rows, _ = packing.pack_greedy(counts, len(indices), self.seq_len, self.max_segments)
+    rows = [[indices[j] for j in row] for row in rows if row]
+    rows_per_batch = self.rows_per_shard * len(self.shards)
+    rows += [[] for _ in range(-len(rows) % rows_per_batch)]
+    loaded = [[(i, self._load(i)) for i in row] for row in rows]
+    loaded = [[(i, item) for i, item in row if item is not None] for row in loaded]
+    batches = [self.pack([[item for _, item in row] for row in loaded[b:b + rows_per_batch]])
+               for b in range(0, len(loaded), rows_per_batch)]
+    return batches, [[i for i, _ in row] for row in loaded]
+
+  def _load(self, index: int) -> dict[str, Any] | None:
+    try:
+      return self.source[index]
+    except files.Skip:
+      return None
 
 
 def make_batch(config, step: int, process_index: int = 0, process_count: int = 1,

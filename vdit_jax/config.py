@@ -30,6 +30,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   d.object_size = (0.25, 0.45)  # (min, max) shape or digit size as a fraction of the shorter side
   d.speed = (0.03, 0.08)  # (min, max) pixels per frame as a fraction of the side it moves along
   d.num_videos = 1_000_000  # size of the (procedural) source; indices are drawn from it
+  # the source's last `heldout` indices are never trained on: the evaluators draw from them
+  d.heldout = 0
   d.batch_rows = 4  # B: packed rows per global batch
   d.seq_len = 512  # L: tokens per row
   d.max_segments = 4  # S: videos per row at most
@@ -130,6 +132,20 @@ def get_base_config() -> ml_collections.ConfigDict:
   s.cfg = 3.0  # classifier-free guidance scale (1 = no guidance)
   s.fps = 8  # frames per second of written videos
 
+  # ---- evaluation (evals/): evaluators run during and after training, process 0 writes ----
+  e = c.evals = ml_collections.ConfigDict()
+  e.names = ""  # comma list of evaluators to run (evals.registry.EVALUATORS), "" = none
+  e.heldout = ml_collections.ConfigDict()  # rectified-flow loss on held-out videos
+  e.heldout.every = 0  # steps between runs (0 = only after the last step)
+  e.heldout.videos = 64  # held-out videos scored (the first of the data.heldout indices)
+  e.heldout.t_values = (0.1, 0.3, 0.5, 0.7, 0.9)  # the fixed grid of t (each a t-bin)
+  e.temporal = ml_collections.ConfigDict()  # temporal consistency of sampled videos
+  e.temporal.every = 0  # steps between runs (0 = only after the last step)
+  e.temporal.videos = 36  # videos sampled, with the sizes and labels of as many held-out ones
+  e.temporal.steps = 30  # sampling steps
+  e.temporal.cfg = 3.0  # guidance scale
+  e.temporal.fd = True  # also the Frechet distance to real videos (evals.features' network)
+
   return c
 
 
@@ -186,6 +202,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
                        "it empty to use every file in data.path")
   if d.frame_stride < 1:
     raise ValueError(f"data.frame_stride={d.frame_stride} must be >= 1 (1 = every frame)")
+  if d.heldout < 0 or d.heldout >= d.num_videos and d.source in ("synthetic_shapes",
+                                                                "moving_digits"):
+    raise ValueError(f"data.heldout={d.heldout} must be >= 0 and leave videos to train on "
+                     f"(data.num_videos={d.num_videos})")
   if config.optim.lr <= 0 or config.train.steps < 1:
     raise ValueError(f"optim.lr={config.optim.lr} and train.steps={config.train.steps} must be "
                      "positive")
