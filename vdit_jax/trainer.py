@@ -340,10 +340,13 @@ def _init_or_restore(config, mesh, mngr, backend):
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> State:
   """Trains ``config`` in ``workdir``, resuming from its newest checkpoint if there is one."""
-  from data import pipeline  # scripts' side of the arrow: only train() needs the data package
+  # Scripts' side of the arrow: only train() needs the data package and the evaluators.
+  from data import pipeline
+  from evals import registry as evals_lib
 
   metrics_lib.git_revision()
   validate(config)
+  evals_lib.validate(config)
   _sample_labels(config)  # a bad sample.labels fails now, not at the first samples
   is_main = jax.process_index() == 0
   if is_main:
@@ -363,6 +366,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> State:
     graphdef, state, shardings, data_state = _init_or_restore(config, mesh, mngr, backend)
     start = int(jax.device_get(state["step"]))
     step_fn = jit_train_step(config, graphdef, shardings, mesh, backend)
+    evaluators = evals_lib.Evaluators(evals_lib.EvalContext(config, graphdef, backend, mesh),
+                                      workdir, is_main)
 
     # The iterator always counts from step 0; a restored state moves it to where the run was.
     it = cleanup.enter_context(pipeline.make_train_iterator(
@@ -399,6 +404,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> State:
         ckpt_lib.save(mngr, done, state, it.get_state(), config)
       if config.train.sample_every and done % config.train.sample_every == 0 and done < total:
         _write_samples(config, workdir, graphdef, state, done, is_main)
+      if done < total and evaluators.due(done, total):
+        evaluators.run(done, total, state, writer)
       if stop.stop:
         print(f"SIGTERM: saved step {done} in {workdir}; rerun the same command to resume",
               file=sys.stderr)
@@ -406,10 +413,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> State:
     it.close()  # no more batches: the workers' memory is free before sampling
     bar.close()
     mngr.wait_until_finished()
+    final = int(jax.device_get(state["step"]))
+    # After the last step, also when a run that ended before its evaluation is resumed.
+    if final == total and evaluators.names and not evaluators.written(total):
+      evaluators.run(total, total, state, writer)
     writer.close()
     if not stop.stop and (start < total or not os.path.isdir(_samples_dir(workdir, total))):
-      _write_samples(config, workdir, graphdef, state, int(jax.device_get(state["step"])),
-                     is_main)
+      _write_samples(config, workdir, graphdef, state, final, is_main)
   return state
 
 

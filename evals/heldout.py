@@ -1,0 +1,103 @@
+"""Held-out loss: the rectified-flow loss of the EMA model on videos never trained on, at a
+fixed grid of t with fixed noise.
+
+Training loss is a noisy estimate (random t, random noise, random videos); two runs compared
+on it differ mostly by that noise. Here every call sees the same videos (the source's first
+``evals.heldout.videos`` held-out indices, packed the same way), the same t values and the same
+noise, so the only thing that changes between calls and between runs of the same data config
+is the model. Reported per t (``loss_t0.3``: the t-bin), per video size (``loss_8x32x32``) and
+overall (``loss``: the mean over videos and t values).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import defaultdict
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from evals.registry import EvalContext, EvalResult
+from vdit_jax import diffusion
+from vdit_jax import tokens as tokens_lib
+from vdit_jax import trainer
+
+
+def per_video_losses(params, graphdef, batch, t, eps_BLP) -> jax.Array:
+  """Mean squared velocity error of each video ``[B, S]`` at the same ``t`` for every video
+  (0 for empty slots)."""
+  seg_BL = batch["segment_ids"]
+  x0 = batch["tokens"]
+  t_BS = jnp.full(batch["seg_grid"].shape[:2], t, jnp.float32)
+  x_t = diffusion.add_noise(x0, eps_BLP, tokens_lib.per_token(t_BS, seg_BL))
+  model = nnx.merge(graphdef, params)
+  v = model(x_t, t_BS, batch["seg_label"], seg_BL, batch["coords"],
+            layouts=batch.get("layouts"))
+  per_tok_BL = jnp.mean(jnp.square(v - diffusion.velocity_target(x0, eps_BLP)), axis=-1)
+  S = batch["seg_grid"].shape[1]
+  onehot_BLS = (seg_BL[:, :, None] == jnp.arange(1, S + 1)).astype(jnp.float32)
+  sums_BS = jnp.einsum("bl,bls->bs", per_tok_BL, onehot_BLS)
+  return sums_BS / jnp.maximum(jnp.sum(onehot_BLS, axis=1), 1.0)
+
+
+class HeldoutLoss:
+  """``evals.heldout``: see the module docstring."""
+
+  def __init__(self, ctx: EvalContext):
+    from data import pipeline  # evaluators sit on the scripts' side of the arrow
+    config = ctx.config
+    cfg = config.evals.heldout
+    self.t_values = tuple(float(t) for t in cfg.t_values)
+    if not self.t_values or not all(0.0 < t < 1.0 for t in self.t_values):
+      raise ValueError(f"evals.heldout.t_values={tuple(cfg.t_values)} must be values in (0, 1)")
+    maker = pipeline.BatchMaker(config, backend=ctx.backend)
+    batches, _ = maker.heldout_batches(int(cfg.videos))
+    patch = tuple(int(p) for p in config.model.patch)
+    n, p = jax.process_count(), jax.process_index()
+    self.shardings = trainer.batch_shardings(config, ctx.mesh, ctx.backend)
+    self.batches, self.noise, self.sizes = [], [], []
+    for b, batch in enumerate(batches):
+      rows = batch["segment_ids"].shape[0] // n
+      mine = jax.tree.map(lambda x: x[p * rows:(p + 1) * rows], batch)
+      self.batches.append(trainer._device_batch(mine, self.shardings))
+      # Fixed noise per (batch, t): the same for every call and every run of this data config.
+      self.noise.append([
+          np.random.default_rng([int(config.seed), b, i]).standard_normal(
+              batch["tokens"].shape, np.float32)[p * rows:(p + 1) * rows]
+          for i in range(len(self.t_values))])
+      self.sizes.append([[None if g.prod() == 0 else
+                          "x".join(str(int(d) * q) for d, q in zip(g, patch)) for g in row]
+                         for row in np.asarray(batch["seg_grid"])])
+    self.noise_sharding = self.shardings["tokens"]
+    self._fn = jax.jit(functools.partial(per_video_losses, graphdef=ctx.graphdef))
+
+  def __call__(self, state: dict[str, Any], step: int) -> EvalResult:
+    del step
+    by_t: dict[float, list[float]] = defaultdict(list)
+    by_size: dict[str, list[float]] = defaultdict(list)
+    per_video: list[float] = []  # each video's mean over the t grid
+    for batch, noises, sizes in zip(self.batches, self.noise, self.sizes):
+      losses = []
+      for t, eps in zip(self.t_values, noises):
+        eps = jax.make_array_from_process_local_data(self.noise_sharding, eps)
+        out = self._fn(state["ema"], batch=batch, t=t, eps_BLP=eps)
+        out = (multihost_utils.process_allgather(out, tiled=True) if jax.process_count() > 1
+               else jax.device_get(out))
+        losses.append(np.asarray(out))
+      for r, row in enumerate(sizes):
+        for s, size in enumerate(row):
+          if size is None:
+            continue
+          values = [float(l[r, s]) for l in losses]
+          for t, v in zip(self.t_values, values):
+            by_t[t].append(v)
+          by_size[size].append(float(np.mean(values)))
+          per_video.append(float(np.mean(values)))
+    scalars = {"loss": float(np.mean(per_video))}
+    scalars.update({f"loss_t{t:g}": float(np.mean(v)) for t, v in by_t.items()})
+    scalars.update({f"loss_{size}": float(np.mean(v)) for size, v in sorted(by_size.items())})
+    return EvalResult(scalars, {"loss": per_video})

@@ -1,0 +1,82 @@
+"""Temporal consistency of sampled videos: the failures attention across frames exists to
+prevent (colour flicker, shapes morphing, objects vanishing, jerky motion), measured from the
+pixels of videos the EMA model samples, next to the same measures on real videos.
+
+The videos sampled have the sizes and labels of the source's first ``evals.temporal.videos``
+held-out videos, with fixed noise, so calls and runs compare like with like; those real videos
+are scored once, as the reference (``real_<metric>``). With ``evals.temporal.fd`` the Frechet
+distance between features of the sampled and the real videos (``evals.features``' network,
+trained on the source's own data) measures the distribution as a whole; ``fd_real`` is the same
+distance between two disjoint real sets of the same size where ``data.heldout`` has room, the
+floor a perfect model would reach.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from evals import video_metrics
+from evals.registry import EvalContext, EvalResult
+
+
+class TemporalConsistency:
+  """``evals.temporal``: see the module docstring."""
+
+  def __init__(self, ctx: EvalContext):
+    from data import pipeline  # evaluators sit on the scripts' side of the arrow
+    self.config = ctx.config
+    self.graphdef = ctx.graphdef
+    cfg = ctx.config.evals.temporal
+    self.count = int(cfg.videos)
+    maker = pipeline.BatchMaker(ctx.config, backend=ctx.backend)
+    held = len(maker.source) - maker.train_videos
+    indices = maker.heldout_indices(self.count)
+    real = [maker.source[i] for i in indices]
+    self.shapes = [tuple(int(d) for d in item["video"].shape[:3]) for item in real]
+    self.labels = [int(item["label"]) for item in real]
+    videos = [item["video"] for item in real]
+    self.real_scores = video_metrics.score_videos(videos, self.labels)
+    self.net = None
+    self.fd_real = float("nan")
+    if cfg.fd:
+      from evals import features
+      self.net = features.load_or_train()
+      self.real_features = features.features(self.net, videos)
+      if held >= 2 * self.count:
+        other = [maker.source[i]["video"]
+                 for i in maker.heldout_indices(2 * self.count)[self.count:]]
+        self.fd_real = features.frechet_distance(self.real_features,
+                                                 features.features(self.net, other))
+
+  def sample(self, state: dict[str, Any]) -> list[np.ndarray]:
+    """Videos ``[T, H, W, C]`` of the EMA model: one per held-out size and label."""
+    from vdit_jax import sampler
+    ema = state["ema"]
+    # Every process samples the same videos from the whole EMA (gathered where it is spread).
+    ema = multihost_utils.process_allgather(ema, tiled=True) if jax.process_count() > 1 else ema
+    model = nnx.merge(self.graphdef, jax.device_get(ema))
+    cfg = self.config.evals.temporal
+    return sampler.sample(model, self.config, self.shapes, self.labels, cfg_scale=float(cfg.cfg),
+                          num_steps=int(cfg.steps), seed=int(self.config.seed))
+
+  def __call__(self, state: dict[str, Any], step: int) -> EvalResult:
+    del step
+    videos = self.sample(state)
+    scores = video_metrics.score_videos(videos, self.labels)
+    scalars: dict[str, float] = {}
+    for name, values in scores.items():
+      mean, half = video_metrics.summarize(values)
+      scalars[name] = mean
+      scalars[f"{name}_ci"] = half
+      scalars[f"real_{name}"] = video_metrics.summarize(self.real_scores[name])[0]
+    if self.net is not None:
+      from evals import features
+      scalars["fd"] = features.frechet_distance(features.features(self.net, videos),
+                                                self.real_features)
+      scalars["fd_real"] = self.fd_real
+    return EvalResult(scalars, {k: list(map(float, v)) for k, v in scores.items()})

@@ -1,0 +1,120 @@
+"""Evaluators: held-out videos stay out of training, the held-out loss is a fixed function of
+the model, the trainer runs evaluators when due and after the last step (also on resume), and
+bad evaluator settings fail before anything compiles."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from data import pipeline
+from evals import heldout, registry
+from tests import helpers
+from vdit_jax import backends, metrics, trainer
+from vdit_jax import sharding as shard_lib
+
+EVAL_FIELDS = {"data.heldout": 12, "evals.names": "heldout", "evals.heldout.videos": 10,
+               "evals.heldout.every": 2, "evals.heldout.t_values": (0.25, 0.75),
+               "train.steps": 4, "train.ckpt_every": 2, "sample.steps": 1}
+
+
+def _config(**fields):
+  return helpers.tiny_config(**{**EVAL_FIELDS, **fields})
+
+
+def test_held_out_indices_are_never_trained_on():
+  config = _config(**{"data.num_videos": 40})
+  maker = pipeline.BatchMaker(config)
+  held = set(maker.heldout_indices(12))
+  assert held == set(range(28, 40))
+  trained = {i for step in range(60) for row in maker.plan(step)[0] for i in row}
+  assert trained and not trained & held and max(trained) < 28
+  with pytest.raises(ValueError, match="data.heldout"):
+    maker.heldout_indices(13)
+
+
+def test_held_out_batches_hold_each_video_once_in_whole_batches():
+  config = _config()
+  maker = pipeline.BatchMaker(config)
+  batches, rows = maker.heldout_batches(10)
+  assert sorted(i for row in rows for i in row) == maker.heldout_indices(10)
+  assert len(rows) == len(batches) * config.data.batch_rows
+  seg = np.concatenate([b["segment_ids"] for b in batches])
+  assert [len(set(r[r > 0].tolist())) for r in seg] == [len(r) for r in rows]
+  again, _ = maker.heldout_batches(10)  # a fixed set: the same packed tokens every time
+  for a, b in zip(batches, again):
+    np.testing.assert_array_equal(a["tokens"], b["tokens"])
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("evals") / "run")
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(metrics, "measured_peak_flops", lambda: 1e12)
+    trainer.train(_config(), workdir)
+  return workdir
+
+
+def _lines(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_the_trainer_runs_evaluators_when_due_and_after_the_last_step(evaluated_run):
+  evals = [m for m in _lines(evaluated_run) if "heldout/loss" in m]
+  assert [m["step"] for m in evals] == [2, 4]
+  for m in evals:
+    assert np.isfinite(m["heldout/loss"]) and m["heldout/seconds"] > 0
+    assert {"heldout/loss_t0.25", "heldout/loss_t0.75"} <= set(m)
+    assert any(k.startswith("heldout/loss_") and "x" in k for k in m)  # per video size
+  with open(registry.result_path(evaluated_run, 4)) as f:
+    saved = json.load(f)
+  assert len(saved["per_video"]["heldout/loss"]) == 10
+  assert saved["scalars"]["heldout/loss"] == pytest.approx(
+      np.mean(saved["per_video"]["heldout/loss"]))
+  # each t-bin is its own measurement
+  assert saved["scalars"]["heldout/loss_t0.25"] != saved["scalars"]["heldout/loss_t0.75"]
+
+
+def test_a_finished_run_is_evaluated_again_only_if_its_result_is_missing(evaluated_run):
+  before = len(_lines(evaluated_run))
+  trainer.train(_config(), evaluated_run)  # finished and evaluated: nothing to do
+  assert len(_lines(evaluated_run)) == before
+  os.remove(registry.result_path(evaluated_run, 4))  # as if it stopped before evaluating
+  trainer.train(_config(), evaluated_run)
+  lines = _lines(evaluated_run)
+  assert len(lines) == before + 1 and lines[-1]["step"] == 4 and "heldout/loss" in lines[-1]
+  assert os.path.exists(registry.result_path(evaluated_run, 4))
+
+
+def test_held_out_loss_is_a_fixed_function_of_the_model(evaluated_run):
+  config = _config()
+  state = helpers.restore_state(evaluated_run, 4)
+  mesh = shard_lib.make_mesh(config.mesh)
+  backend = backends.resolve(config.model, config.data.max_segments)
+  graphdef, _ = trainer.init_state(config, backend)
+  with jax.set_mesh(mesh), shard_lib.axis_rules(config.mesh.rules):
+    ev = heldout.HeldoutLoss(registry.EvalContext(config, graphdef, backend, mesh))
+    first = ev(state, 4).scalars
+    second = ev(state, 4).scalars
+    moved = dict(state, ema=helpers.random_params_like(state["ema"], seed=1))
+    other = ev(moved, 4).scalars
+  assert first == second
+  with open(registry.result_path(evaluated_run, 4)) as f:
+    assert first["loss"] == pytest.approx(json.load(f)["scalars"]["heldout/loss"], rel=1e-5)
+  assert other["loss"] != pytest.approx(first["loss"], rel=1e-3)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"evals.names": "heldout,fid"}, "unknown evaluators"),
+    ({"evals.heldout.videos": 13}, "data.heldout"),
+    ({"evals.heldout.every": -1}, "every"),
+    ({"evals.names": "temporal", "data.source": "moving_digits", "evals.temporal.videos": 4},
+     "synthetic_shapes"),
+])
+def test_bad_evaluator_settings_fail_before_anything_is_compiled(tmp_path, fields, message):
+  with pytest.raises(ValueError, match=message):
+    trainer.train(_config(**fields), str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")
