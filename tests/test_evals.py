@@ -118,3 +118,31 @@ def test_bad_evaluator_settings_fail_before_anything_is_compiled(tmp_path, field
   with pytest.raises(ValueError, match=message):
     trainer.train(_config(**fields), str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_temporal_evaluator_scores_samples_next_to_real_videos(evaluated_run, tmp_path,
+                                                              monkeypatch):
+  from evals import features, temporal, video_metrics
+  tiny_recipe = features.Recipe(frames=(2, 4), side=(8.0, 12.0), aspect_ratios=(0.5, 1.0, 2.0),
+                                train_videos=16, eval_videos=8, batch_size=4, steps=2,
+                                widths=(4, 8), feature_dim=8)
+  real_load = features.load_or_train
+  monkeypatch.setattr(features, "load_or_train", lambda: real_load(str(tmp_path), tiny_recipe))
+  config = _config(**{"evals.names": "temporal", "evals.temporal.videos": 6,
+                      "evals.temporal.steps": 2})
+  state = helpers.restore_state(evaluated_run, 4)
+  mesh = shard_lib.make_mesh(config.mesh)
+  backend = backends.resolve(config.model, config.data.max_segments)
+  graphdef, _ = trainer.init_state(config, backend)
+  with jax.set_mesh(mesh), shard_lib.axis_rules(config.mesh.rules):
+    ev = temporal.TemporalConsistency(registry.EvalContext(config, graphdef, backend, mesh))
+    result = ev(state, 4)
+  for name in video_metrics.METRICS:
+    assert len(result.per_video[name]) == 6
+    assert f"{name}_ci" in result.scalars and f"real_{name}" in result.scalars
+  # The real held-out videos show the labels they carry (most of them, at 8 to 12 pixels); a
+  # 4-step model's samples do not.
+  assert result.scalars["real_label_ok"] > max(0.5, result.scalars["label_ok"])
+  assert result.scalars["fd"] > 0 and np.isfinite(result.scalars["fd"])
+  # data.heldout=12 holds a second real set of 6: the distance a perfect model would score
+  assert result.scalars["fd_real"] >= 0 and np.isfinite(result.scalars["fd_real"])
