@@ -1,4 +1,4 @@
-"""Plots of a run's metrics (matplotlib, a dev dependency: training never needs it)."""
+"""Plots of a run's metrics (matplotlib, imported only when plotting: training never needs it)."""
 
 from __future__ import annotations
 
