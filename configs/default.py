@@ -41,6 +41,10 @@ def get_config(arg: str | None = None):
   c.train.steps = 2000
   c.train.log_every = 25
   c.train.ckpt_every = 500
+  # Scored after the last step: held-out loss, and the temporal consistency of 36 sampled
+  # videos next to real ones (evals/); the source's last 1024 indices are never trained on.
+  c.data.heldout = 1024
+  c.evals.names = "heldout,temporal"
   c.sample.shapes = "8x32x32,8x28x36,8x36x28"
   c.sample.steps = 30
   c.sample.cfg = 3.0
