@@ -5,7 +5,8 @@
 
 Expected (measured on a 2-core CPU): about 0.21 s per step, 2000 steps in about 7.5 minutes;
 the loss falls from about 1.2 (step 25) to about 0.08, and the sampled videos show shapes of the
-requested colour moving across the frames (see the README). Variants:
+requested colour moving across the frames (see the README); after the last step the held-out
+loss and temporal-consistency evaluators score the run (README, "Evaluation"). Variants:
 --config configs/default.py:factorized, or any field as --config.model.block=factorized.
 """
 
