@@ -2,6 +2,7 @@
 the model, the trainer runs evaluators when due and after the last step (also on resume), and
 bad evaluator settings fail before anything compiles."""
 
+import contextlib
 import json
 import os
 
@@ -89,14 +90,21 @@ def test_a_finished_run_is_evaluated_again_only_if_its_result_is_missing(evaluat
   assert os.path.exists(registry.result_path(evaluated_run, 4))
 
 
-def test_held_out_loss_is_a_fixed_function_of_the_model(evaluated_run):
-  config = _config()
-  state = helpers.restore_state(evaluated_run, 4)
+@contextlib.contextmanager
+def _evaluating(config):
+  """The context an evaluator is built from, inside the run's mesh and axis rules."""
   mesh = shard_lib.make_mesh(config.mesh)
   backend = backends.resolve(config.model, config.data.max_segments)
   graphdef, _ = trainer.init_state(config, backend)
   with jax.set_mesh(mesh), shard_lib.axis_rules(config.mesh.rules):
-    ev = heldout.HeldoutLoss(registry.EvalContext(config, graphdef, backend, mesh))
+    yield registry.EvalContext(config, graphdef, backend, mesh)
+
+
+def test_held_out_loss_is_a_fixed_function_of_the_model(evaluated_run):
+  config = _config()
+  state = helpers.restore_state(evaluated_run, 4)
+  with _evaluating(config) as ctx:
+    ev = heldout.HeldoutLoss(ctx)
     first = ev(state, 4).scalars
     second = ev(state, 4).scalars
     moved = dict(state, ema=helpers.random_params_like(state["ema"], seed=1))
@@ -131,11 +139,8 @@ def test_temporal_evaluator_scores_samples_next_to_real_videos(evaluated_run, tm
   config = _config(**{"evals.names": "temporal", "evals.temporal.videos": 6,
                       "evals.temporal.steps": 2})
   state = helpers.restore_state(evaluated_run, 4)
-  mesh = shard_lib.make_mesh(config.mesh)
-  backend = backends.resolve(config.model, config.data.max_segments)
-  graphdef, _ = trainer.init_state(config, backend)
-  with jax.set_mesh(mesh), shard_lib.axis_rules(config.mesh.rules):
-    ev = temporal.TemporalConsistency(registry.EvalContext(config, graphdef, backend, mesh))
+  with _evaluating(config) as ctx:
+    ev = temporal.TemporalConsistency(ctx)
     result = ev(state, 4)
   for name in video_metrics.METRICS:
     assert len(result.per_video[name]) == 6
