@@ -58,6 +58,18 @@ PEERS = {
 }
 
 
+# The P0 variants timed: name -> (model.block, model.attention_backend, exact layouts).
+# bench/torch_ref.py times "vdit full3d" and "vdit alternating bsparse" from here too.
+P0_VARIANTS = {
+    "vdit full3d": ("full3d", "dense", False),
+    "vdit factorized dense": ("factorized", "dense", False),
+    "vdit factorized bsparse": ("factorized", "blocksparse", False),
+    "  (exact layouts)": ("factorized", "blocksparse", True),
+    "vdit alternating bsparse": ("alternating", "blocksparse", False),
+    "plain einsum full": ("full3d", "dense", False),
+}
+
+
 def p0_config(block: str, quick: bool, backend: str = "dense"):
   c = p0.get_config(block)
   c.unlock()
@@ -85,6 +97,13 @@ def p0_batch(config, exact_layouts: bool = False) -> dict:
   if layouts is not None:
     batch["layouts"] = layouts
   return batch
+
+
+def p0_forward_flops(config, batch) -> float:
+  """Analytic forward FLOPs of a P0 batch (``model.forward_flops`` summed over its rows)."""
+  return sum(model_lib.forward_flops(config.model, [g for g in row if g.prod() > 0],
+                                     config.data.seq_len, batch["tokens"].shape[-1])
+             for row in np.asarray(batch["seg_grid"]))
 
 
 def time_fn(fn, args, repeats: int) -> float:
@@ -267,15 +286,7 @@ def main():
   peak = metrics.measured_peak_flops()
   rows = []
   results = {}
-  variants = (
-      ("vdit full3d", "full3d", "dense", False),
-      ("vdit factorized dense", "factorized", "dense", False),
-      ("vdit factorized bsparse", "factorized", "blocksparse", False),
-      ("  (exact layouts)", "factorized", "blocksparse", True),
-      ("vdit alternating bsparse", "alternating", "blocksparse", False),
-      ("plain einsum full", "full3d", "dense", False),
-  )
-  for name, block, backend, exact in variants:
+  for name, (block, backend, exact) in P0_VARIANTS.items():
     config = p0_config(block, args.quick, backend)
     batch = jax.tree.map(jnp.asarray, p0_batch(config, exact))
     if name.startswith("plain"):
@@ -283,9 +294,7 @@ def main():
     else:
       fn, params = vdit_grad_fn(config)
     sec = time_fn(fn, (params, batch), args.repeats)
-    flops = 3 * sum(model_lib.forward_flops(config.model, [g for g in row if g.prod() > 0],
-                                            config.data.seq_len, batch["tokens"].shape[-1])
-                    for row in np.asarray(batch["seg_grid"]))
+    flops = 3 * p0_forward_flops(config, batch)
     results[name] = sec
     rows.append((name, sec, flops / 1e9, flops / sec / 1e9, flops / sec / peak))
 
