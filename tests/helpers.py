@@ -121,7 +121,7 @@ def shared_runs(tmp_path_factory) -> dict[str, str]:
 
 
 def restore_state(workdir: str, step: int) -> dict:
-  """The full train state {params, ema, opt, step, key} of a checkpoint, as numpy."""
+  """The full train state {params, ema, opt, step, key, nonfinite} of a checkpoint, as numpy."""
   mngr = ckpt_lib.manager(workdir, read_only=True)
   try:
     config = ckpt_lib.read_config(mngr, step)

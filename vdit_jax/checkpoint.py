@@ -1,7 +1,8 @@
 """Orbax checkpoints of a run: {train state, data iterator state, config} per step.
 
 A checkpoint directory ``workdir/checkpoints/<step>`` holds three items:
-- ``state``: params, EMA params, optimizer state, step and RNG key (a pytree of arrays);
+- ``state``: params, EMA params, optimizer state, step, RNG key and the counts of skipped
+  non-finite steps (a pytree of arrays);
 - ``data``: the grain iterator state (JSON), so a resumed run sees the same batches;
 - ``config``: the resolved config (JSON), so ``sample.py`` needs nothing but the workdir.
 Orbax writes a step to a temporary directory and renames it when complete, so an interrupted
@@ -23,6 +24,11 @@ from vdit_jax import config as config_lib
 
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def step_dir(mngr: ocp.CheckpointManager, step: int) -> str:
+  """The directory of checkpoint ``step`` (the manager names them by the bare step number)."""
+  return os.path.join(str(mngr.directory), str(step))
 
 
 def manager(workdir: str, keep: int | None = None, read_only: bool = False,

@@ -99,6 +99,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   t.keep_ckpts = 2  # checkpoints kept in workdir
   t.sample_every = 0  # steps between sample videos written to workdir (0 = only at the end)
   t.progress = True  # progress bar on the terminal
+  # A step with a NaN/inf loss or gradient is skipped (no update, its batch passed over) and
+  # counted; this many in a row stop the run at the next log line or checkpoint, without saving
+  # (0 = never stop). Checked when the host reads the metrics, so no step waits for it.
+  t.max_nonfinite_in_a_row = 20
 
   # ---- the device mesh ----
   h = c.mesh = ml_collections.ConfigDict()
@@ -206,6 +210,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                                                                 "moving_digits"):
     raise ValueError(f"data.heldout={d.heldout} must be >= 0 and leave videos to train on "
                      f"(data.num_videos={d.num_videos})")
+  if config.train.max_nonfinite_in_a_row < 0:
+    raise ValueError(f"train.max_nonfinite_in_a_row={config.train.max_nonfinite_in_a_row} must "
+                     "be >= 0 (0 = never stop on non-finite steps)")
   if config.optim.lr <= 0 or config.train.steps < 1:
     raise ValueError(f"optim.lr={config.optim.lr} and train.steps={config.train.steps} must be "
                      "positive")

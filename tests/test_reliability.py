@@ -1,0 +1,150 @@
+"""What a run does when things go wrong: non-finite steps are skipped and counted, and too many in
+a row stop the run without saving."""
+
+import functools
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from data import pipeline
+from tests import helpers
+from vdit_jax import metrics
+from vdit_jax import trainer
+from tests.test_train import leaves, read_metrics
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  return helpers.shared_runs(tmp_path_factory)
+
+
+def learned(state) -> dict[str, np.ndarray]:
+  """The leaves a skipped step must leave as they were: params, EMA and optimizer state."""
+  return leaves({k: state[k] for k in ("params", "ema", "opt")})
+
+
+def counts(state) -> dict[str, int]:
+  return {k: int(v) for k, v in state["nonfinite"].items()}
+
+
+def assert_same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+  assert a.keys() == b.keys()
+  for path in a:
+    np.testing.assert_array_equal(a[path], b[path], err_msg=path)  # bit for bit (NaN == NaN)
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def test_a_nan_batch_is_skipped_and_counted_then_training_goes_on():
+  """Two steps on a batch with one NaN row change nothing but the step and the counts; the good
+  step after them makes the update it would have made had they never been."""
+  config = helpers.tiny_config()  # log_every=2: a step with an even index starts a log interval
+  graphdef, state = trainer.init_state(config)
+  step_fn = jax.jit(functools.partial(trainer.train_step, graphdef=graphdef,
+                                      tx=trainer.make_optimizer(config), config=config))
+  good = pipeline.make_batch(config, step=0)
+  bad = dict(good, tokens=good["tokens"].copy())
+  bad["tokens"][1] = np.nan
+  good, bad = jax.tree.map(jnp.asarray, good), jax.tree.map(jnp.asarray, bad)
+  # The first update has lr 0 (warm-up); the schedule counts applied updates, so the next good
+  # step is the first to move the params.
+  s1, _ = step_fn(state, good)
+  s2, m2 = step_fn(s1, bad)
+  s3, m3 = step_fn(s2, bad)
+  assert np.isnan(float(m2["loss"])) and np.isnan(float(m3["loss"]))
+  assert int(s3["step"]) == 3
+  assert_same(learned(s3), learned(s1))
+  assert counts(s2) == {"total": 1, "run": 1, "max_run": 1}
+  # step 2 starts a log interval; the run goes on, so the longest since the last log is it
+  assert counts(s3) == {"total": 2, "run": 2, "max_run": 2}
+
+  s4, m4 = step_fn(s3, good)
+  unskipped, m_unskipped = step_fn(dict(s1, step=s3["step"]), good)  # same step: same noise
+  assert np.isfinite(float(m4["loss"])) and float(m4["loss"]) == float(m_unskipped["loss"])
+  assert float(m4["lr"]) == float(trainer.lr_schedule(config.optim, config.train.steps)(1)) > 0
+  assert_same(learned(s4), learned(unskipped))
+  moved = [p for p, v in learned(s4).items()
+           if p.startswith("['params']") and not np.array_equal(learned(s1)[p], v)]
+  assert moved
+  assert counts(s4) == {"total": 2, "run": 0, "max_run": 2}  # step 3 is in step 2's interval
+  s5, _ = step_fn(s4, good)
+  assert counts(s5) == {"total": 2, "run": 0, "max_run": 0}  # step 4 starts an interval
+  assert step_fn._cache_size() == 1
+
+
+def test_an_infinite_gradient_with_a_finite_loss_is_skipped():
+  """A gradient that overflows while the loss does not (what no small batch reproduces on
+  demand) goes through the same check: it is skipped, and a finite one is applied."""
+  config = helpers.tiny_config()
+  _, state = trainer.init_state(config)
+  apply = jax.jit(functools.partial(trainer.apply_grads, tx=trainer.make_optimizer(config),
+                                    config=config))
+  grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.01, p.dtype), state["params"])
+  first, *_ = jax.tree.leaves(grads)
+  inf_grads = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.inf) if g is first else g,
+                           grads)
+  s1, _ = apply(state, jnp.float32(0.5), grads)  # lr 0: past it, an update moves every param
+  before = learned(s1)
+
+  skipped, m = apply(s1, jnp.float32(0.5), inf_grads)
+  assert float(m["loss"]) == 0.5 and not np.isfinite(float(m["grad_norm"]))
+  assert_same(learned(skipped), before)
+  assert int(skipped["step"]) == 2 and counts(skipped) == {"total": 1, "run": 1, "max_run": 1}
+
+  nan_loss, _ = apply(s1, jnp.float32(np.nan), grads)
+  assert_same(learned(nan_loss), before)
+  assert counts(nan_loss)["total"] == 1
+
+  applied, m = apply(skipped, jnp.float32(0.5), grads)
+  after = learned(applied)
+  assert all(not np.array_equal(before[p], after[p]) for p in before
+             if p.startswith("['params']"))
+  assert float(m["lr"]) == float(trainer.lr_schedule(config.optim, config.train.steps)(1))
+  assert counts(applied)["run"] == 0 and counts(applied)["total"] == 1
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def nan_batches_from(monkeypatch, first_bad: int) -> None:
+  """Every batch from the ``first_bad``-th (1-based) on has NaN tokens."""
+  device_batch, calls = trainer._device_batch, []
+
+  def poisoned(batch, shardings):
+    calls.append(1)
+    if len(calls) >= first_bad:
+      batch = dict(batch, tokens=np.full_like(batch["tokens"], np.nan))
+    return device_batch(batch, shardings)
+
+  monkeypatch.setattr(trainer, "_device_batch", poisoned)
+
+
+@pytest.mark.parametrize("log_every", [1, 5])
+def test_a_run_stops_after_k_nonfinite_steps_in_a_row(tmp_path, monkeypatch, capsys, log_every):
+  """Steps 3 and 4 are NaN and train.max_nonfinite_in_a_row=2: the run stops at step 4 (a log
+  line and a checkpoint with log_every=1, a checkpoint only with 5) without saving it, and the
+  error names checkpoint 2, which holds the state of step 2."""
+  monkeypatch.setattr(metrics, "measured_peak_flops", lambda: 1e12)
+  nan_batches_from(monkeypatch, first_bad=3)
+  workdir = tmp_path / "run"
+  config = helpers.run_config(5, **{"train.max_nonfinite_in_a_row": 2, "train.ckpt_every": 2,
+                                    "train.log_every": log_every})
+  step2 = str(workdir / "checkpoints" / "2")
+  with pytest.raises(FloatingPointError, match=re.escape(f"last good checkpoint is step 2 at "
+                                                         f"{step2}")):
+    trainer.train(config, str(workdir))
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
+  if log_every == 1:
+    lines = read_metrics(workdir)
+    assert [m["step"] for m in lines] == [1, 2, 3, 4]
+    assert [m["nonfinite_steps"] for m in lines] == [0, 0, 1, 2]
+    assert [m["nonfinite_in_a_row"] for m in lines] == [0, 0, 1, 2]
+    assert np.isfinite(lines[1]["loss"]) and np.isnan(lines[3]["loss"])
+    assert "non-finite steps by step 3: 1 since the last log line" in capsys.readouterr().err
+  state = helpers.restore_state(str(workdir), 2)
+  assert int(state["step"]) == 2 and all(int(v) == 0 for v in state["nonfinite"].values())
