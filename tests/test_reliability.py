@@ -14,7 +14,6 @@ from data import pipeline
 from tests import helpers
 from vdit_jax import metrics
 from vdit_jax import trainer
-from tests.test_train import leaves, read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +23,7 @@ def runs(tmp_path_factory):
 
 def learned(state) -> dict[str, np.ndarray]:
   """The leaves a skipped step must leave as they were: params, EMA and optimizer state."""
-  return leaves({k: state[k] for k in ("params", "ema", "opt")})
+  return helpers.leaves({k: state[k] for k in ("params", "ema", "opt")})
 
 
 def counts(state) -> dict[str, int]:
@@ -140,7 +139,7 @@ def test_a_run_stops_after_k_nonfinite_steps_in_a_row(tmp_path, monkeypatch, cap
     trainer.train(config, str(workdir))
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
   if log_every == 1:
-    lines = read_metrics(workdir)
+    lines = helpers.read_metrics(workdir)
     assert [m["step"] for m in lines] == [1, 2, 3, 4]
     assert [m["nonfinite_steps"] for m in lines] == [0, 0, 1, 2]
     assert [m["nonfinite_in_a_row"] for m in lines] == [0, 0, 1, 2]
