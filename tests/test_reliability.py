@@ -12,7 +12,9 @@ import pytest
 
 from data import pipeline
 from tests import helpers
+from vdit_jax import checkpoint as ckpt_lib
 from vdit_jax import metrics
+from vdit_jax import sharding as shard_lib
 from vdit_jax import trainer
 
 
@@ -147,3 +149,33 @@ def test_a_run_stops_after_k_nonfinite_steps_in_a_row(tmp_path, monkeypatch, cap
     assert "non-finite steps by step 3: 1 since the last log line" in capsys.readouterr().err
   state = helpers.restore_state(str(workdir), 2)
   assert int(state["step"]) == 2 and all(int(v) == 0 for v in state["nonfinite"].values())
+
+
+# ----------------------------------------------------------------------------- the workdir
+
+
+def restore_into(workdir: str, step: int, config):
+  mngr = ckpt_lib.manager(workdir, read_only=True)
+  try:
+    _, target, _ = trainer.abstract_state(config, shard_lib.make_mesh(config.mesh))
+    return ckpt_lib.restore(mngr, step, target)
+  finally:
+    mngr.close()
+
+
+@pytest.mark.parametrize("fields, listed", [
+    ({"model.width": 64},  # 104 arrays: the first 12 are listed, the params' first
+     ["params.blocks.0.ada.kernel: saved (32, 192), expected (64, 384)",
+      "params.blocks.0.mlp.fc1.kernel: saved (32, 128), expected (64, 256)", "... and 92 more"]),
+    ({"model.depth": 3},
+     ["params.blocks.2.mlp.fc2.kernel: not in the checkpoint, expected (128, 32)"]),
+    ({"model.depth": 1},
+     ["params.blocks.1.attn.qkv: saved (32, 3, 8, 8), not in this model"]),
+])
+def test_restoring_another_models_checkpoint_names_the_arrays_and_shapes(runs, fields, listed):
+  with pytest.raises(ValueError, match="does not fit this config's train state") as error:
+    restore_into(runs["straight"], 3, helpers.run_config(5, **fields))
+  message = str(error.value)
+  for line in listed:
+    assert f"\n  {line}" in message, message
+  assert f"{runs['straight']}/checkpoints/3" in message

@@ -51,11 +51,52 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: dict | 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any,
             ) -> tuple[Any, dict, dict]:
   """Restores ``state`` onto the shardings of ``abstract_state`` (ShapeDtypeStructs)."""
+  check_fits(mngr, step, abstract_state)
   out = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state),
       data=ocp.args.JsonRestore(),
       config=ocp.args.JsonRestore()))
   return out["state"], out["data"], out["config"]
+
+
+# Arrays a mismatch lists by name, the params' first (the EMA and optimizer state repeat them).
+_SHOWN = 12
+
+
+def check_fits(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> None:
+  """Raises, naming each array and both shapes, if checkpoint ``step``'s state does not have
+  the shapes of ``abstract_state`` (a checkpoint of another model): orbax's own error names
+  neither. Reads the checkpoint's metadata only."""
+  directory = step_dir(mngr, step)
+  metadata = ocp.StandardCheckpointHandler().metadata(mngr.directory / str(step) / "state")
+  saved = _shapes(metadata)
+  wanted = _shapes(abstract_state)
+  diffs = [f"{n}: saved {saved[n]}, expected {shape}" for n, shape in wanted.items()
+           if n in saved and saved[n] != shape]
+  diffs += [f"{n}: not in the checkpoint, expected {shape}" for n, shape in wanted.items()
+            if n not in saved]
+  diffs += [f"{n}: saved {shape}, not in this model" for n, shape in saved.items()
+            if n not in wanted]
+  if diffs:
+    diffs.sort(key=lambda line: not line.startswith("params."))  # stable: EMA and opt after
+    more = [f"... and {len(diffs) - _SHOWN} more"] if len(diffs) > _SHOWN else []
+    listed = "\n  ".join(diffs[:_SHOWN] + more)
+    raise ValueError(f"checkpoint {directory} does not fit this config's train state: "
+                     f"{len(diffs)} arrays differ\n  {listed}\nrestore it with the config it "
+                     f"was trained with (saved with it, in {os.path.join(directory, 'config')}), "
+                     "or train this config in a new workdir")
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """Array shapes by name, the same for a restore target and a checkpoint's metadata: the
+  metadata keys list items and Variable values as strings (``'0'``, ``'value'``) where the
+  target has indices and attributes, so every key becomes its text; ``.value`` is left out."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    name = ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                    for k in path)
+    out[name.removesuffix(".value")] = tuple(leaf.shape)
+  return out
 
 
 def restore_subtree(mngr: ocp.CheckpointManager, step: int, name: str,
