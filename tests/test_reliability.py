@@ -2,8 +2,10 @@
 a row stop the run without saving."""
 
 import functools
+import json
 import os
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +15,7 @@ import pytest
 from data import pipeline
 from tests import helpers
 from vdit_jax import checkpoint as ckpt_lib
+from vdit_jax import config as config_lib
 from vdit_jax import metrics
 from vdit_jax import sharding as shard_lib
 from vdit_jax import trainer
@@ -179,3 +182,46 @@ def test_restoring_another_models_checkpoint_names_the_arrays_and_shapes(runs, f
   for line in listed:
     assert f"\n  {line}" in message, message
   assert f"{runs['straight']}/checkpoints/3" in message
+
+
+def test_resume_changes_lists_the_fields_that_are_not_safe_to_change():
+  saved = helpers.run_config(5)
+  safe = {"train.steps": 9, "train.log_every": 2, "train.ckpt_every": 4, "train.grad_accum": 2,
+          "train.max_nonfinite_in_a_row": 0, "mesh.data": 1, "mesh.tensor": 8,
+          "data.worker_count": 2, "model.attention_backend": "blocksparse", "model.remat": True,
+          "sample.steps": 30, "sample.shapes": "8x32x32", "evals.names": "heldout",
+          "evals.heldout.every": 7}
+  assert config_lib.resume_changes(saved, helpers.run_config(5, **safe)) == []
+  changed = helpers.run_config(5, **safe, **{"model.width": 64, "model.patch": (2, 4, 4),
+                                             "data.channels": 4, "optim.lr": 5e-4, "seed": 1})
+  assert config_lib.resume_changes(saved, changed) == [
+      "data.channels: 3 -> 4", "model.patch: (1, 4, 4) -> (2, 4, 4)", "model.width: 32 -> 64",
+      "optim.lr: 0.001 -> 0.0005", "seed: 0 -> 1"]
+  # a list where the config has a tuple is the same value
+  assert config_lib.resume_changes(saved, helpers.run_config(5, **{"data.frames": [2, 4]})) == []
+
+
+def test_resuming_with_another_model_is_refused_unless_allowed(runs, tmp_path, monkeypatch):
+  """Refused, naming the change, before anything in the workdir is written; allowed, the restore
+  fails on the shapes instead; a change of safe fields only resumes (here with nothing left to
+  train: restored, nothing written but config.json)."""
+  monkeypatch.setattr(metrics, "measured_peak_flops", lambda: 1e12)
+  workdir = tmp_path / "run"
+  shutil.copytree(runs["straight"], workdir)
+  with open(workdir / "config.json") as f:
+    config_json = f.read()
+  with pytest.raises(ValueError, match=re.escape(
+      f"checkpoint {workdir}/checkpoints/5 was trained with another config; this one changes\n"
+      "  model.width: 32 -> 64\nresume with")):
+    trainer.train(helpers.run_config(5, **{"model.width": 64}), str(workdir))
+  with open(workdir / "config.json") as f:
+    assert f.read() == config_json
+  with pytest.raises(ValueError, match="does not fit this config's train state"):
+    trainer.train(helpers.run_config(5, **{"model.width": 64, "train.allow_config_change": True}),
+                  str(workdir))
+  safe = {"train.log_every": 2, "train.ckpt_every": 1, "sample.cfg": 2.0, "mesh.data": 1,
+          "mesh.fsdp": 1, "mesh.tensor": 8}
+  state = trainer.train(helpers.run_config(5, **safe), str(workdir))
+  assert int(state["step"]) == 5
+  with open(workdir / "config.json") as f:
+    assert config_lib.from_dict(json.load(f)).to_dict() == helpers.run_config(5, **safe).to_dict()

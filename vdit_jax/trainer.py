@@ -367,6 +367,26 @@ class _StopFlag:
       signal.signal(signal.SIGTERM, self._old)
 
 
+def check_resume(config, mngr) -> None:
+  """Refuses to resume the newest checkpoint if it was trained with other values of fields
+  outside ``config_lib.RESUME_SAFE``, listing them, unless ``train.allow_config_change``."""
+  latest = mngr.latest_step()
+  if latest is None:
+    return
+  changes = config_lib.resume_changes(ckpt_lib.read_config(mngr, latest), config)
+  if not changes:
+    return
+  where, listed = ckpt_lib.step_dir(mngr, latest), "\n  ".join(changes)
+  if config.train.allow_config_change:
+    print(f"warning: resuming checkpoint {where} with train.allow_config_change, which "
+          f"changes\n  {listed}", file=sys.stderr)
+    return
+  raise ValueError(f"checkpoint {where} was trained with another config; this one changes\n"
+                   f"  {listed}\nresume with the config it was trained with (saved with it, in "
+                   f"{os.path.join(where, 'config')}), train this one in a new workdir, or set "
+                   "--config.train.allow_config_change=True to resume with the changes")
+
+
 def _init_or_restore(config, mesh, mngr, backend):
   """``(graphdef, state, shardings, data iterator state)``: the newest checkpoint's, or fresh
   (no iterator state)."""
@@ -389,8 +409,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> State:
   evals_lib.validate(config)
   _sample_labels(config)  # a bad sample.labels fails now, not at the first samples
   is_main = jax.process_index() == 0
-  if is_main:
-    metrics_lib.write_run_info(config, workdir)
   mesh = shard_lib.make_mesh(config.mesh)
   check_process_rows(config, mesh)
   rules = config.mesh.rules
@@ -403,7 +421,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> State:
   with (_StopFlag() as stop, contextlib.ExitStack() as cleanup, jax.set_mesh(mesh),
         shard_lib.axis_rules(rules)):
     cleanup.callback(mngr.close)
+    check_resume(config, mngr)
     graphdef, state, shardings, data_state = _init_or_restore(config, mesh, mngr, backend)
+    # After the checks of a resume: one refused leaves the workdir's config.json as it was.
+    if is_main:
+      metrics_lib.write_run_info(config, workdir)
     start = int(jax.device_get(state["step"]))
     step_fn = jit_train_step(config, graphdef, shardings, mesh, backend)
     evaluators = evals_lib.Evaluators(evals_lib.EvalContext(config, graphdef, backend, mesh),
@@ -499,8 +521,8 @@ def _stop_if_diverged(counts: dict[str, int], step: int, config, mngr) -> None:
   raise FloatingPointError(
       f"{counts['max_run']} steps in a row had a non-finite loss or gradient by step {step} "
       f"(train.max_nonfinite_in_a_row={limit}); the run stops without saving, and {good}. "
-      "Resuming from it repeats those steps: lower optim.lr or set optim.grad_clip, or check "
-      "the data of those steps")
+      "Resuming from it repeats those steps: lower optim.lr (resuming with --config.train."
+      "allow_config_change=True) or check the data of those steps")
 
 
 def _device_batch(host_batch: dict[str, Any], shardings) -> dict[str, Any]:
