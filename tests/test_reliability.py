@@ -1,6 +1,8 @@
-"""What a run does when things go wrong: non-finite steps are skipped and counted, and too many in
-a row stop the run without saving."""
+"""What a run does when things go wrong: non-finite steps are skipped and counted and too many in
+a row stop the run without saving; a checkpoint of another model or config is refused, naming
+what differs; a checkpoint that cannot be written stops the run and leaves the previous one."""
 
+import errno
 import functools
 import json
 import os
@@ -10,7 +12,9 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from orbax.checkpoint._src.handlers import json_checkpoint_handler
 
 from data import pipeline
 from tests import helpers
@@ -225,3 +229,41 @@ def test_resuming_with_another_model_is_refused_unless_allowed(runs, tmp_path, m
   assert int(state["step"]) == 5
   with open(workdir / "config.json") as f:
     assert config_lib.from_dict(json.load(f)).to_dict() == helpers.run_config(5, **safe).to_dict()
+
+
+def fail_checkpoint_writes(monkeypatch, where: str) -> None:
+  """``save``: the manager's save raises at once. ``background``: the write of the config item
+  fails while the manager finishes the step in the background (as a full disk would), so the
+  error comes out of the wait after the last step."""
+  if where == "save":
+    def failing(self, step, *args, **kwargs):
+      raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(ocp.CheckpointManager, "save", failing)
+  else:
+    async def failing_write(self, item, directory):
+      raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", failing_write)
+
+
+@pytest.mark.parametrize("where", ["save", "background"])
+def test_a_checkpoint_that_cannot_be_written_fails_naming_the_workdir(runs, tmp_path, monkeypatch,
+                                                                      where):
+  """Steps 3 -> 5 whose checkpoint 5 cannot be written: the error names the workdir and the
+  checkpoint that is left, 3, which a resume would take and restores as it was saved."""
+  monkeypatch.setattr(metrics, "measured_peak_flops", lambda: 1e12)
+  workdir = tmp_path / "run"
+  shutil.copytree(runs["resumed"], workdir)
+  shutil.rmtree(workdir / "checkpoints" / "5")
+  fail_checkpoint_writes(monkeypatch, where)
+  with pytest.raises(OSError, match=re.escape(
+      f"cannot write a checkpoint in {workdir}/checkpoints (OSError: [Errno 28] No space left on "
+      f"device); the newest complete checkpoint, step 3 at {workdir}/checkpoints/3, is intact")):
+    trainer.train(helpers.run_config(5), str(workdir))
+  monkeypatch.undo()
+  mngr = ckpt_lib.manager(str(workdir), read_only=True)
+  try:
+    assert mngr.latest_step() == 3
+  finally:
+    mngr.close()
+  assert_same(helpers.leaves(helpers.restore_state(str(workdir), 3)),
+              helpers.leaves(helpers.restore_state(runs["resumed"], 3)))

@@ -42,10 +42,36 @@ def manager(workdir: str, keep: int | None = None, read_only: bool = False,
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: dict | None,
          config: ml_collections.ConfigDict, force: bool = False) -> bool:
-  return mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      data=ocp.args.JsonSave(data_state or {}),
-      config=ocp.args.JsonSave(json.loads(config.to_json()))), force=force)
+  """Starts writing checkpoint ``step`` (the manager writes it in the background). A write that
+  fails, this one or the previous one in the background, raises an OSError that names the
+  workdir and the newest complete checkpoint."""
+  try:
+    return mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data_state or {}),
+        config=ocp.args.JsonSave(json.loads(config.to_json()))), force=force)
+  except OSError as err:
+    raise _write_error(mngr, err) from err
+
+
+def wait(mngr: ocp.CheckpointManager) -> None:
+  """Waits for the checkpoint being written; a failed write raises as in ``save``."""
+  try:
+    mngr.wait_until_finished()
+  except OSError as err:
+    raise _write_error(mngr, err) from err
+
+
+def _write_error(mngr: ocp.CheckpointManager, err: OSError) -> OSError:
+  # The manager counts a step from the start of its write; the directory has only complete
+  # ones (orbax renames a step's temporary directory when it is done).
+  mngr.reload()
+  last = mngr.latest_step()
+  kept = (f"the newest complete checkpoint, step {last} at {step_dir(mngr, last)}, is intact"
+          if last is not None else "no checkpoint was completed before it")
+  return OSError(f"cannot write a checkpoint in {mngr.directory} ({type(err).__name__}: {err}); "
+                 f"{kept}: make the workdir writable (permissions, free disk space) and rerun "
+                 "the same command to resume")
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any,

@@ -480,7 +480,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> State:
         break
     it.close()  # no more batches: the workers' memory is free before sampling
     bar.close()
-    mngr.wait_until_finished()
+    ckpt_lib.wait(mngr)
     final = int(jax.device_get(state["step"]))
     # After the last step, also when a run that ended before its evaluation is resumed.
     if final == total and evaluators.names and not evaluators.written(total):
@@ -514,7 +514,7 @@ def _stop_if_diverged(counts: dict[str, int], step: int, config, mngr) -> None:
   limit = config.train.max_nonfinite_in_a_row
   if not limit or counts["max_run"] < limit:
     return
-  mngr.wait_until_finished()  # a save still being written is the last good one once complete
+  ckpt_lib.wait(mngr)  # a save still being written is the last good one once complete
   last = mngr.latest_step()
   good = (f"the last good checkpoint is step {last} at {ckpt_lib.step_dir(mngr, last)}"
           if last is not None else f"no checkpoint was written before them in {mngr.directory}")
