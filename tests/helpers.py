@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 
@@ -54,6 +55,17 @@ def videos_for(grids, patch, channels: int, rng: np.random.Generator) -> list[di
   P = tok.token_dim(patch, channels)
   return [{"tokens": rng.standard_normal((tok.num_tokens(g), P)).astype(np.float32),
            "grid": tuple(g)} for g in grids]
+
+
+def leaves(tree) -> dict[str, np.ndarray]:
+  """Every leaf of ``tree`` as numpy, by its path (``"['params']['final']..."``)."""
+  return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree.leaves_with_path(tree)}
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The lines of a run's metrics.jsonl."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
 
 
 # ----------------------------------------------------------------------------- shared runs
@@ -121,7 +133,7 @@ def shared_runs(tmp_path_factory) -> dict[str, str]:
 
 
 def restore_state(workdir: str, step: int) -> dict:
-  """The full train state {params, ema, opt, step, key} of a checkpoint, as numpy."""
+  """The full train state {params, ema, opt, step, key, nonfinite} of a checkpoint, as numpy."""
   mngr = ckpt_lib.manager(workdir, read_only=True)
   try:
     config = ckpt_lib.read_config(mngr, step)

@@ -20,15 +20,6 @@ from vdit_jax import sharding as shard_lib
 from vdit_jax import trainer
 
 
-def leaves(tree) -> dict[str, np.ndarray]:
-  return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree.leaves_with_path(tree)}
-
-
-def read_metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   return helpers.shared_runs(tmp_path_factory)
@@ -97,28 +88,28 @@ def test_lr_schedule_of_the_first_three_steps_does_not_depend_on_train_steps():
 def test_resumed_run_equals_uninterrupted_run(runs):
   resumed = helpers.restore_state(runs["resumed"], 5)
   straight = helpers.restore_state(runs["straight"], 5)
-  a, b = leaves(resumed), leaves(straight)
+  a, b = helpers.leaves(resumed), helpers.leaves(straight)
   assert a.keys() == b.keys()
-  for k in ("params", "ema", "opt", "step", "key"):
+  for k in ("params", "ema", "opt", "step", "key", "nonfinite"):
     assert any(path.startswith(f"['{k}']") for path in a), k
   for path in a:
     assert a[path].dtype == b[path].dtype, path
     np.testing.assert_allclose(a[path], b[path], rtol=0, atol=1e-6, err_msg=path)
   assert int(a["['step']"]) == 5
   # the same batches in the same order: the logged losses agree step by step
-  ma, mb = read_metrics(runs["resumed"]), read_metrics(runs["straight"])
+  ma, mb = helpers.read_metrics(runs["resumed"]), helpers.read_metrics(runs["straight"])
   assert [m["step"] for m in ma] == [m["step"] for m in mb] == [1, 2, 3, 4, 5]
   for x, y in zip(ma, mb):
     for key in ("loss", "grad_norm", "lr"):
       assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-7), (x["step"], key)
   # and training did something in steps 4-5 (a resume that ignored them would be caught above)
-  at3 = leaves(helpers.restore_state(runs["resumed"], 3))
+  at3 = helpers.leaves(helpers.restore_state(runs["resumed"], 3))
   moved = [p for p in a if p.startswith("['params']") and not np.array_equal(a[p], at3[p])]
   assert moved
 
 
 def test_checkpoint_holds_the_optimizer_state(runs):
-  state = leaves(helpers.restore_state(runs["resumed"], 3))
+  state = helpers.leaves(helpers.restore_state(runs["resumed"], 3))
   assert int(state["['step']"]) == 3
   counts = {p: v for p, v in state.items() if p.startswith("['opt']") and p.endswith("count")}
   mus = {p: v for p, v in state.items() if p.startswith("['opt']") and ".mu" in p}
@@ -140,12 +131,13 @@ def test_checkpoint_holds_the_optimizer_state(runs):
 
 def test_run_writes_metrics_config_and_samples(runs):
   workdir = runs["straight"]
-  metrics = read_metrics(workdir)
+  metrics = helpers.read_metrics(workdir)
   for m in metrics:
     for key in ("loss", "grad_norm", "lr", "tokens_per_s", "step_time"):
       assert key in m and math.isfinite(m[key]), (key, m)
     assert m["tokens_per_s"] > 0 and m["step_time"] > 0 and m["loss"] > 0
     assert m["compiles"] == 1
+    assert m["nonfinite_steps"] == m["nonfinite_in_a_row"] == m["nonfinite_max_in_a_row"] == 0
     assert 0 < m["useful_tokens_per_s"] < m["tokens_per_s"] and 0 < m["packing"] < 1
     # CPU devices report no memory statistics: the host's peak RSS stands in, named as such
     assert m["peak_host_rss_gb"] > 0.1 and "peak_device_memory_gb" not in m

@@ -1,7 +1,8 @@
 """Orbax checkpoints of a run: {train state, data iterator state, config} per step.
 
 A checkpoint directory ``workdir/checkpoints/<step>`` holds three items:
-- ``state``: params, EMA params, optimizer state, step and RNG key (a pytree of arrays);
+- ``state``: params, EMA params, optimizer state, step, RNG key and the counts of skipped
+  non-finite steps (a pytree of arrays);
 - ``data``: the grain iterator state (JSON), so a resumed run sees the same batches;
 - ``config``: the resolved config (JSON), so ``sample.py`` needs nothing but the workdir.
 Orbax writes a step to a temporary directory and renames it when complete, so an interrupted
@@ -25,6 +26,11 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
+def step_dir(mngr: ocp.CheckpointManager, step: int) -> str:
+  """The directory of checkpoint ``step`` (the manager names them by the bare step number)."""
+  return os.path.join(str(mngr.directory), str(step))
+
+
 def manager(workdir: str, keep: int | None = None, read_only: bool = False,
             async_save: bool = True) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
@@ -36,20 +42,87 @@ def manager(workdir: str, keep: int | None = None, read_only: bool = False,
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: dict | None,
          config: ml_collections.ConfigDict, force: bool = False) -> bool:
-  return mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      data=ocp.args.JsonSave(data_state or {}),
-      config=ocp.args.JsonSave(json.loads(config.to_json()))), force=force)
+  """Starts writing checkpoint ``step`` (the manager writes it in the background). A write that
+  fails, this one or the previous one in the background, raises an OSError that names the
+  workdir and the newest complete checkpoint."""
+  try:
+    return mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data_state or {}),
+        config=ocp.args.JsonSave(json.loads(config.to_json()))), force=force)
+  except OSError as err:
+    raise _write_error(mngr, err) from err
+
+
+def wait(mngr: ocp.CheckpointManager) -> None:
+  """Waits for the checkpoint being written; a failed write raises as in ``save``."""
+  try:
+    mngr.wait_until_finished()
+  except OSError as err:
+    raise _write_error(mngr, err) from err
+
+
+def _write_error(mngr: ocp.CheckpointManager, err: OSError) -> OSError:
+  # The manager counts a step from the start of its write; the directory has only complete
+  # ones (orbax renames a step's temporary directory when it is done).
+  mngr.reload()
+  last = mngr.latest_step()
+  kept = (f"the newest complete checkpoint, step {last} at {step_dir(mngr, last)}, is intact"
+          if last is not None else "no checkpoint was completed before it")
+  return OSError(f"cannot write a checkpoint in {mngr.directory} ({type(err).__name__}: {err}); "
+                 f"{kept}: make the workdir writable (permissions, free disk space) and rerun "
+                 "the same command to resume")
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any,
             ) -> tuple[Any, dict, dict]:
   """Restores ``state`` onto the shardings of ``abstract_state`` (ShapeDtypeStructs)."""
+  check_fits(mngr, step, abstract_state)
   out = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state),
       data=ocp.args.JsonRestore(),
       config=ocp.args.JsonRestore()))
   return out["state"], out["data"], out["config"]
+
+
+# Arrays a mismatch lists by name, the params' first (the EMA and optimizer state repeat them).
+_SHOWN = 12
+
+
+def check_fits(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> None:
+  """Raises, naming each array and both shapes, if checkpoint ``step``'s state does not have
+  the shapes of ``abstract_state`` (a checkpoint of another model): orbax's own error names
+  neither. Reads the checkpoint's metadata only."""
+  directory = step_dir(mngr, step)
+  metadata = ocp.StandardCheckpointHandler().metadata(mngr.directory / str(step) / "state")
+  saved = _shapes(metadata)
+  wanted = _shapes(abstract_state)
+  diffs = [f"{n}: saved {saved[n]}, expected {shape}" for n, shape in wanted.items()
+           if n in saved and saved[n] != shape]
+  diffs += [f"{n}: not in the checkpoint, expected {shape}" for n, shape in wanted.items()
+            if n not in saved]
+  diffs += [f"{n}: saved {shape}, not in this model" for n, shape in saved.items()
+            if n not in wanted]
+  if diffs:
+    diffs.sort(key=lambda line: not line.startswith("params."))  # stable: EMA and opt after
+    more = [f"... and {len(diffs) - _SHOWN} more"] if len(diffs) > _SHOWN else []
+    listed = "\n  ".join(diffs[:_SHOWN] + more)
+    raise ValueError(f"checkpoint {directory} does not fit this config's train state: "
+                     f"{len(diffs)} arrays differ\n  {listed}\nrestore it with the config it "
+                     f"was trained with (saved with it, in {os.path.join(directory, 'config')}), "
+                     "or train this config in a new workdir")
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """Array shapes by name, the same for a restore target and a checkpoint's metadata: the
+  metadata keys list items and Variable values as strings (``'0'``, ``'value'``) where the
+  target has indices and attributes, so every key becomes its text; ``.value`` is left out."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    name = ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                    for k in path)
+    out[name.removesuffix(".value")] = tuple(leaf.shape)
+  return out
 
 
 def restore_subtree(mngr: ocp.CheckpointManager, step: int, name: str,

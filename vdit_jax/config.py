@@ -4,6 +4,7 @@ Other configs start from ``get_base_config()`` and change values only; the confi
 misspelt override (``--config.model.widht=8``) fails at once instead of being ignored.
 """
 
+import json
 import os
 
 import ml_collections
@@ -99,6 +100,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   t.keep_ckpts = 2  # checkpoints kept in workdir
   t.sample_every = 0  # steps between sample videos written to workdir (0 = only at the end)
   t.progress = True  # progress bar on the terminal
+  # A step with a NaN/inf loss or gradient is skipped (no update, its batch passed over) and
+  # counted; this many in a row stop the run at the next log line or checkpoint, without saving
+  # (0 = never stop). Checked when the host reads the metrics, so no step waits for it.
+  t.max_nonfinite_in_a_row = 20
+  # Resume a workdir whose checkpoint was trained with other values of fields outside
+  # RESUME_SAFE (model, data, diffusion, optimiser, seed); without it such a resume is refused.
+  t.allow_config_change = False
 
   # ---- the device mesh ----
   h = c.mesh = ml_collections.ConfigDict()
@@ -206,9 +214,53 @@ def validate(config: ml_collections.ConfigDict) -> None:
                                                                 "moving_digits"):
     raise ValueError(f"data.heldout={d.heldout} must be >= 0 and leave videos to train on "
                      f"(data.num_videos={d.num_videos})")
+  if config.train.max_nonfinite_in_a_row < 0:
+    raise ValueError(f"train.max_nonfinite_in_a_row={config.train.max_nonfinite_in_a_row} must "
+                     "be >= 0 (0 = never stop on non-finite steps)")
   if config.optim.lr <= 0 or config.train.steps < 1:
     raise ValueError(f"optim.lr={config.optim.lr} and train.steps={config.train.steps} must be "
                      "positive")
+
+
+# Fields a resumed run may change without train.allow_config_change: how long it runs, what it
+# reports, and how it computes the same update from the same parameters (mesh, processes, data
+# workers, micro-batches, attention kernels, rematerialisation: equal up to float summation
+# order). Every other field changes the parameters' shapes or what they are trained on or
+# towards (model, data, diffusion, optimiser, seed). A name ending in "." covers its group.
+RESUME_SAFE = (
+    "train.steps", "train.grad_accum", "train.log_every", "train.ckpt_every", "train.keep_ckpts",
+    "train.sample_every", "train.progress", "train.max_nonfinite_in_a_row",
+    "train.allow_config_change",
+    "data.worker_count", "data.prefetch",
+    "model.attention_backend", "model.attention_block", "model.attention_kv_chunk",
+    "model.remat", "model.remat_policy",
+    "mesh.", "distributed.", "sample.", "evals.",
+)
+
+
+def resume_changes(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
+                   ) -> list[str]:
+  """``field: saved -> new`` for each field outside ``RESUME_SAFE`` that ``config`` changes
+  from ``saved``, the config of the checkpoint it would resume."""
+  # Both through JSON onto the base: a list and a tuple of the same values compare equal.
+  old, new = (_flat(from_dict(json.loads(c.to_json()))) for c in (saved, config))
+  return [f"{name}: {old[name]!r} -> {new[name]!r}" for name in sorted(old)
+          if old[name] != new[name] and not _resume_safe(name)]
+
+
+def _resume_safe(name: str) -> bool:
+  return any(name == safe or safe.endswith(".") and name.startswith(safe)
+             for safe in RESUME_SAFE)
+
+
+def _flat(config: ml_collections.ConfigDict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
 
 
 def largest_grids(config: ml_collections.ConfigDict) -> list[tuple[int, int, int]]:

@@ -1,9 +1,13 @@
 """Training: ``train(config, workdir)`` and the pure, module-level ``train_step``.
 
-The train state is a plain pytree ``{params, ema, opt, step, key}`` whose leaves carry their
-logical axis names (NNX metadata), so its shardings come from the config's rules table and it
-checkpoints as it is. ``train_step`` is jitted once per run with explicit shardings and donated
-state; the batch shapes are static per config, so it compiles exactly once.
+The train state is a plain pytree ``{params, ema, opt, step, key, nonfinite}`` whose leaves
+carry their logical axis names (NNX metadata), so its shardings come from the config's rules
+table and it checkpoints as it is. ``train_step`` is jitted once per run with explicit shardings
+and donated state; the batch shapes are static per config, so it compiles exactly once.
+
+A step whose loss or gradient is not finite is skipped on device (``apply_grads``): the state
+keeps its params, EMA and optimizer state, counts the step in ``nonfinite``, and the host reads
+the counts at log lines only, stopping the run after ``train.max_nonfinite_in_a_row`` in a row.
 """
 
 from __future__ import annotations
@@ -73,6 +77,11 @@ def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
 
 # ----------------------------------------------------------------------------- state
 
+# The state's counts of skipped steps (apply_grads): ``total`` in the run, the current ``run`` of
+# consecutive ones, and ``max_run``, the longest run since the last log line: the host reads the
+# counts only there, and a run that ended between two log lines would otherwise go unseen.
+NONFINITE_COUNTS = ("total", "run", "max_run")
+
 
 def init_state(config: ml_collections.ConfigDict, backend: backends_lib.Backend | None = None,
                ) -> tuple[nnx.GraphDef, State]:
@@ -89,6 +98,8 @@ def init_state(config: ml_collections.ConfigDict, backend: backends_lib.Backend 
       "opt": tx.init(params),
       "step": jnp.zeros((), jnp.int32),
       "key": jax.random.key_data(jax.random.key(config.seed)),
+      # Saved with the rest: a resumed run reports and stops as the uninterrupted one would.
+      "nonfinite": {name: jnp.zeros((), jnp.int32) for name in NONFINITE_COUNTS},
   }
 
 
@@ -226,16 +237,45 @@ def train_step(state: State, batch: dict[str, jax.Array], *, graphdef: nnx.Graph
   key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), state["step"])
   loss, grads = accumulated_grads(state["params"], graphdef, batch, key, config,
                                   config.train.grad_accum)
+  new_state, metrics = apply_grads(state, loss, grads, tx=tx, config=config)
+  metrics["real_tokens"] = jnp.sum(batch["segment_ids"] > 0)
+  return new_state, metrics
+
+
+def apply_grads(state: State, loss: jax.Array, grads: Any, *,
+                tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+                ) -> tuple[State, dict[str, jax.Array]]:
+  """The update of a step from its loss and gradient, or none if either is not finite.
+
+  A non-finite step keeps params, EMA and optimizer state bit for bit (so the learning-rate
+  schedule, which counts applied updates, waits too) and adds to the ``nonfinite`` counts; the
+  step advances either way, so its batch is skipped. Decided on device: the host never waits for
+  a step to learn whether it was finite.
+  """
+  grad_norm = optax.tree.norm(grads)
+  # The global norm is finite iff every gradient is (or their squares' sum overflows, from about
+  # 1e19: no gradient to apply either), so one reduction the metrics need anyway decides.
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt = tx.update(grads, state["opt"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   decay = ema_decay_at(state["step"], config.optim.ema_decay)
   ema = jax.tree.map(lambda e, p: e * decay + p * (1.0 - decay), state["ema"], params)
-  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-             "lr": lr_schedule(config.optim, config.train.steps)(state["step"]),
-             "real_tokens": jnp.sum(batch["segment_ids"] > 0)}
-  new_state = {"params": params, "ema": ema, "opt": opt, "step": state["step"] + 1,
-               "key": state["key"]}
-  return new_state, metrics
+  # A select per element, which XLA fuses into the update's own elementwise work.
+  learned = optax.tree.where(ok, {"params": params, "ema": ema, "opt": opt},
+                             {k: state[k] for k in ("params", "ema", "opt")})
+  counts = state["nonfinite"]
+  run = jnp.where(ok, 0, counts["run"] + 1)
+  # A step right after a log line (step % log_every == 0) starts the longest-run count afresh.
+  since_log = jnp.where(state["step"] % config.train.log_every == 0, 0, counts["max_run"])
+  nonfinite = {"total": counts["total"] + (~ok).astype(jnp.int32), "run": run,
+               "max_run": jnp.maximum(since_log, run)}
+  # The optimizer's schedule counts the updates it applied (a skipped step keeps its count too):
+  # the steps so far less the skipped ones.
+  applied = state["step"] - counts["total"]
+  metrics = {"loss": loss, "grad_norm": grad_norm,
+             "lr": lr_schedule(config.optim, config.train.steps)(applied)}
+  return {**learned, "step": state["step"] + 1, "key": state["key"],
+          "nonfinite": nonfinite}, metrics
 
 
 def jit_train_step(config, graphdef, state_shardings, mesh, backend=None):
@@ -327,6 +367,26 @@ class _StopFlag:
       signal.signal(signal.SIGTERM, self._old)
 
 
+def check_resume(config, mngr) -> None:
+  """Refuses to resume the newest checkpoint if it was trained with other values of fields
+  outside ``config_lib.RESUME_SAFE``, listing them, unless ``train.allow_config_change``."""
+  latest = mngr.latest_step()
+  if latest is None:
+    return
+  changes = config_lib.resume_changes(ckpt_lib.read_config(mngr, latest), config)
+  if not changes:
+    return
+  where, listed = ckpt_lib.step_dir(mngr, latest), "\n  ".join(changes)
+  if config.train.allow_config_change:
+    print(f"warning: resuming checkpoint {where} with train.allow_config_change, which "
+          f"changes\n  {listed}", file=sys.stderr)
+    return
+  raise ValueError(f"checkpoint {where} was trained with another config; this one changes\n"
+                   f"  {listed}\nresume with the config it was trained with (saved with it, in "
+                   f"{os.path.join(where, 'config')}), train this one in a new workdir, or set "
+                   "--config.train.allow_config_change=True to resume with the changes")
+
+
 def _init_or_restore(config, mesh, mngr, backend):
   """``(graphdef, state, shardings, data iterator state)``: the newest checkpoint's, or fresh
   (no iterator state)."""
@@ -349,8 +409,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> State:
   evals_lib.validate(config)
   _sample_labels(config)  # a bad sample.labels fails now, not at the first samples
   is_main = jax.process_index() == 0
-  if is_main:
-    metrics_lib.write_run_info(config, workdir)
   mesh = shard_lib.make_mesh(config.mesh)
   check_process_rows(config, mesh)
   rules = config.mesh.rules
@@ -363,7 +421,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> State:
   with (_StopFlag() as stop, contextlib.ExitStack() as cleanup, jax.set_mesh(mesh),
         shard_lib.axis_rules(rules)):
     cleanup.callback(mngr.close)
+    check_resume(config, mngr)
     graphdef, state, shardings, data_state = _init_or_restore(config, mesh, mngr, backend)
+    # After the checks of a resume: one refused leaves the workdir's config.json as it was.
+    if is_main:
+      metrics_lib.write_run_info(config, workdir)
     start = int(jax.device_get(state["step"]))
     step_fn = jit_train_step(config, graphdef, shardings, mesh, backend)
     evaluators = evals_lib.Evaluators(evals_lib.EvalContext(config, graphdef, backend, mesh),
@@ -385,6 +447,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> State:
         metrics_lib.progress(start, total, config.train.progress and is_main)))
     meter = metrics_lib.Throughput(config)
     warned_recompile = False
+    seen_nonfinite = _nonfinite_counts(state)["total"]
     for step in range(start, total):
       host_batch = next(it)
       state, metrics = step_fn(state, _device_batch(host_batch, b_shardings))
@@ -392,15 +455,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> State:
       done = step + 1
       if done % config.train.log_every == 0 or done == total:
         m = meter.line(metrics, step_fn)
-        if not math.isfinite(m["loss"]):
-          raise FloatingPointError(f"loss is {m['loss']} at step {done}: lower optim.lr or "
-                                   "set optim.grad_clip; the last checkpoint is intact")
+        counts = _nonfinite_counts(state)
+        m.update(nonfinite_steps=counts["total"], nonfinite_in_a_row=counts["run"],
+                 nonfinite_max_in_a_row=counts["max_run"])
         writer.write(done, m)
+        seen_nonfinite = _warn_on_nonfinite(counts, seen_nonfinite, done, config)
+        _stop_if_diverged(counts, done, config, mngr)
         warned_recompile = warned_recompile or metrics_lib.warn_on_recompile(m["compiles"], done)
         bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}",
-                        mfu=f"{m['mfu']:.2f}")
+                        mfu=f"{m['mfu']:.2f}", **({"nonfinite": counts["total"]}
+                                                  if counts["total"] else {}))
       bar.update(1)
       if done % config.train.ckpt_every == 0 or done == total or stop.stop:
+        # Saving waits for the state anyway, so reading its counts here costs nothing.
+        _stop_if_diverged(_nonfinite_counts(state), done, config, mngr)
         ckpt_lib.save(mngr, done, state, it.get_state(), config)
       if config.train.sample_every and done % config.train.sample_every == 0 and done < total:
         _write_samples(config, workdir, graphdef, state, done, is_main)
@@ -412,7 +480,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> State:
         break
     it.close()  # no more batches: the workers' memory is free before sampling
     bar.close()
-    mngr.wait_until_finished()
+    ckpt_lib.wait(mngr)
     final = int(jax.device_get(state["step"]))
     # After the last step, also when a run that ended before its evaluation is resumed.
     if final == total and evaluators.names and not evaluators.written(total):
@@ -421,6 +489,40 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> State:
     if not stop.stop and (start < total or not os.path.isdir(_samples_dir(workdir, total))):
       _write_samples(config, workdir, graphdef, state, final, is_main)
   return state
+
+
+def _nonfinite_counts(state: State) -> dict[str, int]:
+  """The state's counts of skipped steps (``NONFINITE_COUNTS``); waits for the last step."""
+  return {k: int(v) for k, v in jax.device_get(state["nonfinite"]).items()}
+
+
+def _warn_on_nonfinite(counts: dict[str, int], seen: int, step: int, config) -> int:
+  """Warns if steps were skipped since the host last looked; returns the total it has seen."""
+  if counts["total"] > seen:
+    print(f"warning: non-finite steps by step {step}: {counts['total'] - seen} since the last "
+          f"log line, {counts['total']} in the run, at most {counts['max_run']} in a row since "
+          "the last log line; each had a NaN or inf loss or gradient and was skipped (no update, "
+          f"its batch passed over); train.max_nonfinite_in_a_row="
+          f"{config.train.max_nonfinite_in_a_row} in a row stop the run", file=sys.stderr)
+  return counts["total"]
+
+
+def _stop_if_diverged(counts: dict[str, int], step: int, config, mngr) -> None:
+  """Raises once ``train.max_nonfinite_in_a_row`` steps in a row were non-finite, naming the
+  newest checkpoint. Nothing is saved: the run no longer learns from this state, and a
+  checkpoint of it would take the last good one's place among those kept."""
+  limit = config.train.max_nonfinite_in_a_row
+  if not limit or counts["max_run"] < limit:
+    return
+  ckpt_lib.wait(mngr)  # a save still being written is the last good one once complete
+  last = mngr.latest_step()
+  good = (f"the last good checkpoint is step {last} at {ckpt_lib.step_dir(mngr, last)}"
+          if last is not None else f"no checkpoint was written before them in {mngr.directory}")
+  raise FloatingPointError(
+      f"{counts['max_run']} steps in a row had a non-finite loss or gradient by step {step} "
+      f"(train.max_nonfinite_in_a_row={limit}); the run stops without saving, and {good}. "
+      "Resuming from it repeats those steps: lower optim.lr (resuming with --config.train."
+      "allow_config_change=True) or check the data of those steps")
 
 
 def _device_batch(host_batch: dict[str, Any], shardings) -> dict[str, Any]:
