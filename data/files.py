@@ -10,7 +10,8 @@ Scan (once, at start-up): each file's header is probed for ``(frames, H, W)`` wi
 (npy/npz array headers, mp4/webm/gif container headers through PyAV). A file that cannot be
 used is kept in the index with the reason, so the pipeline counts it each time it is drawn and
 reports it with the batch, and the run goes on: ``unreadable``, ``empty`` (0 bytes),
-``truncated`` (less data than the header promises), ``no_frames``, ``too_small`` (under
+``truncated`` (less data than the header promises; for mp4 and webm, a file the decoder
+rejects whose container declares more bytes than it holds), ``no_frames``, ``too_small`` (under
 ``_MIN_SIDE`` pixels, or under one patch for latents), ``absurd_size`` (a header over
 ``_MAX_PIXELS`` per frame or ``_MAX_FRAMES``), ``too_short`` (fewer than ``data.frames[0]``
 frames at ``data.frame_stride``), ``bad_shape`` (an array that is not ``[T, H, W, C]``).
@@ -67,6 +68,7 @@ class Skip(Exception):
   def __init__(self, reason: str, detail: str = ""):
     super().__init__(f"{reason}: {detail}" if detail else reason)
     self.reason = reason
+    self.detail = detail
 
 
 # ----------------------------------------------------------------------------- probing
@@ -130,6 +132,62 @@ def _check_dims(n: int, h: int, w: int) -> None:
     raise Skip("too_small", f"{h}x{w} pixels")
 
 
+def _box_sizes_exceed(path: str) -> str | None:
+  """Why ``path`` is cut short, from its container's own sizes, or None: an mp4 (ISO BMFF)
+  whose top-level boxes declare more bytes than the file has, or a webm (EBML) whose Segment
+  does. Consulted only after the decoder failed, to tell a cut file from a corrupt one."""
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    head = f.read(64)
+    if head[4:8] == b"ftyp":
+      pos = 0
+      while pos + 8 <= size:
+        f.seek(pos)
+        box = f.read(16)
+        n = int.from_bytes(box[:4], "big")
+        if n == 1 and len(box) == 16:  # a 64-bit size follows the type
+          n = int.from_bytes(box[8:16], "big")
+        if n == 0:  # the box runs to the end of the file
+          return None
+        if n < 8 or not all(0x20 <= c < 0x7F for c in box[4:8]):
+          return None  # not a box (sizes are >= 8, types four printable characters): corrupt
+        if pos + n > size:
+          return f"box {box[4:8]!r} at byte {pos} needs {n} bytes, the file has {size - pos}"
+        pos += n
+      return None
+    if head[:4] == b"\x1a\x45\xdf\xa3":
+      pos = 0
+      for expected in (b"\x1a\x45\xdf\xa3", b"\x18\x53\x80\x67"):  # EBML header, Segment
+        f.seek(pos)
+        ident = f.read(4)
+        if ident != expected:
+          return None
+        first = f.read(1)
+        if not first or first[0] == 0:
+          return None
+        width = 9 - first[0].bit_length()  # EBML's variable-length size
+        value = first[0] & (0xFF >> width)
+        for b in f.read(width - 1):
+          value = (value << 8) | b
+        if value == (1 << (7 * width)) - 1:  # "unknown size" (a live stream)
+          return None
+        pos = pos + 4 + width + value
+        if pos > size:
+          return f"element {ident.hex()} ends at byte {pos}, the file has {size}"
+  return None
+
+
+def _unreadable_or_truncated(path: str, e: Exception) -> Skip:
+  """The Skip for a file its decoder rejected: ``truncated`` if the container says it was cut."""
+  try:
+    cut = _box_sizes_exceed(path)
+  except OSError:
+    cut = None
+  if cut:
+    return Skip("truncated", f"{cut} ({type(e).__name__}: {e})")
+  return Skip("unreadable", f"{type(e).__name__}: {e}")
+
+
 def probe(path: str) -> tuple[int, int, int, int]:
   """``(frames, H, W, C)`` of a file from its header; raises Skip(reason) if it is unusable."""
   try:
@@ -140,8 +198,8 @@ def probe(path: str) -> tuple[int, int, int, int]:
     return _probe_video(path)
   except Skip:
     raise
-  except Exception as e:  # noqa: BLE001 - any decoder error means the same thing: unreadable
-    raise Skip("unreadable", f"{type(e).__name__}: {e}") from e
+  except Exception as e:  # noqa: BLE001 - any decoder error: cut short, or unreadable
+    raise _unreadable_or_truncated(path, e) from e
 
 
 # ----------------------------------------------------------------------------- loading
@@ -398,7 +456,8 @@ class FolderSource:
     try:
       raw = _read_frames(entry["path"], start, T, self.stride)
     except Exception as e:  # noqa: BLE001 - a file that changed or lied about its contents
-      raise Skip("unreadable", f"{entry['path']}: {type(e).__name__}: {e}") from e
+      skip = _unreadable_or_truncated(entry["path"], e)
+      raise Skip(skip.reason, f"{entry['path']}: {skip.detail}") from e
     if raw.shape[0] < T:
       raise Skip("truncated", f"{entry['path']}: {raw.shape[0]} of {T} frames decode")
     if raw.dtype != np.uint8:

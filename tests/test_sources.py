@@ -167,7 +167,7 @@ def make_video_folder(root, rng):
   np.save(root / "nan.npy", nan)
   (root / "notes.txt").write_text("not a video")
   return {"a.mp4": "", "b.webm": "", "c.gif": "", "d.npy": "", "e.npy": "",
-          "empty.mp4": "empty", "garbage.webm": "unreadable", "cut.mp4": "unreadable",
+          "empty.mp4": "empty", "garbage.webm": "unreadable", "cut.mp4": "truncated",
           "cut.npy": "truncated", "zero_frames.npy": "no_frames", "one_pixel.npy": "too_small",
           "huge.npy": "absurd_size", "short.npy": "too_short", "flat.npy": "bad_shape",
           "nan.npy": ""}  # nan.npy passes the scan; loading finds not_finite
@@ -233,6 +233,35 @@ def test_folder_scan_skips_every_bad_kind_by_reason(video_folder):
   (nan,) = [i for i, e in enumerate(src.entries) if e["path"].endswith("nan.npy")]
   with pytest.raises(Skip, match="not_finite"):
     src[nan]
+
+
+def test_cut_containers_are_truncated_and_corrupt_ones_unreadable(tmp_path):
+  """A file the decoder rejects is ``truncated`` when its container (mp4 boxes, webm Segment)
+  declares more bytes than it holds, at the scan or, where the header survives, at loading;
+  the same bytes scrambled inside are ``unreadable``."""
+  rng = np.random.default_rng(1)
+  pixels = rng.integers(0, 256, (6, 24, 16, 3), dtype=np.uint8)
+  video_io.encode(str(tmp_path / "v.webm"), pixels, 8, "libvpx-vp9", {"crf": "30", "b": "0"})
+  video_io.encode(str(tmp_path / "v.mp4"), pixels, 8, "libx264")
+  mp4, webm = (tmp_path / "v.mp4").read_bytes(), (tmp_path / "v.webm").read_bytes()
+  root = tmp_path / "videos"
+  root.mkdir()
+  (root / "tail_cut.mp4").write_bytes(mp4[:-300])
+  (root / "cut.webm").write_bytes(webm[:len(webm) // 2])
+  # Box sizes intact, the box contents after the ftyp overwritten: corrupt, not cut.
+  (root / "scrambled.mp4").write_bytes(mp4[:32] + rng.bytes(len(mp4) - 32))
+  src = FolderSource.from_config(folder_config(root), "video_folder")
+  skips = {os.path.basename(e["path"]): (e["skip"], e["skip_detail"]) for e in src.entries}
+  assert skips["tail_cut.mp4"][0] == "truncated", skips
+  assert "the file has" in skips["tail_cut.mp4"][1]
+  assert skips["scrambled.mp4"][0] in ("unreadable", "no_frames"), skips
+  (cut,) = [i for i, e in enumerate(src.entries) if e["path"].endswith("cut.webm")]
+  if not src.entries[cut]["skip"]:  # its header is at the front: loading finds the cut
+    with pytest.raises(Skip) as info:
+      src[cut]
+    assert info.value.reason == "truncated", info.value
+  else:
+    assert src.entries[cut]["skip"] == "truncated"
 
 
 def test_folder_items_are_deterministic_and_in_range(video_folder):
