@@ -8,8 +8,8 @@ with paths relative to data.path (label_name is optional: sample.py --labels the
 well as 3); without a manifest every video file in the folder is used, unconditionally (the
 null label). Each video is resized (aspect ratio kept, snapped to the nearest of
 data.aspect_ratios) to 8 frames at about 32x32 pixels, every second stored frame; files that
-cannot be used are skipped, listed once on stderr, and counted per reason as skipped_<reason>
-in the metrics.
+cannot be used are skipped and counted per reason as skipped_<reason> in the metrics; those
+the start-up scan finds are named with their reason on stderr and in workdir/skipped.jsonl.
 The model is the default one; set model.num_classes to your manifest's label count.
 """
 

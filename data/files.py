@@ -59,6 +59,7 @@ LATENT_EXTS = (".npy", ".npz")
 _MIN_SIDE = 4  # pixels: smaller videos hold nothing worth upscaling
 _MAX_PIXELS = 1 << 28  # per frame (16384 x 16384): larger headers are corrupt or not videos
 _MAX_FRAMES = 10_000_000
+_LISTED_SKIPS = 20  # unusable files named on stderr at start-up; skipped.jsonl has every one
 _SCAN_THREADS = 8
 
 
@@ -394,6 +395,18 @@ class FolderSource:
     if counts and verbose:
       print(f"{kind}: {usable} of {len(self.entries)} files in {path} are usable; skipped: "
             + ", ".join(f"{r} {n}" for r, n in sorted(counts.items())), file=sys.stderr)
+      skipped = self.skipped()
+      for e in skipped[:_LISTED_SKIPS]:
+        print(f"  skipped {e['path']} ({e['reason']}): {e['detail']}", file=sys.stderr)
+      if len(skipped) > _LISTED_SKIPS:
+        print(f"  ... and {len(skipped) - _LISTED_SKIPS} more (a training run lists them all in "
+              "skipped.jsonl in its workdir)", file=sys.stderr)
+
+  def skipped(self) -> list[dict[str, str]]:
+    """``{"path", "reason", "detail"}`` of each file the scan found unusable, in index order.
+    (Files that fail only when loaded are counted per batch, not listed here.)"""
+    return [{"path": e["path"], "reason": e["skip"], "detail": e["skip_detail"]}
+            for e in self.entries if e["skip"]]
 
   @classmethod
   def from_config(cls, config, kind: str) -> "FolderSource":

@@ -254,8 +254,11 @@ class TrainIterator:
   step runs, whatever the caller keeps.
   """
 
-  def __init__(self, iterator: grain.DatasetIterator):
+  def __init__(self, iterator: grain.DatasetIterator, skipped: list[dict[str, str]]):
     self._it: grain.DatasetIterator | None = iterator
+    # The files the source's scan found unusable (``FolderSource.skipped``; none for the
+    # synthetic sources), for the trainer's skipped.jsonl.
+    self.skipped = skipped
 
   def __iter__(self) -> "TrainIterator":
     return self
@@ -313,8 +316,8 @@ def make_train_iterator(config, start_step: int = 0, process_index: int = 0,
   making is done, so nothing is left reading at exit.
   """
   d = config.data
-  ds = grain.MapDataset.range(int(start_step), _END_STEP).map(
-      BatchMaker(config, process_index, process_count, backend))
+  maker = BatchMaker(config, process_index, process_count, backend)
+  ds = grain.MapDataset.range(int(start_step), _END_STEP).map(maker)
   if d.worker_count > 0:
     _mark_absl_flags_parsed()
     # Inside a worker the batch is made inline; mp_prefetch's buffer does the prefetching.
@@ -329,4 +332,5 @@ def make_train_iterator(config, start_step: int = 0, process_index: int = 0,
       # is the inner iterator's, {"next_index": n}, as with ReadOptions' prefetching.
       it_ds = grain.experimental.ThreadPrefetchIterDataset(
           it_ds, prefetch_buffer_size=int(d.prefetch))
-  return TrainIterator(iter(it_ds))
+  skipped = maker.source.skipped() if hasattr(maker.source, "skipped") else []
+  return TrainIterator(iter(it_ds), skipped)

@@ -264,6 +264,17 @@ def test_cut_containers_are_truncated_and_corrupt_ones_unreadable(tmp_path):
     assert src.entries[cut]["skip"] == "truncated"
 
 
+def test_scan_names_each_skipped_file_on_stderr(video_folder, capsys):
+  root, expected = video_folder
+  FolderSource.from_config(folder_config(root), "video_folder")
+  err = capsys.readouterr().err
+  for name, reason in expected.items():
+    named = [l for l in err.splitlines() if l.startswith("  skipped ") and f"/{name} (" in l]
+    assert len(named) == (1 if reason else 0), (name, err)
+    if reason:
+      assert f"/{name} ({reason}): " in named[0]
+
+
 def test_folder_items_are_deterministic_and_in_range(video_folder):
   root, expected = video_folder
   c = folder_config(root)
@@ -469,6 +480,12 @@ def test_two_step_train_on_a_folder_reports_skips(video_folder, tmp_path, monkey
   c = run_config(2, **{"data.source": "video_folder", "data.path": str(root),
                        "train.ckpt_every": 2})
   trainer.train(c, str(tmp_path / "run"))
+  # Every file the scan could not use is named once, with its reason, in the workdir.
+  listed = [json.loads(l) for l in open(tmp_path / "run" / "skipped.jsonl")]
+  expected = video_folder[1]
+  assert {os.path.basename(e["path"]): e["reason"] for e in listed} == \
+      {name: reason for name, reason in expected.items() if reason}
+  assert all(e["detail"] and os.path.isabs(e["path"]) for e in listed)
   lines = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
   assert [m["step"] for m in lines] == [1, 2]
   assert all(np.isfinite(m["loss"]) for m in lines)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import os
 import signal
@@ -435,6 +436,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> State:
     it = cleanup.enter_context(pipeline.make_train_iterator(
         config, start_step=0, process_index=jax.process_index(),
         process_count=jax.process_count(), backend=backend))
+    if is_main:
+      _write_skipped(workdir, it.skipped)
     if data_state:
       it.set_state(data_state)
     elif start:
@@ -489,6 +492,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> State:
     if not stop.stop and (start < total or not os.path.isdir(_samples_dir(workdir, total))):
       _write_samples(config, workdir, graphdef, state, final, is_main)
   return state
+
+
+def _write_skipped(workdir: str, skipped: list[dict[str, str]]) -> None:
+  """``workdir/skipped.jsonl``: one line per unusable data file (path, reason, detail), written
+  afresh at each start, so it lists what this run's scan found (none: no file)."""
+  path = os.path.join(workdir, "skipped.jsonl")
+  if not skipped:
+    if os.path.exists(path):
+      os.remove(path)  # an earlier start's list, of files since fixed or removed
+    return
+  with open(path + ".tmp", "w") as f:
+    for entry in skipped:
+      f.write(json.dumps(entry) + "\n")
+  os.replace(path + ".tmp", path)
 
 
 def _nonfinite_counts(state: State) -> dict[str, int]:
