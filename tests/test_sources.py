@@ -475,14 +475,13 @@ def test_two_step_train_on_a_folder_reports_skips(video_folder, tmp_path, monkey
   from helpers import run_config
   from vdit_jax import metrics, trainer
 
-  root, _ = video_folder
+  root, expected = video_folder
   monkeypatch.setattr(metrics, "measured_peak_flops", lambda: 1e12)
   c = run_config(2, **{"data.source": "video_folder", "data.path": str(root),
                        "train.ckpt_every": 2})
   trainer.train(c, str(tmp_path / "run"))
   # Every file the scan could not use is named once, with its reason, in the workdir.
   listed = [json.loads(l) for l in open(tmp_path / "run" / "skipped.jsonl")]
-  expected = video_folder[1]
   assert {os.path.basename(e["path"]): e["reason"] for e in listed} == \
       {name: reason for name, reason in expected.items() if reason}
   assert all(e["detail"] and os.path.isabs(e["path"]) for e in listed)
