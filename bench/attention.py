@@ -57,13 +57,34 @@ SIZES = {
     "default": {"video": (16, 32, 32), "packed": (16, 16, 16), "sdpa": (16, 16, 16),
                 "memory": (4096, 2**21),
                 "windows": ("window(4,31,31)", "window(2,31,31)", "window(1,16,31)"),
-                "boxes": ("window(11,15,15)", "window(7,11,11)", "window(4,9,9)")},
+                "boxes": ("window(11,15,15)", "window(7,11,11)", "window(4,9,9)"),
+                # boxes of about 1/2, 1/4 and 1/8 of the pairs of the 16x16x16 video
+                "small_boxes": ("window(6,10,10)", "window(4,7,7)", "window(3,5,5)")},
     "quick": {"video": (4, 8, 16), "packed": (4, 4, 8), "sdpa": (4, 8, 8),
               "memory": (512, 2048), "windows": ("window(1,7,15)", "window(0,7,15)",
                                                   "window(0,3,15)"),
-              "boxes": ("window(2,2,2)",)},
+              "boxes": ("window(2,2,2)",), "small_boxes": ("window(1,2,2)",)},
 }
 GROUPED = ("full", "spatial", "temporal")
+
+
+class PerHead(tuple):
+  """A sublayer giving each head its own pattern (the ``sparse`` block)."""
+
+
+def sparse_block() -> PerHead:
+  """The heads of a ``sparse`` block as ``configs/ablate.py`` trains it (its run config's
+  ``sparse_heads``, ``sparse_window`` and head count)."""
+  from configs import ablate  # noqa: PLC0415 (the repo root is on sys.path above)
+  return PerHead(schedule.sparse_head_patterns(ablate.get_config().run.model))
+
+
+def visit(lay: layout.Layout, seq_len: int) -> str:
+  """How blocksparse visits a layout's lists: block, then spans, runs, pairs, diagonal or row."""
+  kind = (f"runs {lay.max_runs}x{lay.run_blocks}" if lay.max_runs else
+          f"pairs {lay.max_pairs}" if lay.max_pairs else "row" if lay.whole_row(seq_len) else
+          "diag" if lay.block_diagonal else f"span {lay.max_kv_blocks}")
+  return f"{lay.block_q}:{kind}"
 # Block types whose attention term model.forward_flops is checked against here.
 FLOP_BLOCKS = ("full3d", "factorized")
 
@@ -89,20 +110,23 @@ def make_backend(name: str, patterns, kv_chunk: int | None = None,
   return backends.Backend(name, patterns, block=block, kv_chunk=kv_chunk, kernel=kernel)
 
 
-def grad_fn(backend: backends.Backend):
-  """jitted (q, k, v, g, seg, coords, layouts) -> gradients in q, k, v of <sum of outputs, g>."""
+def grad_fn(backend: backends.Backend, per_head: PerHead | None = None):
+  """jitted (q, k, v, g, seg, coords, layouts) -> gradients in q, k, v of <sum of outputs, g>:
+  the outputs of each of the backend's patterns, or of one ``per_head`` sublayer."""
 
   def loss(q, k, v, g, seg, coords, layouts):
     ctx = attention.AttentionContext(backend, seg, coords, layouts)
+    if per_head is not None:
+      return jnp.sum(ctx.attend(tuple(per_head), q, k, v) * g)
     out = sum(ctx.attend(p, q, k, v) for p in backend.patterns)
     return jnp.sum(out * g)
 
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
-def qkvg(seq_len: int, seed: int = 0, dtype=jnp.float32) -> list[jax.Array]:
+def qkvg(seq_len: int, seed: int = 0, dtype=jnp.float32, heads: int = HEADS) -> list[jax.Array]:
   keys = jax.random.split(jax.random.key(seed), 4)
-  return [jax.random.normal(k, (1, seq_len, HEADS, HEAD_DIM), dtype) for k in keys]
+  return [jax.random.normal(k, (1, seq_len, heads, HEAD_DIM), dtype) for k in keys]
 
 
 def time_side_by_side(cases: dict, repeats: int) -> dict[str, float]:
@@ -144,6 +168,8 @@ def pipeline_layouts(backend: backends.Backend, seg, coords, grids, exact: bool 
 def computed_fraction(lay: layout.Layout, seq_len: int) -> float:
   """Fraction of the row's block pairs blocksparse computes for a layout."""
   n = seq_len // lay.block_q
+  if lay.max_runs:
+    return min(lay.max_runs * lay.run_blocks / n, 1.0)
   if lay.max_pairs:
     return lay.max_pairs / n**2
   return min(lay.max_kv_blocks / n, 1.0)
@@ -151,12 +177,16 @@ def computed_fraction(lay: layout.Layout, seq_len: int) -> float:
 
 def layout_shapes(pattern: str, seq_len: int, grid) -> layout.Layout:
   """Shapes of ``pipeline_layouts(...)[pattern]`` for one video, without building it (huge L)."""
-  block, J, P = bounds.plan(pattern, seq_len, [grid], max_segments=1)
+  block, J, P, runs = bounds.plan(pattern, seq_len, [grid], max_segments=1)
   N = seq_len // block
   i32, b8 = jnp.int32, jnp.bool_
   sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
   pairs = ({"pair_q": sds((1, P), i32), "pair_k": sds((1, P), i32), "pair_valid": sds((1, P), b8)}
            if P else {})
+  if runs is not None:
+    R, W = runs
+    pairs.update(run_start=sds((1, N, R), i32), run_len=sds((1, N, R), i32), max_runs=R,
+                 run_blocks=W)
   return layout.Layout(perm=sds((1, seq_len), i32), inv_perm=sds((1, seq_len), i32),
                        perm_segment=sds((1, seq_len), i32), perm_coords=sds((1, seq_len, 3), i32),
                        kv_blocks=sds((1, N, J), i32), kv_valid=sds((1, N, J), b8),
@@ -198,12 +228,18 @@ def main():
   ap.add_argument("--causal-blocks", default="",
                   help="comma list of block sizes: also time frame_causal(-1) on the 'alone' "
                        "video with each (its pair layouts' block; the default grows it)")
+  ap.add_argument("--run-factor", type=float, default=pat.RUN_FACTOR,
+                  help="patterns.RUN_FACTOR for this run's layout plans: the cost per key of "
+                       "run lists relative to spans that tiles must beat (1 takes tiles and "
+                       "runs wherever they visit fewer keys)")
   args = ap.parse_args()
+  pat.RUN_FACTOR = args.run_factor  # before any plan is made (they are cached)
   dtype = jnp.dtype(args.dtype)
   size = SIZES["quick" if args.quick else "default"]
   video, packed, sdpa_video = size["video"], size["packed"], size["sdpa"]
   fact = schedule.BLOCK_PATTERNS["factorized"]
   causal = str(pat.FrameCausal(-1))
+  sparse = sparse_block()
 
   # ---- timed variants: name -> (row, backend, patterns, layouts sized for this row?)
   L = tokens.num_tokens(video)
@@ -219,6 +255,9 @@ def main():
       "video: blocksparse factorized, exact": ("video", "blocksparse", fact, True),
       **{f"video: blocksparse {w}": ("video", "blocksparse", (w,), False)
          for w in size["windows"] + size["boxes"] + (causal,)},
+      "video: dense full, sparse's heads": ("video", "dense", PerHead(("full",) * len(sparse)),
+                                            False),
+      "video: blocksparse sparse block": ("video", "blocksparse", sparse, False),
       "packed: dense full": ("packed", "dense", ("full",), False),
       "packed: blocksparse full": ("packed", "blocksparse", ("full",), False),
       "packed: blocksparse full, exact": ("packed", "blocksparse", ("full",), True),
@@ -226,6 +265,11 @@ def main():
       "alone: sdpa (xla) full": ("sdpa", "sdpa", ("full",), False),
       "alone: blocksparse full": ("sdpa", "blocksparse", ("full",), False),
       "alone: blocksparse frame_causal(-1)": ("sdpa", "blocksparse", (causal,), False),
+      **{f"alone: blocksparse {w}": ("sdpa", "blocksparse", (w,), False)
+         for w in size["small_boxes"]},
+      "alone: dense full, sparse's heads": ("sdpa", "dense", PerHead(("full",) * len(sparse)),
+                                            False),
+      "alone: blocksparse sparse block": ("sdpa", "blocksparse", sparse, False),
       **{f"alone: blocksparse frame_causal(-1), block {b}": ("sdpa", "blocksparse", (causal,),
                                                              False, int(b))
          for b in args.causal_blocks.split(",") if b},
@@ -234,21 +278,30 @@ def main():
     variants.update({"video: pallas factorized": ("video", "pallas", fact, False),
                      "packed: pallas full": ("packed", "pallas", ("full",), False),
                      "alone: pallas full": ("sdpa", "pallas", ("full",), False)})
-  cases, pair_ratio, computed = {}, {}, {}
+  cases, pair_ratio, computed, visits, heads = {}, {}, {}, {}, {}
   for name, (row, backend, patterns, exact, *block) in variants.items():
     grids, seq_len = rows[row]
     seg, coords = make_row(grids, seq_len)
-    be = make_backend(backend, patterns, block=block[0] if block else 0)
+    per_head = patterns if isinstance(patterns, PerHead) else None
+    uses = tuple(dict.fromkeys(patterns))  # per-head patterns: each once
+    be = make_backend(backend, uses, block=block[0] if block else 0)
     layouts = pipeline_layouts(be, seg, coords, grids, exact=exact)
-    computed[name] = len(patterns)  # dense: every pair, per pattern
+    heads[name] = len(per_head) if per_head else HEADS
+    # Computed and allowed pairs per head (per-head sublayers: averaged over heads).
+    share = ({p: per_head.count(p) / len(per_head) for p in uses} if per_head else
+             dict.fromkeys(uses, 1.0))
+    computed[name] = sum(share.values())  # dense: every pair, per pattern
+    visits[name] = "dense"
     if layouts is not None:
       # Keys each query block computes: its listed pairs, or its max_kv_blocks slots (or the
       # whole row).
-      computed[name] = sum(computed_fraction(lay, seq_len) for lay in layouts.values())
+      computed[name] = sum(share[p] * computed_fraction(layouts[str(p)], seq_len) for p in uses)
+      visits[name] = " ".join(visit(layouts[str(p)], seq_len) for p in uses)
       layouts = jax.tree.map(jnp.asarray, layouts)
-    cases[name] = (grad_fn(be),
-                   (*qkvg(seq_len, dtype=dtype), jnp.asarray(seg), jnp.asarray(coords), layouts))
-    pair_ratio[name] = sum(pairs_of(p, grids) for p in patterns) / seq_len ** 2
+    cases[name] = (grad_fn(be, per_head),
+                   (*qkvg(seq_len, dtype=dtype, heads=heads[name]), jnp.asarray(seg),
+                    jnp.asarray(coords), layouts))
+    pair_ratio[name] = sum(share[p] * pairs_of(p, grids) for p in uses) / seq_len ** 2
   sec = time_side_by_side(cases, args.repeats)
 
   print(f"\n{args.dtype} forward+backward, one row, {HEADS} heads x {HEAD_DIM}; medians of "
@@ -256,13 +309,17 @@ def main():
   print(f"video {'x'.join(map(str, video))} (L={L}); packed: 4 x {'x'.join(map(str, packed))} "
         f"(L={L}); alone: {'x'.join(map(str, sdpa_video))} (L={L_sdpa})")
   print("(computed/L^2: pairs the backend computes, max_kv_blocks slots per query block; "
-        "TFLOP/s: 3x the analytic forward FLOPs of the allowed pairs per second)")
-  print(f"{'variant':44s} {'pairs/L^2':>10s} {'computed/L^2':>13s} {'ms':>10s} {'TFLOP/s':>8s}")
+        "TFLOP/s: 3x the analytic forward FLOPs of the allowed pairs per second; per head, "
+        "averaged over the heads of the sparse block's rows, which have one head per entry of "
+        f"{','.join(map(str, sparse))}; visit: block size, then the lists as spans of key "
+        "blocks, runs (count x blocks), pairs, block-diagonal or the whole row)")
+  print(f"{'variant':44s} {'pairs/L^2':>10s} {'computed/L^2':>13s} {'ms':>10s} {'TFLOP/s':>8s}"
+        f"  visit")
   for name, (row, *_) in variants.items():
     seq_len = rows[row][1]
-    tflops = 3 * 4 * HEADS * HEAD_DIM * pair_ratio[name] * seq_len ** 2 / sec[name] / 1e12
+    tflops = 3 * 4 * heads[name] * HEAD_DIM * pair_ratio[name] * seq_len ** 2 / sec[name] / 1e12
     print(f"{name:44s} {pair_ratio[name]:10.4f} {computed[name]:13.4f} {1e3 * sec[name]:10.1f} "
-          f"{tflops:8.3f}")
+          f"{tflops:8.3f}  {visits[name]}")
 
   # ---- analytic FLOPs per pattern, and the model's count of the same
   print(f"\nanalytic attention FLOPs, forward, {HEADS} heads x {HEAD_DIM} (4 K per pair and head)")
@@ -322,6 +379,18 @@ def main():
   name = f"video: blocksparse {causal}"
   common.target("video_frame_causal_blocksparse_over_full_dense", sec[name] / dense_video, "<=",
          1.25 * pair_ratio[name] + 0.05)
+  for row, dense, boxes in (("video", dense_video, size["boxes"]),
+                            ("alone", sec["alone: dense full"], size["small_boxes"])):
+    L_row = rows["video" if row == "video" else "sdpa"][1]
+    for w in boxes:
+      name = f"{row}: blocksparse {w}"
+      args_ = "_".join(map(str, dataclasses.astuple(pat.parse(w))))
+      common.target(f"box_{args_}_L{L_row}_blocksparse_over_full_dense", sec[name] / dense,
+                    "<=", 1.25 * pair_ratio[name] + 0.05)
+    name = f"{row}: blocksparse sparse block"
+    print(f"sparse block, {row} (L={L_row}): pairs/L^2 {pair_ratio[name]:.4f} per head")
+    common.target(f"sparse_block_L{L_row}_blocksparse_over_full_dense",
+                  sec[name] / sec[f"{row}: dense full, sparse's heads"], "<=", 1 / 1.6)
   common.target("alone_full_blocksparse_over_sdpa_xla",
          sec["alone: blocksparse full"] / sec["alone: sdpa (xla) full"], "<=", 1.2)
   dense_len = memory["dense full"][0] or 0

@@ -14,9 +14,10 @@ the forward pass keeps for the backward pass (what remat saves, on any platform)
 Prints seconds per forward+backward for full3d, factorized (a spatial and a temporal attention
 sublayer in every block) and alternating (spatial blocks and temporal blocks in turn, one
 attention sublayer each: how Latte and Open-Sora's STDiT3 factorize, about half the FLOPs of
-full3d; factorized's extra sublayers cost more), a plain einsum DiT written the obvious way (the
-"plain JAX" reference, measured in the same run), achieved GFLOP/s from the analytic FLOP count,
-and the fraction of this machine's measured f32 matmul peak. Only the plain einsum DiT is a
+full3d; factorized's extra sublayers cost more), window and sparse (the base config's
+``model.window`` box and ``model.sparse_heads`` mix), a plain einsum DiT written the obvious way
+(the "plain JAX" reference, measured in the same run), achieved GFLOP/s from the analytic FLOP
+count, and the fraction of this machine's measured f32 matmul peak. Only the plain einsum DiT is a
 comparison: the peer target lines (MaxDiffusion, PyTorch, Latte, STDiT3) hold goals quoted from
 elsewhere, not measured in this run, so their PASS claims no win over those codebases.
 """
@@ -66,6 +67,8 @@ P0_VARIANTS = {
     "vdit factorized bsparse": ("factorized", "blocksparse", False),
     "  (exact layouts)": ("factorized", "blocksparse", True),
     "vdit alternating bsparse": ("alternating", "blocksparse", False),
+    "vdit window bsparse": ("window", "blocksparse", False),
+    "vdit sparse bsparse": ("sparse", "blocksparse", False),
     "plain einsum full": ("full3d", "dense", False),
 }
 

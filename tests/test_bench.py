@@ -27,7 +27,11 @@ def test_step_bench_quick_prints_targets():
 
 def test_attention_bench_quick_prints_targets():
   lines = quick_targets("bench/attention.py")
-  assert len(lines) == 10, lines
+  assert len(lines) == 14, lines
+  # One box per row length, and the sparse block at both.
+  names = [line.split(":")[0][len("target "):] for line in lines]
+  assert sum(n.startswith("box_") for n in names) == 2
+  assert sum(n.startswith("sparse_block_") for n in names) == 2
   # The model's FLOP counter and the bench's analytic count are the same numbers.
   assert lines[-1].startswith("target model_flops_attention_rel_diff: 0 ") and "PASS" in lines[-1]
 

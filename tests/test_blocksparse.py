@@ -331,9 +331,14 @@ def test_packed_bound_fits_random_packings_and_is_tight():
         assert bound <= bounds.max_kv_blocks_bound(pattern, L, b, b, largest)
         if S == 1:  # one video per row: every placement is seen, so the bound is exact
           assert needed == bound, (trial, pattern, b, grids)
-    for pattern in WINDOWED + ("window(1,2,1)", "window(0,1,3)"):
+    for pattern in WINDOWED + ("window(1,2,1)", "window(0,1,3)", "causal_window(1,1,2)"):
       for b in (8, 16):
         bound = bounds.packed_kv_blocks_bound(pattern, L, b, grids, S)
+        if not bounds.distance_ordered(pattern, grids, b):  # tiles: lists bounded as pairs
+          lay = layout.make_layout(pattern, seg, coords, b, b, bound, max_pairs=None)
+          pair_bound = bounds.pair_bound(pattern, L, b, grids, S, bound)
+          assert lay.max_pairs <= pair_bound < (L // b) ** 2, (trial, pattern, b, grids, S)
+          continue
         needed = layout.needed_kv_blocks(pattern, seg, coords, b, b)
         assert needed <= bound, (trial, pattern, b, grids, S)
         if patterns.parse(pattern).is_box:  # local and cross use their box, a superset
@@ -580,14 +585,19 @@ def test_window_distance_bounds_allowed_pairs(pattern):
 
 
 def test_windowed_bound_fits_random_packings():
-  """The static bound from the largest grids fits rows packed with any smaller videos."""
+  """The static bound fits rows of videos placed anywhere: from the largest grids in t-major
+  orders (distances grow with the grid), from every grid in tiled ones."""
   rng = np.random.default_rng(2)
   largest = [(3, 6, 4), (2, 4, 7)]
+  every = [(t, h, w) for t in range(1, 4) for h in range(1, 7) for w in range(1, 8)
+           if any(t <= a and h <= b and w <= c for a, b, c in largest)]
   for pattern in ("window(1,1,2)", "local(1,1)", "cross(1,2)", "window(0,2,1)",
-                  "frame_causal(0)"):
+                  "frame_causal(0)", "causal_window(1,2,1)"):
     for bq, bk in [(8, 8), (8, 16)]:
-      bound = bounds.distance_bound(pattern, L, bq, bk, largest)
-      assert bound < L // bk  # a real bound, not every key block
+      tiled = not bounds.distance_ordered(pattern, every, bq)
+      bound = bounds.distance_bound(pattern, L, bq, bk, every if tiled else largest)
+      # A real bound, not every key block (tiled: up to 8 one-token videos share a block here).
+      assert tiled or bound < L // bk
       worst = 0
       for _ in range(12):
         rows = []
@@ -602,7 +612,7 @@ def test_windowed_bound_fits_random_packings():
             used += tokens.num_tokens(g)
           rows.append(row)
         seg, coords = shuffled(*packed(rows), seed=int(rng.integers(99)))
-        worst = max(worst, layout.needed_kv_blocks(pattern, seg, coords, bq, bk))
+        worst = max(worst, layout.needed_kv_blocks(pattern, seg, coords, bq, bk, pairs=tiled))
       assert worst <= bound, (pattern, bq, bk)
 
 

@@ -179,6 +179,8 @@ def blocksparse_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Arra
   q_BLHK = q_BLHK * jnp.asarray(K ** -0.5, q_BLHK.dtype)
   if kv_chunk is not None:
     return _chunked(pattern, layout, q_BLHK, k_BLHK, v_BLHK, int(kv_chunk))
+  if layout.max_runs:
+    return _visit_runs(pattern, layout, q_BLHK, k_BLHK, v_BLHK)
   if layout.max_pairs:
     return _visit_pairs(pattern, layout, q_BLHK, k_BLHK, v_BLHK)
   if layout.whole_row(L):
@@ -260,9 +262,26 @@ def _visit_spans(pattern, lay: Layout, q_BLHK, k_BLHK, v_BLHK):
   coordinate tests per pair, at a few GOP/s."""
   L = q_BLHK.shape[1]
   span = lay.max_kv_blocks * lay.block_k
-  start_BN = jnp.minimum(lay.kv_blocks[..., 0] * lay.block_k, L - span)
-  mask_SqM = _span_masks(pattern, span, lay.perm_segment, lay.perm_coords, start_BN)
-  o_BHLK = _ranged(span, *_heads_major(lay, q_BLHK, k_BLHK, v_BLHK), mask_SqM, start_BN)
+  start_BNR = jnp.minimum(lay.kv_blocks[..., :1] * lay.block_k, L - span)
+  mask_SqM = _span_masks(pattern, span, lay.perm_segment, lay.perm_coords, start_BNR)
+  o_BHLK = _ranged(span, *_heads_major(lay, q_BLHK, k_BLHK, v_BLHK), mask_SqM, start_BNR)
+  return _unpermute_from_heads(o_BHLK, lay.perm, lay.inv_perm)
+
+
+def _visit_runs(pattern, lay: Layout, q_BLHK, k_BLHK, v_BLHK):
+  """Lists cut into runs of consecutive key blocks (``Layout.run_start``): each query block
+  attends to ``max_runs`` slices of ``run_blocks`` blocks, as spans do with one. Tiled orders
+  need this: a query tile's keys are a few runs of tiles, one per tile row in reach, far apart
+  in the row. A slice reaching past its run (runs shorter than ``run_blocks``, or moved back to
+  stay inside the row) is masked to the run, so no key is counted twice."""
+  L = q_BLHK.shape[1]
+  bk = lay.block_k
+  span = lay.run_blocks * bk
+  first_BNR = lay.run_start * bk
+  start_BNR = jnp.clip(first_BNR, 0, L - span)
+  in_run = (first_BNR, first_BNR + lay.run_len * bk)
+  mask_SqM = _span_masks(pattern, span, lay.perm_segment, lay.perm_coords, start_BNR, in_run)
+  o_BHLK = _ranged(span, *_heads_major(lay, q_BLHK, k_BLHK, v_BLHK), mask_SqM, start_BNR)
   return _unpermute_from_heads(o_BHLK, lay.perm, lay.inv_perm)
 
 
@@ -330,23 +349,31 @@ def _chunked(pattern, lay: Layout, q_BLHK, k_BLHK, v_BLHK, chunk: int):
   return _unpermute_from_heads(o_BHNqK.reshape(B, H, N * bq, K), lay.perm, lay.inv_perm)
 
 
-def _span_kv(span, k_BHLK, v_BHLK, b, start):
-  """Keys and values ``[1, H, span, K]`` of row ``b`` at ``[start, start + span)``."""
-  H, K = k_BHLK.shape[1], k_BHLK.shape[3]
-  k = jax.lax.dynamic_slice(k_BHLK, (b, 0, start, 0), (1, H, span, K))
-  v = jax.lax.dynamic_slice(v_BHLK, (b, 0, start, 0), (1, H, span, K))
-  return k, v
+def _span_slices(span, x, b, start_R, axis: int = 2):
+  """Row ``b`` of ``x`` at ``[start, start + span)`` along ``axis`` for each start, in order,
+  concatenated: ``[B, H, L, K]`` -> ``[1, H, R * span, K]`` (or ``[B, H, K, L]`` -> ``[1, H, K,
+  R * span]`` with ``axis=3``)."""
+  size = (1,) + x.shape[1:axis] + (span,) + x.shape[axis + 1:]
+  at = lambda start: (b,) + (0,) * (axis - 1) + (start,) + (0,) * (x.ndim - axis - 1)
+  parts = [jax.lax.dynamic_slice(x, at(start_R[r]), size) for r in range(start_R.shape[0])]
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
 
 
-def _span_masks(pattern: str, span: int, seg_BL, c_BL3, start_BN) -> jax.Array:
-  """``[B * N, bq, span]``: which keys at ``[start, start + span)`` each query may attend."""
+def _span_masks(pattern: str, span: int, seg_BL, c_BL3, start_BNR, in_run=None) -> jax.Array:
+  """``[B * N, bq, R * span]``: which keys at ``[start, start + span)`` (each of the R starts of
+  a query block) each query may attend; with ``in_run = (first, end)`` ``[B, N, R]``, only keys
+  in ``[first, end)`` of their slice."""
   B, L = seg_BL.shape
-  N = start_BN.shape[1]
-  pos = start_BN[..., None] + jnp.arange(span)  # [B, N, span]
-  seg_k = _take_rows(seg_BL, pos.reshape(B, -1)).reshape(B * N, 1, span)
-  c_k = _take_rows(c_BL3, pos.reshape(B, -1)).reshape(B * N, 1, span, 3)
+  N, R = start_BNR.shape[1:]
+  pos = start_BNR[..., None] + jnp.arange(span)  # [B, N, R, span]
+  seg_k = _take_rows(seg_BL, pos.reshape(B, -1)).reshape(B * N, 1, R * span)
+  c_k = _take_rows(c_BL3, pos.reshape(B, -1)).reshape(B * N, 1, R * span, 3)
   seg_q, c_q = seg_BL.reshape(B * N, -1, 1), c_BL3.reshape(B * N, -1, 1, 3)
-  return pair_mask(pattern, seg_q, c_q, seg_k, c_k)
+  mask = pair_mask(pattern, seg_q, c_q, seg_k, c_k)
+  if in_run is not None:
+    first, end = (x[..., None] for x in in_run)
+    mask &= ((pos >= first) & (pos < end)).reshape(B * N, 1, R * span)
+  return mask
 
 
 def _to_query_blocks(x, B, N):
@@ -361,48 +388,50 @@ def _from_query_blocks(x, B):
   return jnp.swapaxes(x, 1, 2).reshape((B, x.shape[2], -1) + x.shape[4:])
 
 
-def _ranged_fwd(span, q_BHLK, k_BHLK, v_BHLK, mask_SqM, start_BN):
+def _ranged_fwd(span, q_BHLK, k_BHLK, v_BHLK, mask_SqM, start_BNR):
   B, H, L, K = q_BHLK.shape
-  N = start_BN.shape[1]
+  N, R = start_BNR.shape[1:]
   xs = (_to_query_blocks(q_BHLK, B, N), mask_SqM, jnp.repeat(jnp.arange(B), N),
-        start_BN.reshape(-1))
+        start_BNR.reshape(-1, R))
 
   def one(xs):
-    q, mask, b, start = xs
-    k, v = _span_kv(span, k_BHLK, v_BHLK, b, start)
+    q, mask, b, start_R = xs
+    k, v = (_span_slices(span, x, b, start_R) for x in (k_BHLK, v_BHLK))
     o, lse = flash.chunk_forward(q[None], k, v, mask[None, None])
     return o[0], lse[0]
 
   o_SHqK, lse_SHq = jax.lax.map(one, xs)
   o = _from_query_blocks(o_SHqK, B)
-  return o, (q_BHLK, k_BHLK, v_BHLK, mask_SqM, start_BN, o, _from_query_blocks(lse_SHq, B))
+  return o, (q_BHLK, k_BHLK, v_BHLK, mask_SqM, start_BNR, o, _from_query_blocks(lse_SHq, B))
 
 
 def _ranged_bwd(span, res, do_BHLK):
-  q_BHLK, k_BHLK, v_BHLK, mask_SqM, start_BN, o_BHLK, lse_BHL = res
+  q_BHLK, k_BHLK, v_BHLK, mask_SqM, start_BNR, o_BHLK, lse_BHL = res
   B, H, L, K = q_BHLK.shape
-  N = start_BN.shape[1]
+  N, R = start_BNR.shape[1:]
   f32 = jnp.float32
   do_BHLK = do_BHLK.astype(q_BHLK.dtype)
   delta_BHL = jnp.einsum("bhlk,bhlk->bhl", do_BHLK.astype(f32), o_BHLK.astype(f32))
   xs = (_to_query_blocks(q_BHLK, B, N), _to_query_blocks(do_BHLK, B, N),
         _to_query_blocks(lse_BHL, B, N), _to_query_blocks(delta_BHL, B, N),
-        jnp.swapaxes(mask_SqM, 1, 2), jnp.repeat(jnp.arange(B), N), start_BN.reshape(-1))
+        jnp.swapaxes(mask_SqM, 1, 2), jnp.repeat(jnp.arange(B), N), start_BNR.reshape(-1, R))
   kT_BHKL = jnp.swapaxes(k_BHLK, 2, 3)  # once, outside the loop (see flash.chunk_backward)
 
-  def add_span(acc, b, start, x):
-    at = (b, 0, start, 0)
-    old = jax.lax.dynamic_slice(acc, at, (1, H, span, K))
-    return jax.lax.dynamic_update_slice(acc, old + x, at)
+  def add_spans(acc, b, start_R, x):
+    for r in range(R):  # in order: overlapping slices add masked zeros, never lose a sum
+      at = (b, 0, start_R[r], 0)
+      old = jax.lax.dynamic_slice(acc, at, (1, H, span, K))
+      acc = jax.lax.dynamic_update_slice(acc, old + x[:, :, r * span:(r + 1) * span], at)
+    return acc
 
   def body(carry, xs):
     dk, dv = carry
-    q, do, lse, delta, maskT, b, start = xs
-    k, v = _span_kv(span, k_BHLK, v_BHLK, b, start)
-    kT = jax.lax.dynamic_slice(kT_BHKL, (b, 0, 0, start), (1, H, K, span))
+    q, do, lse, delta, maskT, b, start_R = xs
+    k, v = (_span_slices(span, x, b, start_R) for x in (k_BHLK, v_BHLK))
+    kT = _span_slices(span, kT_BHKL, b, start_R, axis=3)
     dqT, dk_span, dv_span = flash.chunk_backward(q[None], k, v, do[None], maskT[None, None],
                                                  lse[None], delta[None], kT)
-    return (add_span(dk, b, start, dk_span), add_span(dv, b, start, dv_span)), dqT[0]
+    return (add_spans(dk, b, start_R, dk_span), add_spans(dv, b, start_R, dv_span)), dqT[0]
 
   zeros = jnp.zeros(k_BHLK.shape, f32)
   (dk, dv), dqT_SHKq = jax.lax.scan(body, (zeros, zeros), xs)
@@ -411,11 +440,11 @@ def _ranged_bwd(span, res, do_BHLK):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ranged(span: int, q_BHLK, k_BHLK, v_BHLK, mask_SqM, start_BN):
-  """Each query block against the ``span`` keys from its ``start`` (heads-major, permuted,
-  ``q`` scaled), one query block at a time: keys are sliced, not gathered, and the backward
-  pass adds key and value gradients into their span in place."""
-  return _ranged_fwd(span, q_BHLK, k_BHLK, v_BHLK, mask_SqM, start_BN)[0]
+def _ranged(span: int, q_BHLK, k_BHLK, v_BHLK, mask_SqM, start_BNR):
+  """Each query block against the ``span`` keys from each of its R starts ``[B, N, R]``
+  (heads-major, permuted, ``q`` scaled), one query block at a time: keys are sliced, not
+  gathered, and the backward pass adds key and value gradients into their slices in place."""
+  return _ranged_fwd(span, q_BHLK, k_BHLK, v_BHLK, mask_SqM, start_BNR)[0]
 
 
 _ranged.defvjp(_ranged_fwd, _ranged_bwd)

@@ -58,6 +58,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.sparse_heads = "local,local,cross,global"
   m.sparse_window = (2, 4, 8)  # sparse: (kt, local reach, cross reach); reach halves per frame
   m.causal_frames = -1  # causal3d: earlier frames a token sees besides its own (-1 = all)
+  m.causal_window = ()  # causal3d: (kh, kw) reach in rows and columns; () = whole frames
   # dense | auto | blocksparse | sdpa | pallas (backends.resolve)
   m.attention_backend = "dense"
   m.attention_block = 0  # blocksparse block size (0 = bounds.default_block per pattern)

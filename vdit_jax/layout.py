@@ -6,15 +6,19 @@ the pattern's order (``Pattern.order_axes``, a stable sort inside each video):
 
 - group relations (``full``, ``spatial``, ``temporal``): every group becomes a contiguous run,
   so a query block's keys are one contiguous range, found exactly from group labels;
-- the others (``window``, ``local``, ``cross``, ``frame_causal``) keep the t-major order, where a
-  token's keys lie within ``Pattern.max_distance`` positions of it; their lists come from an
-  exact block-pair test (bounding boxes of blocks against the pattern's offset box first, then
-  every token pair of the candidate block pairs).
+- the others (``window``, ``local``, ``cross``, ``frame_causal``, ``causal_window``) are put in
+  3D tiles of ``block_q`` tokens (``Pattern.tile``), so a query block is a compact box and its
+  keys are the few tiles its neighbourhood touches; their lists come from an exact block-pair
+  test (bounding boxes of blocks against the pattern's offset box first, then every token pair
+  of the candidate block pairs). Where the tile is whole rows of a frame (``frame_causal``,
+  boxes reaching across most of the frame) the order is plain t-major and the lists are
+  contiguous enough for spans; otherwise ``bounds.plan`` has them visited as runs of
+  consecutive key blocks (``Layout.run_start``).
 
 Videos are ordered by segment id, and each run of padding stays right after the video it follows
-(leading padding first), so t-major orders are the identity on rows of contiguous t-major videos
-(``tokens.pack_rows``). The one exception: ``full`` may move the padding between videos so that
-each starts on a block boundary (``aligned_order``, chosen by ``batch_layouts`` when every row
+(leading padding first), so t-major orders (and tiles of whole rows) are the identity on rows of
+contiguous t-major videos (``tokens.pack_rows``). The one exception: ``full`` may move the
+padding between videos so that each starts on a block boundary (``aligned_order``, chosen by ``batch_layouts`` when every row
 the packer can make allows it).
 
 Padding. In ``dense`` a padding token (segment 0) attends to every padding token, which would
@@ -42,8 +46,10 @@ from vdit_jax import patterns as pat
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=("perm", "inv_perm", "perm_segment", "perm_coords", "kv_blocks",
-                                "kv_valid", "pair_q", "pair_k", "pair_valid"),
-                   meta_fields=("block_q", "block_k", "max_kv_blocks", "max_pairs"))
+                                "kv_valid", "pair_q", "pair_k", "pair_valid", "run_start",
+                                "run_len"),
+                   meta_fields=("block_q", "block_k", "max_kv_blocks", "max_pairs", "max_runs",
+                                "run_blocks"))
 @dataclasses.dataclass(frozen=True, eq=False)
 class Layout:
   """The block layout of one packed batch ``[B, L]`` for one pattern (numpy or jax arrays).
@@ -54,13 +60,17 @@ class Layout:
   ``perm_coords [B, L, 3]`` i32: the coordinates at each permuted position.
   ``kv_blocks [B, L / block_q, max_kv_blocks]`` i32: key blocks (in the permuted order) holding
     an allowed pair of each query block, ascending; unused slots repeat the last used block.
-    Every list fits in the ``max_kv_blocks`` blocks from its first one (``blocksparse`` slices
-    that span).
+    Without pair lists, every list fits in the ``max_kv_blocks`` blocks from its first one
+    (``blocksparse`` slices that span); with them, ``max_kv_blocks`` bounds the list's length.
   ``kv_valid``: like ``kv_blocks``, False on the unused slots.
   ``pair_q``, ``pair_k`` ``[B, max_pairs]`` i32 and ``pair_valid``: the same lists flattened into
     (query block, key block) pairs, sorted, padded with invalid copies; None when
     ``max_pairs == 0``. When present, ``blocksparse`` visits the pairs (``blockpairs``) instead
     of spans: lists whose lengths vary along the row (``frame_causal``) then cost their pairs.
+  ``run_start``, ``run_len`` ``[B, L / block_q, max_runs]`` i32: the same lists cut into runs of
+    consecutive key blocks, at most ``run_blocks`` each (first block, length; length 0 on unused
+    slots); None when ``max_runs == 0``. When present, ``blocksparse`` visits the runs: a
+    tiled order's lists are a few runs of tiles far apart.
   """
 
   perm: np.ndarray
@@ -76,6 +86,10 @@ class Layout:
   pair_k: np.ndarray | None = None
   pair_valid: np.ndarray | None = None
   max_pairs: int = 0
+  run_start: np.ndarray | None = None
+  run_len: np.ndarray | None = None
+  max_runs: int = 0
+  run_blocks: int = 0
 
   @property
   def block_diagonal(self) -> bool:
@@ -96,12 +110,39 @@ def _check_inputs(segment_ids_BL, coords_BL3) -> tuple[np.ndarray, np.ndarray]:
   return seg, coords
 
 
-def pattern_order(pattern, segment_ids_BL, coords_BL3) -> np.ndarray:
+def video_grids(segment_ids_BL, coords_BL3) -> np.ndarray:
+  """``[B, S + 1, 3]``: the token grid of each segment id of each row (its largest coordinates
+  plus one), 0 for ids a row does not hold."""
+  seg, coords = _check_inputs(segment_ids_BL, coords_BL3)
+  B = seg.shape[0]
+  grids = np.zeros((B, int(seg.max(initial=0)) + 1, 3), np.int64)
+  rows = np.broadcast_to(np.arange(B)[:, None], seg.shape)
+  real = seg > 0
+  np.maximum.at(grids, (rows[real], seg[real]), coords[real].astype(np.int64) + 1)
+  return grids
+
+
+def tile_sizes(pattern, segment_ids_BL, coords_BL3, block: int) -> np.ndarray:
+  """``[B, L, 3]``: the tile ``pattern.tile(grid, block)`` of each token's video (1s on
+  padding), for a tiled pattern."""
+  p = pat.parse(pattern)
+  seg, coords = _check_inputs(segment_ids_BL, coords_BL3)
+  grids = video_grids(seg, coords)
+  tiles = np.ones(grids.shape, np.int64)
+  for b, s in zip(*np.nonzero(grids[..., 0])):
+    tiles[b, s] = p.tile(tuple(grids[b, s]), block)
+  return np.take_along_axis(tiles, seg[..., None].astype(np.int64), 1)
+
+
+def pattern_order(pattern, segment_ids_BL, coords_BL3, block: int | None = None) -> np.ndarray:
   """Permutation ``perm [B, L]`` (int32) into ``pattern``'s order.
 
   Position ``i`` of the permuted row holds original token ``perm[b, i]``. Tokens are sorted by
-  (owner segment, padding after real, the pattern's coordinate order), stably; a padding token's
-  owner is the video before it, so padding keeps its place and videos keep their extent.
+  (owner segment, padding after real, the pattern's order inside a video), stably; a padding
+  token's owner is the video before it, so padding keeps its place and videos keep their
+  extent. Inside a video: the coordinates in ``pattern.order_axes`` order, or, for a tiled
+  pattern given ``block``, tile by tile (``pattern.tile(grid, block)``; t-major over tiles and
+  inside each). ``block=None`` gives tiled patterns plain t-major order.
   """
   p = pat.parse(pattern)
   seg, coords = _check_inputs(segment_ids_BL, coords_BL3)
@@ -110,8 +151,13 @@ def pattern_order(pattern, segment_ids_BL, coords_BL3) -> np.ndarray:
   last_real = np.maximum.accumulate(np.where(is_pad, -1, np.arange(L)), axis=1)
   owner = np.where(last_real >= 0, np.take_along_axis(seg, np.maximum(last_real, 0), 1), 0)
   # np.lexsort sorts by the last key first and is stable.
-  keys = [coords[..., a] for a in reversed(p.order_axes)] + [is_pad, owner]
-  return np.lexsort(keys, axis=-1).astype(np.int32)
+  if p.tiled and block is not None:
+    tile = tile_sizes(p, seg, coords, block)
+    within = [coords[..., a] % tile[..., a] for a in (2, 1, 0)]
+    keys = within + [coords[..., a] // tile[..., a] for a in (2, 1, 0)]
+  else:
+    keys = [coords[..., a] for a in reversed(p.order_axes)]
+  return np.lexsort(keys + [is_pad, owner], axis=-1).astype(np.int32)
 
 
 def _video_sizes(seg_row: np.ndarray) -> np.ndarray:
@@ -257,28 +303,47 @@ def _lists_from_pairs(pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
   return first, last, int((last - first).max()) + 1
 
 
-def _permuted(p, seg, coords, block_q, block_k, align):
-  perm = aligned_order(seg, coords, block_q) if align else pattern_order(p, seg, coords)
+def _permuted(p, seg, coords, block_q, block_k, align, tiled=True):
+  """The permutation, permuted segments and coordinates, block-pair matrix (None for group
+  relations), first and last listed key blocks, the most key blocks from a list's first to its
+  last (what spans need) and the longest list (what pair lists need)."""
+  perm = (aligned_order(seg, coords, block_q) if align else
+          pattern_order(p, seg, coords, block_q if tiled else None))
   seg_p = np.take_along_axis(seg, perm, axis=1)
   coords_p = np.take_along_axis(coords, perm[..., None], axis=1)
   if p.grouped:
     first, last = _block_ranges(p, seg_p, coords_p, block_q, block_k)
-    return perm, seg_p, coords_p, None, first, last, int((last - first).max()) + 1
+    span = int((last - first).max()) + 1
+    return perm, seg_p, coords_p, None, first, last, span, span
   pairs = _block_pairs(p, seg_p, coords_p, block_q, block_k)
-  return (perm, seg_p, coords_p, pairs) + _lists_from_pairs(pairs)
+  return (perm, seg_p, coords_p, pairs) + _lists_from_pairs(pairs) + (int(pairs.sum(-1).max()),)
 
 
-def needed_kv_blocks(pattern, segment_ids_BL, coords_BL3, block_q: int, block_k: int) -> int:
-  """The smallest ``max_kv_blocks`` that ``make_layout`` accepts for this batch."""
+def block_pairs(pattern, segment_ids_BL, coords_BL3, block_q: int, block_k: int) -> np.ndarray:
+  """``[B, nQ, nK]`` bool: the (query block, key block) pairs ``make_layout`` lists for a
+  pattern that is not a group relation."""
   p = pat.parse(pattern)
   seg, coords = _check_inputs(segment_ids_BL, coords_BL3)
   bounds.check_blocks(seg.shape[1], block_q, block_k)
-  return _permuted(p, seg, coords, block_q, block_k, False)[-1]
+  if p.grouped:
+    raise ValueError(f"pattern {p} is a group relation: its lists are ranges (make_layout)")
+  return _permuted(p, seg, coords, block_q, block_k, False)[3]
+
+
+def needed_kv_blocks(pattern, segment_ids_BL, coords_BL3, block_q: int, block_k: int,
+                     pairs: bool = False) -> int:
+  """The smallest ``max_kv_blocks`` that ``make_layout`` accepts for this batch: with spans,
+  or (``pairs``) with pair lists."""
+  p = pat.parse(pattern)
+  seg, coords = _check_inputs(segment_ids_BL, coords_BL3)
+  bounds.check_blocks(seg.shape[1], block_q, block_k)
+  return _permuted(p, seg, coords, block_q, block_k, False)[-1 if pairs else -2]
 
 
 def make_layout(pattern, segment_ids_BL, coords_BL3, block_q: int, block_k: int,
                 max_kv_blocks: int | None = None, align: bool = False,
-                max_pairs: int | None = 0) -> Layout:
+                max_pairs: int | None = 0, runs: tuple[int | None, int] | None = None,
+                tiled: bool = True) -> Layout:
   """The block layout of one packed batch for ``pattern``.
 
   Args:
@@ -293,6 +358,11 @@ def make_layout(pattern, segment_ids_BL, coords_BL3, block_q: int, block_k: int,
       videos; raises if a row's videos do not fit that way (``alignable``).
     max_pairs: also list the pairs flattened (``Layout.pair_q``), this many per row (static;
       ``None``: what this batch needs; 0: no pair lists).
+    runs: ``(max_runs, run_blocks)``: also cut the lists into runs (``Layout.run_start``) of at
+      most ``run_blocks`` key blocks, ``max_runs`` per query block (static; ``None``: what this
+      batch needs). ``max_kv_blocks`` then bounds the lists' lengths, as with pairs.
+    tiled: ``False`` keeps patterns that are not group relations in plain t-major order instead
+      of their tiles (comparisons; the bounds assume tiles).
   """
   p = pat.parse(pattern)
   seg, coords = _check_inputs(segment_ids_BL, coords_BL3)
@@ -301,8 +371,10 @@ def make_layout(pattern, segment_ids_BL, coords_BL3, block_q: int, block_k: int,
     raise ValueError(f"align=True needs pattern 'full' and equal blocks, got {p} with "
                      f"block_q={block_q}, block_k={block_k}: other patterns' groups do not "
                      "start at video starts, so aligning videos does not align them")
-  perm, seg_p, coords_p, pairs, first, last, needed = _permuted(p, seg, coords, block_q,
-                                                                block_k, align)
+  perm, seg_p, coords_p, pairs, first, last, span, longest = _permuted(p, seg, coords, block_q,
+                                                                       block_k, align, tiled)
+  # Pairs and runs visit the listed blocks themselves; spans, every block from a list's first.
+  needed = span if max_pairs == 0 and runs is None else longest
   J = needed if max_kv_blocks is None else int(max_kv_blocks)
   if needed > J:
     raise ValueError(f"pattern {p} needs max_kv_blocks >= {needed} for this batch "
@@ -323,10 +395,39 @@ def make_layout(pattern, segment_ids_BL, coords_BL3, block_q: int, block_k: int,
     kv = np.where(valid, order[..., :J], last_listed)
   kv = kv.astype(np.int32)
   pair_lists = {} if max_pairs == 0 else _pair_lists(p, kv, valid, max_pairs)
+  run_lists = {} if runs is None else _run_lists(p, kv, valid, *runs)
   return Layout(perm=perm, inv_perm=_inverse(perm),
                 perm_segment=attention_segments(seg_p, block_q),
                 perm_coords=coords_p.astype(np.int32), kv_blocks=kv, kv_valid=valid,
-                block_q=int(block_q), block_k=int(block_k), max_kv_blocks=J, **pair_lists)
+                block_q=int(block_q), block_k=int(block_k), max_kv_blocks=J, **pair_lists,
+                **run_lists)
+
+
+def _run_lists(p, kv_BNJ: np.ndarray, valid_BNJ: np.ndarray, max_runs: int | None,
+               run_blocks: int) -> dict:
+  """Each query block's list (ascending, listed slots first) cut into runs of consecutive key
+  blocks of at most ``run_blocks``: first block and length per slot, padded to ``max_runs``."""
+  W = int(run_blocks)
+  if W < 1:
+    raise ValueError(f"run_blocks={run_blocks} must be >= 1")
+  j = np.arange(kv_BNJ.shape[-1])
+  prev = np.concatenate([np.full(kv_BNJ.shape[:-1] + (1,), -2), kv_BNJ[..., :-1]], -1)
+  first = np.maximum.accumulate(np.where(valid_BNJ & (kv_BNJ != prev + 1), j, 0), axis=-1)
+  piece = valid_BNJ & ((j - first) % W == 0)  # a run starts, or a long run is cut
+  count = piece.sum(-1)
+  R = int(count.max()) if max_runs is None else int(max_runs)
+  if int(count.max()) > R:
+    raise ValueError(f"pattern {p} needs {int(count.max())} runs of at most {W} key blocks for "
+                     f"a query block of this batch but max_runs={R}: raise it, or use a "
+                     "vdit_jax.bounds bound so every batch fits")
+  slot = np.cumsum(piece, -1) - 1
+  start = np.zeros(kv_BNJ.shape[:-1] + (R,), np.int32)
+  length = np.zeros_like(start)
+  b, n, at = np.nonzero(piece)
+  start[b, n, slot[b, n, at]] = kv_BNJ[b, n, at]
+  b, n, at = np.nonzero(valid_BNJ)
+  np.add.at(length, (b, n, slot[b, n, at]), 1)
+  return {"run_start": start, "run_len": length, "max_runs": R, "run_blocks": W}
 
 
 def _pair_lists(p, kv_BNJ: np.ndarray, valid_BNJ: np.ndarray, max_pairs: int | None) -> dict:
@@ -377,7 +478,9 @@ def batch_layouts(patterns, segment_ids_BL, coords_BL3, grids, block: int = 0,
       out[str(p)] = make_layout(p, segment_ids_BL, coords_BL3, a, a, None if exact else 1,
                                 align=True)
       continue
-    b, bound, pairs = bounds.plan(p, seq_len, grids, block, max_segments)
+    b, bound, pairs, runs = bounds.plan(p, seq_len, grids, block, max_segments)
+    if runs is not None and exact:
+      runs = (None, runs[1])
     out[str(p)] = make_layout(p, segment_ids_BL, coords_BL3, b, b, None if exact else bound,
-                              max_pairs=(None if exact else pairs) if pairs else 0)
+                              max_pairs=(None if exact else pairs) if pairs else 0, runs=runs)
   return out

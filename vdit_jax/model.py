@@ -11,7 +11,8 @@ Block types (``schedule.BLOCK_PATTERNS``; ``model.block`` may also give one per 
 - ``alternating``: ``spatial_only`` and ``temporal_only`` blocks in turn over depth;
 - ``window``: one sublayer with ``window(model.window)``;
 - ``sparse``: one sublayer whose heads use per-group sub-patterns (``model.sparse_heads``);
-- ``causal3d``: one sublayer with ``frame_causal(model.causal_frames)``;
+- ``causal3d``: one sublayer with ``frame_causal(model.causal_frames)``, or with
+  ``causal_window(model.causal_frames, *model.causal_window)`` when that is set;
 - ``spatial_only``, ``temporal_only``: one sublayer, the ablation controls.
 All keep the same parameter names for what they share (``attn``, ``mlp``, ``ada``), so ablations
 compare like with like; ``factorized`` adds ``attn_t``.

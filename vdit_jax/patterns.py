@@ -6,25 +6,34 @@ attends only to padding and no real token ever sees padding, while no softmax ro
 With ``dt, dh, dw`` the coordinate differences key minus query and ``reach(dt) = r >> |dt|``
 (``r`` halved per frame of distance, rounded down):
 
-| pattern             | attend when (and same video)                                          |
-| ------------------- | --------------------------------------------------------------------- |
-| `full`              | always                                                                |
-| `spatial`           | dt = 0                                                                |
-| `temporal`          | dh = 0 and dw = 0                                                     |
-| `window(kt,kh,kw)`  | abs(dt) <= kt, abs(dh) <= kh, abs(dw) <= kw                           |
-| `local(kt,r)`       | abs(dt) <= kt, abs(dh) <= reach(dt), abs(dw) <= reach(dt)             |
-| `cross(kt,r)`       | abs(dt) <= kt, and either dh = 0, abs(dw) <= reach(dt)                |
-|                     | or dw = 0, abs(dh) <= reach(dt)                                       |
-| `frame_causal(kt)`  | -kt <= dt <= 0 (kt = -1: every earlier frame and its own)             |
+| pattern                   | attend when (and same video)                                     |
+| ------------------------- | ---------------------------------------------------------------- |
+| `full`                    | always                                                           |
+| `spatial`                 | dt = 0                                                           |
+| `temporal`                | dh = 0 and dw = 0                                                |
+| `window(kt,kh,kw)`        | abs(dt) <= kt, abs(dh) <= kh, abs(dw) <= kw                      |
+| `local(kt,r)`             | abs(dt) <= kt, abs(dh) <= reach(dt), abs(dw) <= reach(dt)        |
+| `cross(kt,r)`             | abs(dt) <= kt, and either dh = 0, abs(dw) <= reach(dt)           |
+|                           | or dw = 0, abs(dh) <= reach(dt)                                  |
+| `frame_causal(kt)`        | -kt <= dt <= 0 (kt = -1: every earlier frame and its own)        |
+| `causal_window(kt,kh,kw)` | -kt <= dt <= 0 (kt = -1: no limit), abs(dh) <= kh, abs(dw) <= kw |
 
 Each type answers every question the rest of the code asks of a pattern: its predicate (numpy or
-``jax.numpy``), the token order inside a video that makes it cheap (``order_axes``), whether it
-is a group relation (``group_axes``: the kernels' segment-id form, exact block ranges), the box
-of key-minus-query offsets it allows (``offset_box``), how far apart in that order a query and
+``jax.numpy``), the token order inside a video that makes it cheap, whether it is a group
+relation (``group_axes``: the kernels' segment-id form, exact block ranges), the box of
+key-minus-query offsets it allows (``offset_box``), how far apart in t-major order a query and
 its keys can be (``max_distance``), the first and last key of each position (``key_range``),
 and its exact pair count for FLOPs (``pairs``). Nothing assumes a pattern is symmetric: offset
 boxes and key ranges have a lower and an upper side. ``parse`` turns config strings into these
 objects once; adding a pattern means adding one type here and its tests.
+
+Token orders. Group relations sort a video's tokens by ``order_axes``, which makes every group
+one contiguous run. The others are *tiled* (``tile``): a video is cut into boxes of
+``(tt, th, tw)`` tokens, one attention block each, ordered tile by tile (t-major over tiles,
+t-major inside one). A 3D neighbourhood then touches a few whole tiles of the frames in reach,
+where in t-major order it spans whole rows of every frame in reach. The tile's shape is the
+one whose key tiles hold the fewest keys for the pattern's offset box (``choose_tile``); for
+``frame_causal`` that is whole rows of frames, i.e. t-major order.
 
 Numpy only (and ``xp=jax.numpy`` for the predicate): the data pipeline plans layouts with it.
 """
@@ -33,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from typing import ClassVar
 
@@ -76,6 +86,27 @@ class Pattern:
   @property
   def grouped(self) -> bool:
     return self.group_axes is not None
+
+  @property
+  def tiled(self) -> bool:
+    """Whether layouts order this pattern's tokens in 3D tiles (every pattern but the group
+    relations)."""
+    return not self.grouped
+
+  def tile(self, grid, block: int) -> tuple[int, int, int] | None:
+    """The ``(tt, th, tw)`` tile of ``block`` tokens this pattern's layouts cut a video of token
+    grid ``grid`` into (``choose_tile``); None for group relations, which keep ``order_axes``."""
+    if not self.tiled:
+      return None
+    grid = tuple(int(g) for g in grid)
+    return choose_tile(self.offset_box(), grid, int(block), self.t_major_span(grid, block))
+
+  def t_major_span(self, grid, block: int) -> int:
+    """Most positions from the first key to the last of ``block`` consecutive queries of a
+    video of token grid ``grid`` in t-major order (``key_range``): what a span visits."""
+    lo, hi = _box_key_range(self, tuple(int(g) for g in grid))
+    b = min(int(block), lo.size)
+    return int((hi[b - 1:] - lo[:lo.size - b + 1]).max())
 
   def relation(self, c_q, c_k, xp=np):
     """The predicate without the segment test, on coordinates ``[..., 3]``."""
@@ -289,11 +320,38 @@ class FrameCausal(Pattern):
     return sum(t - dt for dt in range(k + 1)) * (h * w) ** 2
 
 
-# Every pattern kind, by the name configs use, with the number of integer arguments and the
-# smallest value each may take.
+@dataclasses.dataclass(frozen=True)
+class CausalWindow(Pattern):
+  """A local causal box: the query's own frame and the ``kt`` before it (all earlier ones for
+  ``kt = -1``), within ``kh`` rows and ``kw`` columns. Not symmetric."""
+  kt: int
+  kh: int
+  kw: int
+  kind: ClassVar[str] = "causal_window"
+  is_box: ClassVar[bool] = True
+
+  def relation(self, c_q, c_k, xp=np):
+    dt = c_k[..., 0] - c_q[..., 0]
+    ok = (dt <= 0) & (xp.abs(c_q[..., 1] - c_k[..., 1]) <= self.kh) & (
+        xp.abs(c_q[..., 2] - c_k[..., 2]) <= self.kw)
+    return ok if self.kt < 0 else ok & (dt >= -self.kt)
+
+  def offset_box(self):
+    back = UNBOUNDED if self.kt < 0 else self.kt
+    return ((-back, 0), (-self.kh, self.kh), (-self.kw, self.kw))
+
+  def pairs(self, grid) -> int:
+    t, h, w = (int(g) for g in grid)
+    k = t - 1 if self.kt < 0 else min(self.kt, t - 1)
+    return sum(t - dt for dt in range(k + 1)) * _pairs_1d(h, self.kh) * _pairs_1d(w, self.kw)
+
+
+# Every pattern kind, by the name configs use.
 KINDS: dict[str, type[Pattern]] = {
-    cls.kind: cls for cls in (Full, Spatial, Temporal, Window, Local, Cross, FrameCausal)}
-_MIN_ARG = {"frame_causal": -1}
+    cls.kind: cls
+    for cls in (Full, Spatial, Temporal, Window, Local, Cross, FrameCausal, CausalWindow)}
+# Smallest value of each integer argument where it is not 0 (-1: no limit on earlier frames).
+_MIN_ARGS = {"frame_causal": (-1,), "causal_window": (-1, 0, 0)}
 
 
 @functools.lru_cache(maxsize=512)
@@ -308,11 +366,12 @@ def _parse_text(text: str) -> Pattern:
       args = tuple(int(a) for a in rest[:-1].split(","))
     except ValueError:
       args = ()
-    if len(args) == nargs and min(args) >= _MIN_ARG.get(name, 0):
+    if len(args) == nargs and all(a >= m for a, m in zip(args, _MIN_ARGS.get(name, (0,) * nargs))):
       return cls(*args)
   raise ValueError(f"unknown attention pattern {text!r}: use full, spatial, temporal, "
                    "window(kt,kh,kw), local(kt,r) or cross(kt,r) with integers >= 0, or "
-                   "frame_causal(kt) with kt >= -1")
+                   "frame_causal(kt) or causal_window(kt,kh,kw) with kt >= -1 and the "
+                   "others >= 0")
 
 
 def parse(pattern: str | Pattern) -> Pattern:
@@ -344,3 +403,76 @@ def _box_key_range(pattern: Pattern, grid: tuple[int, int, int]):
   key_lo = _position(np.clip(c + lo, 0, size - 1), size)
   key_hi = _position(np.clip(c + hi, 0, size - 1), size) + 1
   return np.minimum.accumulate(key_lo[::-1])[::-1], np.maximum.accumulate(key_hi)
+
+
+def _pow2_ceil(n: int) -> int:
+  return 1 << max(int(n) - 1, 0).bit_length()
+
+
+# Visiting a list as several runs of key tiles (``blocksparse``'s run lists) costs about
+# RUN_FACTOR times a contiguous span's time per key on XLA:CPU (the runs are copied together
+# per query block; 1.8-2.3 measured, bench/README.md "Tiled orders"), plus RUN_COST keys per
+# run; tiles are chosen over t-major order only where they visit that much fewer keys.
+RUN_FACTOR = 2.0
+RUN_COST = 32
+
+
+def axis_reach(size: int, tile: int, lo: int, hi: int) -> int:
+  """Along one axis of ``size`` tokens cut into tiles of ``tile``: the most tiles holding an
+  offset in ``[lo, hi]`` from some query of one tile, over the tiles."""
+  most = 0
+  for start in range(0, size, tile):
+    end = min(size, start + tile)
+    first, last = max(0, start + lo), min(size - 1, end - 1 + hi)
+    most = max(most, last // tile - first // tile + 1 if first <= last else 0)
+  return most
+
+
+def t_major_tile(grid, block: int) -> tuple[int, int, int]:
+  """The tile of ``block`` tokens (at most the video, sides powers of two) that leaves a video
+  of token grid ``grid`` in t-major order: part of a row, whole rows, or whole frames."""
+  caps = [_pow2_ceil(g) for g in grid]
+  tw = min(caps[2], block)
+  th = min(caps[1], max(block // tw, 1))
+  return min(caps[0], max(block // (tw * th), 1)), th, tw
+
+
+def is_t_major(tile, grid) -> bool:
+  """Whether tiles ``tile`` keep a video of token grid ``grid`` in t-major order: a tile one
+  frame deep that is part of one row or whole rows, or whole frames."""
+  tt, th, tw = tile
+  t, h, w = grid
+  return (tt == 1 and (th == 1 or tw >= w)) or (th >= h and tw >= w)
+
+
+@functools.lru_cache(maxsize=4096)
+def choose_tile(box, grid: tuple[int, int, int], block: int, span: int) -> tuple[int, int, int]:
+  """The tile ``(tt, th, tw)`` for the offset box ``box`` on a video of token grid ``grid``:
+  powers of two, as many tokens as fit ``block``, each side at most the grid's side rounded up
+  to a power of two, visiting the fewest keys per query.
+
+  A query tile's keys are the key tiles in reach along each axis (``axis_reach``), a box of
+  tiles: ``RUN_FACTOR`` times its tokens plus ``RUN_COST`` per run of consecutive tiles (tiles
+  are ordered t-major, so a run is a row of tiles along w, or whole planes where the box spans
+  every tile of the later axes). Against that, t-major order (``t_major_tile``), where a query
+  block's keys are one contiguous ``span`` (``Pattern.t_major_span``), visited in whole
+  blocks. Ties go to fewer runs, then to the tile widest along w, then h.
+  """
+  caps = [_pow2_ceil(g) for g in grid]
+  sides = [[1 << i for i in range(c.bit_length())] for c in caps]
+  volume = math.prod(grid)
+  rows = t_major_tile(grid, block)
+  size = math.prod(rows)
+  best = ((-size, min(volume, span + size), 1, 0, 0), rows)
+  for tile in itertools.product(*sides):
+    size = math.prod(tile)
+    if size > block or size < -best[0][0] or is_t_major(tile, grid):
+      continue
+    reach = [axis_reach(g, t, max(lo, -g), min(hi, g)) for g, t, (lo, hi) in zip(grid, tile, box)]
+    whole = [r == -(-g // t) for r, g, t in zip(reach, grid, tile)]
+    runs = math.prod(reach[:2]) if not whole[2] else reach[0] if not whole[1] else 1
+    keys = RUN_FACTOR * math.prod(reach) * size + RUN_COST * runs
+    key = (-size, keys, runs, -tile[2], -tile[1])
+    if key < best[0]:
+      best = (key, tile)
+  return best[1]

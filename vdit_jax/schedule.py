@@ -11,8 +11,8 @@ from __future__ import annotations
 from vdit_jax import patterns as pat
 
 # Patterns per block type, one per sublayer. ``window`` stands for model.window, ``causal`` for
-# frame_causal(model.causal_frames), ``sparse`` for one sub-pattern per head group
-# (model.sparse_heads, model.sparse_window).
+# frame_causal(model.causal_frames) (causal_window with model.causal_window), ``sparse`` for
+# one sub-pattern per head group (model.sparse_heads, model.sparse_window).
 BLOCK_PATTERNS = {
     "full3d": ("full",),
     "factorized": ("spatial", "temporal"),
@@ -81,7 +81,13 @@ def _sublayer(name: str, model_cfg) -> Sublayer:
     if kt < -1:
       raise ValueError(f"model.causal_frames={kt}: use the number of earlier frames a causal3d "
                        "block sees (>= 0), or -1 for all of them")
-    return pat.FrameCausal(kt)
+    reach = tuple(int(v) for v in model_cfg.causal_window)
+    if not reach:
+      return pat.FrameCausal(kt)
+    if len(reach) != 2 or min(reach) < 0:
+      raise ValueError(f"model.causal_window={reach} must be two integers >= 0, the rows and "
+                       "columns a causal3d token sees either side, or () for whole frames")
+    return pat.CausalWindow(kt, *reach)
   if name == "sparse":
     return sparse_head_patterns(model_cfg)
   return pat.parse(name)
