@@ -425,8 +425,8 @@ class Plan(NamedTuple):
   runs: tuple[int, int] | None  # (max_runs, run_blocks) of run lists, or None
 
 
-# Run layouts pick the block in [RUN_MIN_BLOCK, RUN_BLOCK] whose runs visit the fewest keys per
-# query, each run costing ``patterns.RUN_COST`` more (bench/README.md, "Tiled windows").
+# Run layouts pick the block in [RUN_MIN_BLOCK, RUN_BLOCK] whose runs cost the least
+# (``_runs_cost``; bench/README.md, "Tiled orders").
 RUN_MIN_BLOCK = 64
 RUN_BLOCK = 512
 
@@ -475,6 +475,8 @@ def _spans_plan(p: pat.Pattern, seq_len: int, grids: tuple, block: int,
   grow = b
   while pairs and not block and 2 * grow <= PAIR_BLOCK and seq_len % (2 * grow) == 0:
     grow *= 2
+    if not distance_ordered(p, grids, grow):  # tiles at this block: these bounds do not hold
+      break
     j_grow = _bound(p, seq_len, grow, grids, max_segments)
     pairs_grow = _max_pairs(p, seq_len, grow, grids, max_segments, j_grow)
     if not pairs_grow or pairs_grow * grow**2 > PAIR_AREA_SLACK * pairs * b**2:
@@ -491,8 +493,9 @@ def plan(pattern, seq_len: int, grids, block: int = 0, max_segments: int | None 
   can produce) enables the packed bounds. Lists are visited as spans; flattened into pairs
   (``max_pairs`` > 0) when spans mostly compute blocks no list names (``PAIR_FRACTION``); or,
   for patterns that are not group relations, cut into runs (``runs``) when those visit fewer
-  keys per query, always in tiled orders (``distance_ordered`` false), where spans would cover
-  whole rows of tiles. Run layouts try blocks from the default up to ``RUN_BLOCK``.
+  keys per query (counting ``patterns.RUN_FACTOR``), always in tiled orders
+  (``distance_ordered`` false), where spans would cover whole rows of tiles. Run layouts try
+  every block from ``RUN_MIN_BLOCK`` to ``RUN_BLOCK`` unless ``block`` is given.
   """
   return _plan(pat.parse(pattern), int(seq_len), grids_key(grids), int(block),
                None if max_segments is None else int(max_segments))
