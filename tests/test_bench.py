@@ -42,3 +42,14 @@ def test_packing_bench_quick_prints_targets():
 
 def test_decode_bench_quick_prints_targets():
   assert len(quick_targets("bench/decode.py")) == 3
+
+
+def test_tiles_bench_quick_compares_tiles_with_spans():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  out = subprocess.run([sys.executable, "bench/tiles.py", "--quick", "--repeats", "1"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  rows = [l for l in out.stdout.splitlines() if l.startswith(("local(1,2), ", "window(1,2,2), "))]
+  assert len(rows) == 4, out.stdout
+  # The tiled plan of local(1,2) takes run lists, the other t-major spans.
+  assert "runs" in rows[0] and "span" in rows[1], rows
