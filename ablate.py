@@ -11,10 +11,10 @@ from vdit_jax import hostmem
 hostmem.keep_freed_memory()  # before JAX starts its threads (VDIT_JAX_MALLOC=system opts out)
 
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/ablate.py", "ablation config file",
-                                          lock_config=True)
+from vdit_jax import cli  # noqa: E402
+
+_CONFIG = cli.define_config_file("config", "configs/ablate.py", "ablation config file")
 _WORKDIR = flags.DEFINE_string("workdir", None, "ablation directory (one run per arm and seed)")
 _SEEDS = flags.DEFINE_integer("seeds", None, "repeats of every arm (default: the config's)")
 _RUN_ARM = flags.DEFINE_string("run_arm", None, "internal: train the arm whose directory this is")
@@ -38,4 +38,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

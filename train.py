@@ -10,12 +10,10 @@ from vdit_jax import hostmem
 hostmem.keep_freed_memory()  # before JAX starts its threads (VDIT_JAX_MALLOC=system opts out)
 
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
-from vdit_jax import trainer  # noqa: E402
+from vdit_jax import cli, trainer  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "config file",
-                                          lock_config=True)
+_CONFIG = cli.define_config_file("config", "configs/default.py", "config file")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, samples)",
                                required=True)
 
@@ -28,4 +26,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

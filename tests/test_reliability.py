@@ -8,6 +8,10 @@ import json
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -268,3 +272,36 @@ def test_a_checkpoint_that_cannot_be_written_fails_naming_the_workdir(runs, tmp_
     mngr.close()
   assert_same(helpers.leaves(helpers.restore_state(str(workdir), 3)),
               helpers.leaves(helpers.restore_state(runs["resumed"], 3)))
+
+
+# ----------------------------------------------------------------------------- preemption
+
+
+def test_sigterm_saves_at_the_next_step_and_exits_0(tmp_path):
+  """A real train.py process: SIGTERM once it has logged a step makes it save the step it is
+  at (the only checkpoint, one that restores) and exit 0."""
+  workdir = tmp_path / "run"
+  cmd = [sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir", str(workdir),
+         "--config.train.steps=100000", "--config.train.log_every=1",
+         "--config.train.ckpt_every=100000"]
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  try:
+    deadline = time.monotonic() + 300
+    metrics = workdir / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text().strip()):
+      assert proc.poll() is None, proc.communicate()[1][-2000:]
+      assert time.monotonic() < deadline, "no step logged in 300 s"
+      time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+  finally:
+    proc.kill()
+  assert proc.returncode == 0, err[-2000:]
+  saved = re.search(r"SIGTERM: saved step (\d+)", err)
+  assert saved, err[-2000:]
+  step = int(saved.group(1))
+  assert sorted(int(d) for d in os.listdir(workdir / "checkpoints")) == [step]
+  state = helpers.restore_state(str(workdir), step)
+  assert int(np.asarray(state["step"])) == step

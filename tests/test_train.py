@@ -5,6 +5,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +20,8 @@ from vdit_jax import config as config_lib
 from vdit_jax import metrics
 from vdit_jax import sharding as shard_lib
 from vdit_jax import trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -210,6 +214,11 @@ def test_one_process_needs_no_distributed_setup(monkeypatch):
     ({"mesh.data": 3, "mesh.fsdp": 1, "mesh.tensor": 1}, "mesh"),
     ({"model.dtype": "float64"}, "dtype"),
     ({"model.attention_backend": "pallas"}, "'pallas' runs Pallas kernels on TPU"),  # on CPU
+    ({"model.num_heads": 2, "mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 8},
+     "num_heads=2 cannot be split over mesh.tensor=8"),
+    ({"data.max_segments": 0}, "max_segments"),
+    ({"model.block": "window", "model.window": (1, -1, 2)}, "model.window"),
+    ({"model.block": "causal3d", "model.causal_window": (2,)}, "model.causal_window"),
 ])
 def test_bad_config_fails_before_anything_is_compiled_or_written(tmp_path, monkeypatch, fields,
                                                                  message):
@@ -330,3 +339,14 @@ def test_sharded_training_equals_single_device_training():
   np.testing.assert_allclose(results["mesh"][0], results["single"][0], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(results["mesh"][1]), jax.tree.leaves(results["single"][1])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("override, named", [("--config.model.nope=1", "'nope'"),
+                                             ("--config.modl.depth=1", "Did you mean")])
+def test_an_override_naming_no_config_field_exits_with_its_name(tmp_path, override, named):
+  out = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir",
+                        str(tmp_path / "run"), override], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 2
+  assert override.split("=")[0] in out.stderr and named in out.stderr, out.stderr
+  assert "Traceback" not in out.stderr and not (tmp_path / "run").exists()

@@ -197,6 +197,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"data.seq_len={d.seq_len} is too short for the largest video the data "
                      f"config allows ({biggest} tokens): raise data.seq_len to "
                      f"{-(-biggest // 128) * 128} or lower data.side/data.frames")
+  if d.max_segments < 1 or d.batch_rows < 1:
+    raise ValueError(f"data.max_segments={d.max_segments} and data.batch_rows={d.batch_rows} "
+                     "must be >= 1 (videos per row, rows per batch)")
   if config.train.grad_accum < 1 or d.batch_rows % config.train.grad_accum:
     raise ValueError(f"train.grad_accum={config.train.grad_accum} must be >= 1 and divide "
                      f"data.batch_rows={d.batch_rows}")

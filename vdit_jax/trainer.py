@@ -322,6 +322,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   # config_lib cannot resolve a -1 mesh axis (it knows no device count); here we can.
   sizes = dict(zip(shard_lib.MESH_AXES, shard_lib.mesh_shape(
       {a: config.mesh[a] for a in shard_lib.MESH_AXES}, jax.device_count())))
+  if config.model.num_heads % sizes["tensor"]:
+    raise ValueError(f"model.num_heads={config.model.num_heads} cannot be split over "
+                     f"mesh.tensor={sizes['tensor']}: use a tensor size that divides the heads "
+                     "(or 1), or more heads")
   dp = sizes["data"] * sizes["fsdp"]
   if config.data.batch_rows % dp:
     raise ValueError(f"data.batch_rows={config.data.batch_rows} must divide over the "
