@@ -305,3 +305,41 @@ def test_sigterm_saves_at_the_next_step_and_exits_0(tmp_path):
   assert sorted(int(d) for d in os.listdir(workdir / "checkpoints")) == [step]
   state = helpers.restore_state(str(workdir), step)
   assert int(np.asarray(state["step"])) == step
+
+
+def test_sigkill_during_saves_leaves_the_last_complete_checkpoint(tmp_path):
+  """A real train.py process saving every step is killed with SIGKILL: each complete
+  checkpoint restores, and the next start resumes from the newest one, naming the incomplete
+  ones it passes over. Should the kill land between saves, an interrupted write is left in
+  orbax's form (the next step's temporary directory, holding part of a step) to pass over."""
+  workdir = tmp_path / "run"
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cmd = [sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir", str(workdir),
+         "--config.train.log_every=1", "--config.train.ckpt_every=1"]
+  ckpts = workdir / "checkpoints"
+  steps = lambda: sorted(int(n) for n in os.listdir(ckpts) if n.isdigit()) if ckpts.exists() else []
+  proc = subprocess.Popen(cmd + ["--config.train.steps=100000"], cwd=root,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.monotonic() + 300
+    while len(steps()) < 2:
+      assert proc.poll() is None, proc.communicate()[1][-2000:]
+      assert time.monotonic() < deadline, "no two checkpoints in 300 s"
+      time.sleep(0.05)
+  finally:
+    proc.kill()
+    proc.communicate()
+  done = steps()
+  for step in done[-2:]:
+    assert int(np.asarray(helpers.restore_state(str(workdir), step)["step"])) == step
+  partial = [n for n in os.listdir(ckpts) if ".orbax-checkpoint-tmp" in n]
+  if not partial:
+    fake = ckpts / f"{done[-1] + 1}.orbax-checkpoint-tmp-0"
+    shutil.copytree(ckpts / str(done[-1]) / "config", fake / "config")
+    partial = [fake.name]
+  out = subprocess.run(cmd + [f"--config.train.steps={done[-1] + 1}"], cwd=root,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "passing over" in out.stderr and f"resuming from step {done[-1]}" in out.stderr
+  assert all(name in out.stderr for name in partial), out.stderr[-2000:]
+  assert helpers.read_metrics(str(workdir))[-1]["step"] == done[-1] + 1

@@ -31,6 +31,19 @@ def step_dir(mngr: ocp.CheckpointManager, step: int) -> str:
   return os.path.join(str(mngr.directory), str(step))
 
 
+def incomplete(mngr: ocp.CheckpointManager) -> list[str]:
+  """Checkpoint directories whose save never finished (the process was killed while orbax
+  wrote them): its temporary directories, which the manager's steps leave out."""
+  root = str(mngr.directory)
+  if not os.path.isdir(root):
+    return []
+  return sorted(os.path.join(root, n) for n in os.listdir(root) if _TMP_SUFFIX in n)
+
+
+# What orbax appends to a step's directory name while writing it (renamed away when complete).
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+
+
 def manager(workdir: str, keep: int | None = None, read_only: bool = False,
             async_save: bool = True) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,

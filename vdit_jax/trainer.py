@@ -396,6 +396,12 @@ def _init_or_restore(config, mesh, mngr, backend):
   """``(graphdef, state, shardings, data iterator state)``: the newest checkpoint's, or fresh
   (no iterator state)."""
   latest = mngr.latest_step()
+  passed = ckpt_lib.incomplete(mngr)
+  if passed:
+    start = (f"resuming from step {latest} at {ckpt_lib.step_dir(mngr, latest)}"
+             if latest is not None else "starting afresh: no checkpoint was completed")
+    print(f"passing over {len(passed)} incomplete checkpoint(s), saves that never finished: "
+          f"{', '.join(passed)}; {start}", file=sys.stderr)
   if latest is None:
     return create_sharded_state(config, mesh, backend) + (None,)
   graphdef, target, shardings = abstract_state(config, mesh, backend)
