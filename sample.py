@@ -1,7 +1,7 @@
 """Writes videos (mp4 + gif per video, + npy for latents) from any checkpoint of a run.
 
   python sample.py --workdir runs/default --shapes 8x32x32,8x24x40 --labels 0,7 --cfg 3 \
-      --steps 30 --seed 0 --out runs/default/videos
+      --steps 30 --sampler euler --seed 0 --out runs/default/videos
 
 All requested shapes are packed into one call. Labels are ids or the names the run's data source
 gives them (``data.labels``): ``--labels "red circle,blue square"`` for synthetic_shapes,
@@ -22,7 +22,9 @@ _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: newest)")
 _SHAPES = flags.DEFINE_string("shapes", "8x32x32", "comma-separated TxHxW of the videos")
 _LABELS = flags.DEFINE_string("labels", "", "comma-separated labels (ids or names), one per shape")
 _CFG = flags.DEFINE_float("cfg", 3.0, "classifier-free guidance scale (1 = none)")
-_STEPS = flags.DEFINE_integer("steps", 30, "Euler steps")
+_STEPS = flags.DEFINE_integer("steps", 30, "integration steps")
+_SAMPLER = flags.DEFINE_string("sampler", "euler", "euler (one model call per step) or heun "
+                               "(two; closer to the exact flow at the same steps)")
 _SEED = flags.DEFINE_integer("seed", 0, "noise seed")
 _OUT = flags.DEFINE_string("out", None, "output folder (default: WORKDIR/videos)")
 _FPS = flags.DEFINE_integer("fps", 8, "frames per second of the written videos")
@@ -38,11 +40,12 @@ def main(argv):
   shapes = sampler.parse_shapes(_SHAPES.value)
   model, config, step = sampler.load_model(_WORKDIR.value, _STEP.value)
   sampler.check_shapes(shapes, tuple(config.model.patch))  # before anything compiles
+  sampler.check_sampler(_SAMPLER.value)
   # Names are the data source's that trained the run (data.labels).
   labels = sampler.parse_labels(_LABELS.value, len(shapes), config.model.num_classes,
                                 parse=labels_lib.label_set(config).parse)
   videos = sampler.sample(model, config, shapes, labels, cfg_scale=_CFG.value,
-                          num_steps=_STEPS.value, seed=_SEED.value)
+                          num_steps=_STEPS.value, seed=_SEED.value, method=_SAMPLER.value)
   out = _OUT.value or os.path.join(_WORKDIR.value, "videos")
   # Latent videos are for an external VAE to decode: keep their values, not only a preview.
   formats = ("mp4", "gif", "npy") if config.data.source == "latents" else ("mp4", "gif")

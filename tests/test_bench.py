@@ -9,10 +9,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = re.compile(r"^target [\w.-]+: [-\d.e+]+ \(goal (<=|>=) [-\d.e+]+\) (PASS|FAIL)$")
 
 
-def quick_targets(script: str) -> list[str]:
-  """The target lines of ``script --quick --repeats 1``, each checked against the format."""
+def quick_targets(script: str, args=("--quick", "--repeats", "1")) -> list[str]:
+  """The target lines of ``script --quick --repeats 1`` (or ``args``), each checked against
+  the format."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  out = subprocess.run([sys.executable, script, "--quick", "--repeats", "1"], cwd=ROOT,
+  out = subprocess.run([sys.executable, script, *args], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]
   lines = [l for l in out.stdout.splitlines() if l.startswith("target ")]
@@ -53,3 +54,7 @@ def test_tiles_bench_quick_compares_tiles_with_spans():
   assert len(rows) == 4, out.stdout
   # The tiled plan of local(1,2) takes run lists, the other t-major spans.
   assert "runs" in rows[0] and "span" in rows[1], rows
+
+
+def test_soak_bench_quick_prints_targets():
+  assert len(quick_targets("bench/soak.py", ("--quick",))) == 3

@@ -56,6 +56,23 @@ def test_sample_script_rejects_a_bad_shape_before_compiling(workdir, tmp_path):
   assert not out.exists()
 
 
+def test_sample_script_rejects_an_unknown_sampler_before_compiling(workdir, tmp_path):
+  out = tmp_path / "videos"
+  proc = run_sample(workdir, out, "2x8x8", "--sampler", "rk4")
+  assert proc.returncode != 0
+  assert "sampler 'rk4' is unknown" in proc.stderr and "heun" in proc.stderr, proc.stderr[-3000:]
+  assert "_integrate" not in proc.stderr and not out.exists()
+
+
+def test_heun_samples_a_video_deterministically(workdir):
+  model, config, _ = sampler.load_model(workdir)
+  one = sampler.sample(model, config, [(2, 8, 8)], [3], num_steps=2, seed=7, method="heun")
+  two = sampler.sample(model, config, [(2, 8, 8)], [3], num_steps=2, seed=7, method="heun")
+  euler = sampler.sample(model, config, [(2, 8, 8)], [3], num_steps=2, seed=7)
+  assert np.isfinite(one[0]).all() and np.array_equal(one[0], two[0])
+  assert not np.allclose(one[0], euler[0])  # the corrector changes the path
+
+
 def test_load_model_restores_the_ema_params(workdir):
   state = helpers.restore_state(workdir, 5)
   model, config, step = sampler.load_model(workdir)

@@ -68,8 +68,10 @@ def check_shapes(shapes, patch) -> list[tuple[int, int, int]]:
 
 def sample(model: model_lib.VideoDiT, config: ml_collections.ConfigDict,
            shapes: list[tuple[int, int, int]], labels: list[int], cfg_scale: float = 3.0,
-           num_steps: int = 30, seed: int = 0) -> list[np.ndarray]:
-  """Videos ``[T, H, W, C]`` in [-1, 1], one per requested shape, from one packed call."""
+           num_steps: int = 30, seed: int = 0, method: str = "euler") -> list[np.ndarray]:
+  """Videos ``[T, H, W, C]`` in [-1, 1], one per requested shape, from one packed call,
+  integrated with ``method`` (``diffusion.SAMPLERS``)."""
+  check_sampler(method)
   patch = tuple(config.model.patch)
   C = config.data.channels
   grids = check_shapes(shapes, patch)
@@ -87,18 +89,26 @@ def sample(model: model_lib.VideoDiT, config: ml_collections.ConfigDict,
   shift = diffusion.video_shift(jnp.asarray(batch["seg_grid"]), config.diffusion)
   out = _integrate(model, jnp.asarray(batch["tokens"]), jnp.asarray(batch["segment_ids"]),
                    jnp.asarray(batch["coords"]), jnp.asarray(batch["seg_label"]), shift,
-                   layouts, config.model.num_classes, float(cfg_scale), int(num_steps))
+                   layouts, config.model.num_classes, float(cfg_scale), int(num_steps),
+                   method)
   out = np.asarray(jax.device_get(out))
   row = tokens_lib.unpack_row(out[0], batch["segment_ids"][0], batch["seg_grid"][0])
   return [tokens_lib.unpatchify_np(toks, g, patch, C) for toks, g in zip(row, grids)]
 
 
-@nnx.jit(static_argnums=(7, 8, 9))
+def check_sampler(method: str) -> str:
+  """Raises (naming the choices) unless ``method`` is a sampler, before anything compiles."""
+  if method not in diffusion.SAMPLERS:
+    raise ValueError(f"sampler {method!r} is unknown: use one of {diffusion.SAMPLERS}")
+  return method
+
+
+@nnx.jit(static_argnums=(7, 8, 9, 10))
 def _integrate(model, noise, segment_ids, coords, labels, shift, layouts, null_label, cfg_scale,
-               num_steps):
+               num_steps, method):
   velocity = diffusion.guided(model, labels, segment_ids, coords, null_label, cfg_scale,
                               layouts=layouts)
-  return diffusion.sample_euler(velocity, noise, segment_ids, shift, num_steps)
+  return diffusion.integrate(velocity, noise, segment_ids, shift, num_steps, method)
 
 
 def load_model(workdir: str, step: int | None = None,

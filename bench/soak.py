@@ -1,0 +1,113 @@
+"""Soak: a long tiny run with frequent checkpoints keeps host memory and disk flat.
+
+  python bench/soak.py [--quick] [--steps 3000] [--ckpt-every 5] [--keep 2] [--workers 0]
+
+Runs ``train.py --config configs/tiny.py`` in a child process for ``--steps`` steps, saving a
+checkpoint every ``--ckpt-every`` steps and keeping ``--keep``, and samples the child's resident
+memory (VmRSS) and the checkpoint directory's size twice a second. Prints RSS after warm-up
+(the first tenth of the run) and at the end, the largest checkpoint footprint after the first
+``--keep`` saves against the last, and the number of checkpoints left, with target lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import common  # bench/common.py
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# RSS may grow by this much after warm-up (allocator pools settle; a leak of a few KB per step
+# over thousands of steps passes it, so the bound is also stated per step).
+RSS_GROWTH_MB = 64
+
+
+def rss_mb(pid: int) -> float | None:
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      for line in f:
+        if line.startswith("VmRSS:"):
+          return int(line.split()[1]) / 1024
+  except OSError:
+    return None
+  return None
+
+
+def dir_mb(path: str) -> float:
+  total = 0
+  for root, _, files in os.walk(path):
+    for name in files:
+      try:
+        total += os.path.getsize(os.path.join(root, name))
+      except OSError:  # a file orbax just moved or deleted
+        pass
+  return total / 2**20
+
+
+def last_step(workdir: str) -> int:
+  try:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      lines = f.read().strip().splitlines()
+  except OSError:
+    return 0
+  return json.loads(lines[-1])["step"] if lines else 0
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--quick", action="store_true", help="a short run, for smoke tests")
+  ap.add_argument("--steps", type=int, default=3000)
+  ap.add_argument("--ckpt-every", type=int, default=5)
+  ap.add_argument("--keep", type=int, default=2)
+  ap.add_argument("--workers", type=int, default=0, help="data.worker_count of the run")
+  args = ap.parse_args()
+  steps = 40 if args.quick else args.steps
+  with tempfile.TemporaryDirectory() as tmp:
+    workdir = os.path.join(tmp, "run")
+    cmd = [sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir", workdir,
+           f"--config.train.steps={steps}", f"--config.train.ckpt_every={args.ckpt_every}",
+           f"--config.train.keep_ckpts={args.keep}", "--config.train.log_every=1",
+           "--config.train.sample_every=0", f"--config.data.worker_count={args.workers}"]
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    samples = []  # (step, rss MB, checkpoint MB)
+    ckpts = os.path.join(workdir, "checkpoints")
+    while proc.poll() is None:
+      rss = rss_mb(proc.pid)
+      if rss is not None:
+        samples.append((last_step(workdir), rss, dir_mb(ckpts)))
+      time.sleep(0.5)
+    err = proc.stderr.read()
+    if proc.returncode:
+      sys.exit(f"the soak run failed ({proc.returncode}):\n{err[-3000:]}")
+    seconds = time.monotonic() - start
+    kept = sorted(n for n in os.listdir(ckpts) if n.isdigit())
+  warm = [s for s in samples if s[0] >= steps // 10] or samples
+  rss_warm, rss_end = warm[0][1], warm[-1][1]
+  full = [s[2] for s in samples if s[0] >= args.keep * args.ckpt_every] or [0.0]
+  growth = rss_end - rss_warm
+  print(f"tiny config, {steps} steps in {seconds:.0f} s, a checkpoint every {args.ckpt_every} "
+        f"steps, keep {args.keep}, data workers {args.workers}")
+  print(f"RSS after warm-up (step {warm[0][0]}): {rss_warm:.0f} MB; at the end (step "
+        f"{warm[-1][0]}): {rss_end:.0f} MB; growth {growth:+.1f} MB "
+        f"({1024 * growth / max(warm[-1][0] - warm[0][0], 1):+.2f} KB/step)")
+  one = full[-1] / max(len(kept), 1)  # one checkpoint's size
+  print(f"checkpoints: {max(full):.1f} MB at most once {args.keep} were kept "
+        f"({max(full) / max(one, 1e-9):.2f} checkpoints' worth), {full[-1]:.1f} MB at the end; "
+        f"left: {kept}")
+  common.target("soak_rss_growth_after_warmup_mb", growth, "<=", RSS_GROWTH_MB)
+  # While a save is written the previous ones are still there: keep + 1 at most, and a little
+  # for orbax's metadata files.
+  common.target("soak_checkpoint_footprint_in_checkpoints", max(full) / max(one, 1e-9), "<=",
+                args.keep + 1.25)
+  common.target("soak_checkpoints_left", len(kept), "<=", args.keep)
+
+
+if __name__ == "__main__":
+  main()
