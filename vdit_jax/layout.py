@@ -18,8 +18,8 @@ the pattern's order (``Pattern.order_axes``, a stable sort inside each video):
 Videos are ordered by segment id, and each run of padding stays right after the video it follows
 (leading padding first), so t-major orders (and tiles of whole rows) are the identity on rows of
 contiguous t-major videos (``tokens.pack_rows``). The one exception: ``full`` may move the
-padding between videos so that each starts on a block boundary (``aligned_order``, chosen by ``batch_layouts`` when every row
-the packer can make allows it).
+padding between videos so that each starts on a block boundary (``aligned_order``, chosen by
+``batch_layouts`` when every row the packer can make allows it).
 
 Padding. In ``dense`` a padding token (segment 0) attends to every padding token, which would
 make a query block of padding need every padding key block and blow up the static bound. Here a
