@@ -3,13 +3,17 @@
   python sample.py --workdir runs/default --shapes 8x32x32,8x24x40 --labels 0,7 --cfg 3 \
       --steps 30 --sampler euler --seed 0 --out runs/default/videos
 
-All requested shapes are packed into one call. Labels are ids or the names the run's data source
+All requested shapes are packed into one call, which also writes one PNG contact sheet of every
+video (frames across, videos down) and a JSON file of the exact command and its resolved
+settings beside them. Labels are ids or the names the run's data source
 gives them (``data.labels``): ``--labels "red circle,blue square"`` for synthetic_shapes,
 ``7`` or ``seven`` for moving_digits, a manifest's ``label_name`` for file sources; the id
 ``model.num_classes`` or ``unconditional`` samples without a label. Omit them for 0, 1, 2, ...
 """
 
+import json
 import os
+import sys
 
 from vdit_jax import hostmem
 
@@ -54,6 +58,17 @@ def main(argv):
     stem = os.path.join(out, f"step{step}_{i:02d}_{t}x{h}x{w}_label{label}")
     for path in video_io.write_video(stem, video, _FPS.value, formats=formats):
       print(path)
+  # One picture of every video of the call (frames across, videos down), and how to remake it.
+  print(video_io.write_image(os.path.join(out, f"step{step}_sheet.png"),
+                             video_io.contact_sheet(videos)))
+  settings = {"command": [sys.executable, *sys.argv], "workdir": os.path.abspath(_WORKDIR.value),
+              "step": step, "shapes": [list(s) for s in shapes], "labels": labels,
+              "cfg": _CFG.value, "steps": _STEPS.value, "sampler": _SAMPLER.value,
+              "seed": _SEED.value, "fps": _FPS.value}
+  path = os.path.join(out, f"step{step}_settings.json")
+  with open(path, "w") as f:
+    json.dump(settings, f, indent=1)
+  print(path)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Sampling: sample.py end to end, early shape errors, EMA restore, packed == alone."""
 
+import json
 import os
 import subprocess
 import sys
 
+import imageio.v2 as imageio
 import jax
 import numpy as np
 import pytest
@@ -36,6 +38,14 @@ def test_sample_script_writes_mp4_and_gif(workdir, tmp_path):
   assert "_integrate" in proc.stderr  # the compile log works (see the bad-shape test)
   printed = proc.stdout.split()
   assert sorted(printed) == sorted(str(p) for p in out.iterdir())
+  sheet = imageio.imread(out / "step5_sheet.png")  # frames across, videos down
+  assert sheet.shape == (8 * UPSCALE * 2 + 2, 4 * (12 * UPSCALE + 2) - 2, 3)
+  with open(out / "step5_settings.json") as f:
+    settings = json.load(f)
+  assert settings["command"][1:] == ["sample.py", "--workdir", workdir, "--shapes",
+                                     "2x8x8,4x8x12", "--steps", "2", "--out", str(out),
+                                     "--labels", "Red Circle,1"]
+  assert (settings["labels"], settings["sampler"], settings["step"]) == ([0, 1], "euler", 5)
   for i, (t, h, w) in enumerate([(2, 8, 8), (4, 8, 12)]):
     stem = out / f"step5_{i:02d}_{t}x{h}x{w}_label{i}"
     for ext in ("mp4", "gif"):
@@ -54,6 +64,18 @@ def test_sample_script_rejects_a_bad_shape_before_compiling(workdir, tmp_path):
   assert "H=9" in proc.stderr and "8 or 12" in proc.stderr, proc.stderr[-3000:]
   assert "_integrate" not in proc.stderr  # failed before the sampler compiled
   assert not out.exists()
+
+
+def test_contact_sheet_puts_frames_across_and_videos_down():
+  a = np.full((2, 3, 4, 3), -1.0, np.float32)
+  a[1] = 1.0  # frame 1 white
+  b = np.zeros((3, 2, 2, 1), np.float32)  # grey, one channel
+  sheet = video_io.contact_sheet([a, b], upscale=2, gap=1)
+  assert sheet.shape == (6 + 1 + 4, 2 * (8 + 1) - 1, 3)  # a's 2 frames are the widest row
+  assert (sheet[:6, :8] == 0).all() and (sheet[:6, 9:17] == 255).all()  # video a, frames 0, 1
+  assert (sheet[:6, 8] == 0).all() and (sheet[6] == 0).all()  # the gaps
+  assert (sheet[7:, :4] == 128).all() and (sheet[7:, 10:14] == 128).all()  # video b
+  assert (sheet[7:, 14:] == 0).all()  # b's row beyond its 3 frames
 
 
 def test_sample_script_rejects_an_unknown_sampler_before_compiling(workdir, tmp_path):

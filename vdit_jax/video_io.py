@@ -57,6 +57,33 @@ def write_video(stem: str, video: np.ndarray, fps: int = 8, upscale: int = 4,
   return paths
 
 
+def contact_sheet(videos: list[np.ndarray], upscale: int = 4, gap: int = 2) -> np.ndarray:
+  """One uint8 RGB image of ``videos`` (each ``[T, H, W, C]`` in [-1, 1]): frames across, one
+  video per row, nearest-neighbour upscaled, ``gap`` black pixels between frames and rows;
+  shorter or smaller videos leave the rest of their row black."""
+  if not videos:
+    raise ValueError("no videos for a contact sheet")
+  frames = [to_uint8(v).repeat(upscale, axis=1).repeat(upscale, axis=2) for v in videos]
+  width = max(f.shape[0] * (f.shape[2] + gap) for f in frames) - gap
+  height = sum(f.shape[1] + gap for f in frames) - gap
+  sheet = np.zeros((height, width, 3), np.uint8)
+  top = 0
+  for f in frames:
+    t, h, w = f.shape[:3]
+    for i in range(t):
+      sheet[top:top + h, i * (w + gap):i * (w + gap) + w] = f[i]
+    top += h + gap
+  return sheet
+
+
+def write_image(path: str, image: np.ndarray) -> str:
+  """Writes a uint8 image (PNG for ``.png``) and returns its path."""
+  import imageio.v2 as imageio
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  imageio.imwrite(path, image)
+  return path
+
+
 def encode(path: str, frames: np.ndarray, fps: int, codec: str = "libx264",
            options: dict[str, str] | None = None) -> None:
   """Encodes uint8 RGB ``frames [T, H, W, 3]`` into ``path`` (container from the extension).
