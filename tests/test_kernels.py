@@ -123,3 +123,28 @@ def test_pallas_only_where_a_kernel_runs():
     seg, coords = packed()
     lay = layout.make_layout("full", seg, coords, 16, 16)
     kernels.pallas_attention(*random_qkv(seg)[:3], "full", lay, kernel="cuda")
+
+
+def test_splash_refuses_rows_it_cannot_tile_naming_the_fix():
+  """Splash's blocks must be multiples of 128 tokens: a 400-token row (a temporal layout keeps
+  16-token blocks there) is refused before the kernel is built, naming the seq_len to use; a
+  384-token row of the same blocks runs, in runs of blocks of 128, equal to dense."""
+  with pytest.raises(ValueError, match=r"data.seq_len=400: use 512"):
+    kernels.check_seq_len("splash", 400)
+  kernels.check_seq_len("triton", 400)  # Triton tiles any power-of-two divisor
+  rows = [[(4, 2, 2), (4, 4, 4), (4, 2, 4)]]  # tracks of 4 in 16-blocks: block-diagonal
+  for seq_len, ok in ((400, False), (384, True)):
+    seg, coords = packed(rows, seq_len)
+    lay = jax.tree.map(jnp.asarray, layout.make_layout("temporal", seg, coords, 16, 16))
+    assert kernels.runs_kernel("temporal", lay, seq_len) and lay.block_diagonal
+    q, k, v, _ = random_qkv(seg)
+    fn = jax.jit(kernel_fn("temporal", "splash"))
+    if not ok:
+      with pytest.raises(ValueError, match="multiples of 128"):
+        fn(q, k, v, lay)
+      continue
+    mask = attention.pattern_mask("temporal", jnp.asarray(seg), jnp.asarray(coords))
+    real = (seg > 0)[:, :, None, None]
+    np.testing.assert_allclose(np.where(real, fn(q, k, v, lay), 0),
+                               np.where(real, attention.dense_attention(q, k, v, mask), 0),
+                               atol=2e-5)

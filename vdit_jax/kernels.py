@@ -38,6 +38,18 @@ from vdit_jax import sharding as shard_lib
 KERNELS = tuple(backends.PLATFORM_KERNELS.values())
 # Block-diagonal rows shorter than this are batched in runs of blocks: both kernels tile by 128.
 _MIN_ROW = 128
+# Splash attention's blocks (and so its rows) must be multiples of this many tokens.
+SPLASH_ROW = 128
+
+
+def check_seq_len(kernel: str, seq_len: int) -> None:
+  """Raises, naming the setting to change, unless ``kernel`` can run rows of ``seq_len``: splash
+  needs a multiple of ``SPLASH_ROW`` (then every row the layouts make is one)."""
+  if kernel == "splash" and seq_len % SPLASH_ROW:
+    raise ValueError(f"attention_backend='pallas' runs splash attention on TPU, whose rows must "
+                     f"be multiples of {SPLASH_ROW} tokens, but data.seq_len={seq_len}: use "
+                     f"{-(-seq_len // SPLASH_ROW) * SPLASH_ROW}, or attention_backend="
+                     "'blocksparse'")
 
 
 def runs_kernel(pattern, lay: layout.Layout, seq_len: int) -> bool:
@@ -65,9 +77,10 @@ def pallas_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array, pa
   blocksparse.check_layout(lay, B, L)
   if not runs_kernel(p, lay, L):
     return blocksparse.blocksparse_attention(q_BLHK, k_BLHK, v_BLHK, p, lay, kv_chunk=kv_chunk)
+  check_seq_len(kernel, L)
   row = L
   if not lay.whole_row(L):  # block-diagonal: rows of one block, or of a run of blocks up to
-    row = lay.block_q       # the kernel tile
+    row = lay.block_q       # the kernel tile (with L a multiple of 128, runs reach 128)
     while row < _MIN_ROW and L % (2 * row) == 0:
       row *= 2
   perm_BL, inv_perm_BL = lay.perm, lay.inv_perm

@@ -33,6 +33,7 @@ from vdit_jax import backends as backends_lib
 from vdit_jax import checkpoint as ckpt_lib
 from vdit_jax import config as config_lib
 from vdit_jax import diffusion
+from vdit_jax import kernels as kernels_lib
 from vdit_jax import metrics as metrics_lib
 from vdit_jax import model as model_lib
 from vdit_jax import sharding as shard_lib
@@ -318,7 +319,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   config_lib.validate(config)
   initialize_distributed(config.distributed)
   # After joining: asking for the platform starts the backend, which must come after that.
-  backends_lib.resolve(config.model, config.data.max_segments)  # one this platform has
+  backend = backends_lib.resolve(config.model, config.data.max_segments)  # one this platform has
+  if backend.kernel is not None:
+    kernels_lib.check_seq_len(backend.kernel[0], config.data.seq_len)
   # config_lib cannot resolve a -1 mesh axis (it knows no device count); here we can.
   sizes = dict(zip(shard_lib.MESH_AXES, shard_lib.mesh_shape(
       {a: config.mesh[a] for a in shard_lib.MESH_AXES}, jax.device_count())))
