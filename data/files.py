@@ -14,7 +14,8 @@ reports it with the batch, and the run goes on: ``unreadable``, ``empty`` (0 byt
 rejects whose container declares more bytes than it holds), ``no_frames``, ``too_small`` (under
 ``_MIN_SIDE`` pixels, or under one patch for latents), ``absurd_size`` (a header over
 ``_MAX_PIXELS`` per frame or ``_MAX_FRAMES``), ``too_short`` (fewer than ``data.frames[0]``
-frames at ``data.frame_stride``), ``bad_shape`` (an array that is not ``[T, H, W, C]``).
+frames at ``data.frame_stride``), ``bad_shape`` (an array that is not ``[T, H, W, C]``),
+``bad_dtype`` (an array neither uint8 pixels nor floats).
 Loading can still find ``not_finite`` (NaN or inf values), ``truncated`` (fewer frames decode
 than the header said) and ``unreadable``; those raise ``Skip`` and the pipeline drops the video
 from its batch. A channel count other than ``data.channels`` is a config mistake, not a bad
@@ -53,7 +54,7 @@ from vdit_jax import tokens as tok
 from vdit_jax import video_io
 
 SKIP_REASONS = ("unreadable", "empty", "truncated", "no_frames", "too_small", "absurd_size",
-                "too_short", "bad_shape", "not_finite")
+                "too_short", "bad_shape", "bad_dtype", "not_finite")
 VIDEO_EXTS = (".mp4", ".webm", ".gif", ".npy")
 LATENT_EXTS = (".npy", ".npz")
 _MIN_SIDE = 4  # pixels: smaller videos hold nothing worth upscaling
@@ -111,6 +112,10 @@ def _probe_array(path: str) -> tuple[int, int, int, int]:
     expected, stored = header + math.prod(shape) * dtype.itemsize, os.path.getsize(path)
   if len(shape) != 4:
     raise Skip("bad_shape", f"shape {shape} is not [T, H, W, C]")
+  # Pixels are uint8 (0..255), values floats; anything else (bool, other integers, complex,
+  # objects) would be cast into numbers that mean something else.
+  if dtype != np.uint8 and dtype.kind != "f":
+    raise Skip("bad_dtype", f"dtype {dtype} is neither uint8 pixels nor floats")
   _check_dims(*shape[:3])
   if stored < expected:
     raise Skip("truncated", f"{stored} bytes, the header needs {expected}")
