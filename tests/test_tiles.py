@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from vdit_jax import backends, blocksparse, bounds, layout, patterns, tokens
-from test_blocksparse import (assert_matches_dense, dense_fn, packed, random_qkv, shuffled,
-                              with_gaps)
+from test_blocksparse import (assert_matches_dense, dense_fn, layout_pairs_np, listed_blocks,
+                              packed, random_qkv, shuffled, with_gaps)
 
 # Odd grids that tiles do not divide, one or several videos per row, padding at each row's end.
 TILED_ROWS = [[(3, 11, 13)], [(2, 9, 14), (2, 6, 7), (1, 2, 3)]]
@@ -131,6 +131,19 @@ def test_runs_cover_exactly_the_listed_blocks(pattern, width, tiles):
     assert sorted(got) == list(np.flatnonzero(listed[b, n])), (b, n)
   with pytest.raises(ValueError, match="max_runs="):
     layout.make_layout(pattern, seg, coords, 16, 16, None, runs=(lay.max_runs - 1, width))
+
+
+@pytest.mark.parametrize("pattern", TILED)
+@pytest.mark.parametrize("rows", ["packed", "shuffled", "gaps"])
+def test_tiled_layouts_list_exactly_the_nonempty_tile_pairs(pattern, rows, tiles):
+  """Against brute force over every token pair: no listed block pair is empty, none that holds
+  an allowed pair is missing."""
+  seg, coords = tiled_rows(rows)
+  lay = layout.make_layout(pattern, seg, coords, 16, 16, None, runs=(None, 4))
+  B, L = seg.shape
+  pairs = layout_pairs_np(pattern, seg, coords, lay, 16)
+  nonempty = pairs.reshape(B, L // 16, 16, L // 16, 16).any(axis=(2, 4))
+  np.testing.assert_array_equal(listed_blocks(lay, L // 16), nonempty)
 
 
 def random_tiled_packing(rng, num_rows: int, seq_len: int):
