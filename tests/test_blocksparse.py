@@ -300,21 +300,23 @@ def test_bound_fits_random_packings():
         assert layout.needed_kv_blocks(pattern, seg, coords, bq, bk) <= bound
 
 
-def random_packing(rng, num_rows: int):
-  """A few random grids, a random ``max_segments`` S, and ``num_rows`` rows packed back to back
-  from them: ``(grids, S, segment_ids, coords)``."""
-  grids = sorted({tuple(int(x) for x in rng.integers(1, 6, size=3)) for _ in range(3)})
+def random_packing(rng, num_rows: int, seq_len: int = L, max_side: int = 5):
+  """A few random grids (sides up to ``max_side``), a random ``max_segments`` S, and
+  ``num_rows`` rows of ``seq_len`` packed back to back from them: ``(grids, S, segment_ids,
+  coords)``."""
+  grids = sorted({tuple(int(x) for x in rng.integers(1, max_side + 1, size=3))
+                  for _ in range(3)})
   S = int(rng.integers(1, 4))
   rows = []
   for _ in range(num_rows):
     row, used = [], 0
     for _ in range(S):
       g = grids[rng.integers(len(grids))]
-      if used + tokens.num_tokens(g) <= L:
+      if used + tokens.num_tokens(g) <= seq_len:
         row.append(g)
         used += tokens.num_tokens(g)
     rows.append(row)
-  return (grids, S) + packed(rows)
+  return (grids, S) + packed(rows, seq_len)
 
 
 def test_packed_bound_fits_random_packings_and_is_tight():

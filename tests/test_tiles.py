@@ -9,7 +9,7 @@ import pytest
 
 from vdit_jax import backends, blocksparse, bounds, layout, patterns, tokens
 from test_blocksparse import (assert_matches_dense, dense_fn, layout_pairs_np, listed_blocks,
-                              packed, random_qkv, shuffled, with_gaps)
+                              packed, random_packing, random_qkv, shuffled, with_gaps)
 
 # Odd grids that tiles do not divide, one or several videos per row, padding at each row's end.
 TILED_ROWS = [[(3, 11, 13)], [(2, 9, 14), (2, 6, 7), (1, 2, 3)]]
@@ -146,26 +146,11 @@ def test_tiled_layouts_list_exactly_the_nonempty_tile_pairs(pattern, rows, tiles
   np.testing.assert_array_equal(listed_blocks(lay, L // 16), nonempty)
 
 
-def random_tiled_packing(rng, num_rows: int, seq_len: int):
-  grids = sorted({tuple(int(x) for x in rng.integers(1, 8, size=3)) for _ in range(3)})
-  S = int(rng.integers(1, 4))
-  rows = []
-  for _ in range(num_rows):
-    row, used = [], 0
-    for _ in range(S):
-      g = grids[rng.integers(len(grids))]
-      if used + tokens.num_tokens(g) <= seq_len:
-        row.append(g)
-        used += tokens.num_tokens(g)
-    rows.append(row)
-  return (grids, S) + packed(rows, seq_len)
-
-
 def test_tiled_bounds_fit_random_packings():
   """The static sizes of run and pair layouts fit every row packed from the grids."""
   rng = np.random.default_rng(4)
   for trial in range(8):
-    grids, S, seg, coords = random_tiled_packing(rng, 60, TILED_L)
+    grids, S, seg, coords = random_packing(rng, 60, TILED_L, max_side=7)
     for pattern in ("window(1,2,2)", "local(1,1)", "causal_window(1,1,2)"):
       for b in (16, 32):
         J, P, runs = bounds.tiled_bounds(pattern, TILED_L, b, b, grids, S)

@@ -60,6 +60,12 @@ def _pairs_1d(n: int, k: int) -> int:
   return n + 2 * (k * n - k * (k + 1) // 2)
 
 
+def _causal_pairs_1d(n: int, k: int) -> int:
+  """Ordered pairs (i, j) in range(n) with -k <= j - i <= 0 (k = -1: every j <= i)."""
+  k = n - 1 if k < 0 else min(k, n - 1)
+  return sum(n - d for d in range(k + 1))
+
+
 def _position(c, size):
   """t-major position of coordinates ``c [..., 3]`` in a video of token grid ``size``."""
   return (c[..., 0] * size[1] + c[..., 1]) * size[2] + c[..., 2]
@@ -316,8 +322,7 @@ class FrameCausal(Pattern):
 
   def pairs(self, grid) -> int:
     t, h, w = (int(g) for g in grid)
-    k = t - 1 if self.kt < 0 else min(self.kt, t - 1)
-    return sum(t - dt for dt in range(k + 1)) * (h * w) ** 2
+    return _causal_pairs_1d(t, self.kt) * (h * w) ** 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,8 +347,7 @@ class CausalWindow(Pattern):
 
   def pairs(self, grid) -> int:
     t, h, w = (int(g) for g in grid)
-    k = t - 1 if self.kt < 0 else min(self.kt, t - 1)
-    return sum(t - dt for dt in range(k + 1)) * _pairs_1d(h, self.kh) * _pairs_1d(w, self.kw)
+    return _causal_pairs_1d(t, self.kt) * _pairs_1d(h, self.kh) * _pairs_1d(w, self.kw)
 
 
 # Every pattern kind, by the name configs use.
