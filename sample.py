@@ -39,12 +39,12 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   from data import labels as labels_lib
-  from vdit_jax import sampler, video_io
+  from vdit_jax import diffusion, sampler, video_io
 
   shapes = sampler.parse_shapes(_SHAPES.value)
   model, config, step = sampler.load_model(_WORKDIR.value, _STEP.value)
   sampler.check_shapes(shapes, tuple(config.model.patch))  # before anything compiles
-  sampler.check_sampler(_SAMPLER.value)
+  diffusion.check_sampler(_SAMPLER.value)
   # Names are the data source's that trained the run (data.labels).
   labels = sampler.parse_labels(_LABELS.value, len(shapes), config.model.num_classes,
                                 parse=labels_lib.label_set(config).parse)

@@ -31,6 +31,10 @@ def step_dir(mngr: ocp.CheckpointManager, step: int) -> str:
   return os.path.join(str(mngr.directory), str(step))
 
 
+# What orbax appends to a step's directory name while writing it (renamed away when complete).
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+
+
 def incomplete(mngr: ocp.CheckpointManager) -> list[str]:
   """Checkpoint directories whose save never finished (the process was killed while orbax
   wrote them): its temporary directories, which the manager's steps leave out."""
@@ -38,10 +42,6 @@ def incomplete(mngr: ocp.CheckpointManager) -> list[str]:
   if not os.path.isdir(root):
     return []
   return sorted(os.path.join(root, n) for n in os.listdir(root) if _TMP_SUFFIX in n)
-
-
-# What orbax appends to a step's directory name while writing it (renamed away when complete).
-_TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 
 def manager(workdir: str, keep: int | None = None, read_only: bool = False,

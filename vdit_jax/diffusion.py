@@ -76,6 +76,13 @@ def masked_loss_terms(err_BLP: jax.Array, segment_ids_BL: jax.Array, num_segment
 SAMPLERS = ("euler", "heun")
 
 
+def check_sampler(method: str) -> str:
+  """Raises (naming the choices) unless ``method`` is one of ``SAMPLERS``."""
+  if method not in SAMPLERS:
+    raise ValueError(f"sampler {method!r} is unknown: use one of {SAMPLERS}")
+  return method
+
+
 def sample_euler(velocity: Callable[[jax.Array, jax.Array], jax.Array], noise_BLP: jax.Array,
                  segment_ids_BL: jax.Array, shift_BS: jax.Array, num_steps: int) -> jax.Array:
   """Integrates ``dx/dt = v(x, t)`` from t = 1 (noise) to t = 0 with Euler steps."""
@@ -94,8 +101,7 @@ def integrate(velocity: Callable[[jax.Array, jax.Array], jax.Array], noise_BLP: 
   velocity is defined there; skipping that correction leaves a first-order error).
   A ``fori_loop``, so the compile cost does not grow with ``num_steps``.
   """
-  if method not in SAMPLERS:
-    raise ValueError(f"sampler {method!r} is unknown: use one of {SAMPLERS}")
+  check_sampler(method)
 
   def t_at(i):
     u = 1.0 - i / num_steps

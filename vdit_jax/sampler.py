@@ -71,7 +71,7 @@ def sample(model: model_lib.VideoDiT, config: ml_collections.ConfigDict,
            num_steps: int = 30, seed: int = 0, method: str = "euler") -> list[np.ndarray]:
   """Videos ``[T, H, W, C]`` in [-1, 1], one per requested shape, from one packed call,
   integrated with ``method`` (``diffusion.SAMPLERS``)."""
-  check_sampler(method)
+  diffusion.check_sampler(method)  # before anything compiles
   patch = tuple(config.model.patch)
   C = config.data.channels
   grids = check_shapes(shapes, patch)
@@ -94,13 +94,6 @@ def sample(model: model_lib.VideoDiT, config: ml_collections.ConfigDict,
   out = np.asarray(jax.device_get(out))
   row = tokens_lib.unpack_row(out[0], batch["segment_ids"][0], batch["seg_grid"][0])
   return [tokens_lib.unpatchify_np(toks, g, patch, C) for toks, g in zip(row, grids)]
-
-
-def check_sampler(method: str) -> str:
-  """Raises (naming the choices) unless ``method`` is a sampler, before anything compiles."""
-  if method not in diffusion.SAMPLERS:
-    raise ValueError(f"sampler {method!r} is unknown: use one of {diffusion.SAMPLERS}")
-  return method
 
 
 @nnx.jit(static_argnums=(7, 8, 9, 10))
