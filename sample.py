@@ -3,6 +3,14 @@
   python sample.py --workdir runs/default --shapes 8x32x32,8x24x40 --labels 0,7 --cfg 3 \
       --steps 30 --sampler euler --seed 0 --out runs/default/videos
 
+A run trained with captions (``model.caption.mode=tokens``) takes them as text,
+``--captions "a red circle moving left;a blue square moving up"`` (one per shape, or one for
+all) or ``--prompts_file`` (one per line). A run trained with given frames
+(``data.cond_frames_prob``) continues videos: ``--init_video first.png`` (or a video or npy
+``[T, H, W, C]`` array; comma-separated, one per shape, or one for all) gives the first
+``--init_frames`` frames (default: one temporal patch; an image is repeated to fill it), which
+come back unchanged.
+
 All requested shapes are packed into one call, which also writes one PNG contact sheet of every
 video (frames across, videos down) and a JSON file of the exact command and its resolved
 settings beside them. Labels are ids or the names the run's data source
@@ -29,6 +37,13 @@ _CFG = flags.DEFINE_float("cfg", 3.0, "classifier-free guidance scale (1 = none)
 _STEPS = flags.DEFINE_integer("steps", 30, "integration steps")
 _SAMPLER = flags.DEFINE_string("sampler", "euler", "euler (one model call per step) or heun "
                                "(two; closer to the exact flow at the same steps)")
+_CAPTIONS = flags.DEFINE_string("captions", "", "';'-separated captions, one per shape or one "
+                                "for all (runs trained with captions)")
+_PROMPTS = flags.DEFINE_string("prompts_file", "", "text file of captions, one per line")
+_INIT = flags.DEFINE_string("init_video", "", "comma-separated videos, npy arrays or images "
+                            "whose first frames are given (one per shape, or one for all)")
+_INIT_FRAMES = flags.DEFINE_integer("init_frames", 0, "frames given from --init_video "
+                                    "(0 = one temporal patch)")
 _SEED = flags.DEFINE_integer("seed", 0, "noise seed")
 _OUT = flags.DEFINE_string("out", None, "output folder (default: WORKDIR/videos)")
 _FPS = flags.DEFINE_integer("fps", 8, "frames per second of the written videos")
@@ -39,17 +54,27 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   from data import labels as labels_lib
-  from vdit_jax import diffusion, sampler, video_io
+  from vdit_jax import diffusion, sampler, text, video_io
 
   shapes = sampler.parse_shapes(_SHAPES.value)
   model, config, step = sampler.load_model(_WORKDIR.value, _STEP.value)
-  sampler.check_shapes(shapes, tuple(config.model.patch))  # before anything compiles
+  # Everything below is checked before anything compiles.
+  grids = sampler.check_shapes(shapes, tuple(config.model.patch))
   diffusion.check_sampler(_SAMPLER.value)
   # Names are the data source's that trained the run (data.labels).
   labels = sampler.parse_labels(_LABELS.value, len(shapes), config.model.num_classes,
                                 parse=labels_lib.label_set(config).parse)
+  captions = _captions()
+  tokenizer = None
+  if config.model.caption.mode == "tokens":
+    tokenizer = text.Tokenizer.load(_WORKDIR.value)
+  captions = sampler.check_captions(config, len(shapes), captions, tokenizer)
+  init_videos = _init_videos(len(shapes), int(config.model.patch[0]))
+  sampler.check_init_videos(init_videos, grids, tuple(config.model.patch), config.data.channels)
   videos = sampler.sample(model, config, shapes, labels, cfg_scale=_CFG.value,
-                          num_steps=_STEPS.value, seed=_SEED.value, method=_SAMPLER.value)
+                          num_steps=_STEPS.value, seed=_SEED.value, method=_SAMPLER.value,
+                          captions=captions, tokenizer=tokenizer, init_videos=init_videos,
+                          progress=True)
   out = _OUT.value or os.path.join(_WORKDIR.value, "videos")
   # Latent videos are for an external VAE to decode: keep their values, not only a preview.
   formats = ("mp4", "gif", "npy") if config.data.source == "latents" else ("mp4", "gif")
@@ -63,12 +88,39 @@ def main(argv):
                              video_io.contact_sheet(videos)))
   settings = {"command": [sys.executable, *sys.argv], "workdir": os.path.abspath(_WORKDIR.value),
               "step": step, "shapes": [list(s) for s in shapes], "labels": labels,
+              "captions": captions if config.model.caption.mode == "tokens" else None,
+              "init_video": _INIT.value, "init_frames": _INIT_FRAMES.value,
               "cfg": _CFG.value, "steps": _STEPS.value, "sampler": _SAMPLER.value,
               "seed": _SEED.value, "fps": _FPS.value}
   path = os.path.join(out, f"step{step}_settings.json")
   with open(path, "w") as f:
     json.dump(settings, f, indent=1)
   print(path)
+
+
+def _captions() -> list[str] | None:
+  if _CAPTIONS.value and _PROMPTS.value:
+    raise app.UsageError("give --captions or --prompts_file, not both")
+  if _PROMPTS.value:
+    with open(_PROMPTS.value) as f:
+      return [line.strip() for line in f if line.strip()]
+  return [c.strip() for c in _CAPTIONS.value.split(";")] if _CAPTIONS.value.strip() else None
+
+
+def _init_videos(count: int, pt: int) -> list | None:
+  """``--init_video``'s frames per shape (None where none is given)."""
+  from vdit_jax import video_io
+  if not _INIT.value.strip():
+    return None
+  paths = [p.strip() for p in _INIT.value.split(",")]
+  if len(paths) == 1:
+    paths *= count
+  if len(paths) != count:
+    raise app.UsageError(f"{len(paths)} --init_video paths for {count} shapes: give one, or one "
+                         "per shape (an empty entry for none)")
+  frames = _INIT_FRAMES.value or pt
+  loaded = {p: video_io.read_init(p, frames, repeat=pt) for p in set(paths) if p}
+  return [loaded[p] if p else None for p in paths]
 
 
 if __name__ == "__main__":

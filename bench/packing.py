@@ -123,7 +123,7 @@ def step_time(config, batch: dict, backend: str, repeats: int) -> float:
   c.data.seq_len = batch["tokens"].shape[1]
   c.data.max_segments = batch["seg_grid"].shape[1]
   c.data.batch_rows = batch["tokens"].shape[0]
-  feed = {k: batch[k] for k in trainer.BATCH_AXES}
+  feed = {k: batch[k] for k in trainer.batch_keys(c)}
   resolved = backends.resolve(c.model, c.data.max_segments)
   layouts = resolved.prepare(batch["segment_ids"], batch["coords"], config_lib.possible_grids(c),
                              max_segments=c.data.max_segments)  # as the pipeline makes them

@@ -16,6 +16,13 @@ rejects whose container declares more bytes than it holds), ``no_frames``, ``too
 ``_MAX_PIXELS`` per frame or ``_MAX_FRAMES``), ``too_short`` (fewer than ``data.frames[0]``
 frames at ``data.frame_stride``), ``bad_shape`` (an array that is not ``[T, H, W, C]``),
 ``bad_dtype`` (an array neither uint8 pixels nor floats).
+
+Precomputed caption embeddings (``model.caption.mode = "embeddings"``): an entry's
+``"caption_embedding"`` (a path relative to the folder) or, without one, the file beside the
+video named ``<video name without extension>.caption.npy``, a float array ``[n, E]`` (one row per
+caption token, from any text encoder). Such side files are never taken for videos or latents.
+A video without one trains with the null caption; one that cannot be used is skipped as
+``bad_caption``.
 Loading can still find ``not_finite`` (NaN or inf values), ``truncated`` (fewer frames decode
 than the header said) and ``unreadable``; those raise ``Skip`` and the pipeline drops the video
 from its batch. A channel count other than ``data.channels`` is a config mistake, not a bad
@@ -54,7 +61,8 @@ from vdit_jax import tokens as tok
 from vdit_jax import video_io
 
 SKIP_REASONS = ("unreadable", "empty", "truncated", "no_frames", "too_small", "absurd_size",
-                "too_short", "bad_shape", "bad_dtype", "not_finite")
+                "too_short", "bad_shape", "bad_dtype", "not_finite", "bad_caption")
+CAPTION_SUFFIX = ".caption.npy"
 VIDEO_EXTS = (".mp4", ".webm", ".gif", ".npy")
 LATENT_EXTS = (".npy", ".npz")
 _MIN_SIDE = 4  # pixels: smaller videos hold nothing worth upscaling
@@ -354,7 +362,8 @@ class FolderSource:
 
   def __init__(self, *, kind: str, path: str, manifest: str, frames, side, aspect_ratios,
                frame_stride: int, patch, channels: int, seed: int, num_classes: int,
-               verbose: bool = True):
+               caption_embed_dim: int = 0, verbose: bool = True):
+    """``caption_embed_dim``: E of the caption embeddings items carry (0 = none are read)."""
     if kind not in ("video_folder", "latents"):
       raise ValueError(f"unknown file source kind {kind!r}: use video_folder or latents")
     if not path or not os.path.isdir(path):
@@ -379,11 +388,19 @@ class FolderSource:
     self.null_label = int(num_classes)
     self.skip_reasons = SKIP_REASONS
     exts = VIDEO_EXTS if kind == "video_folder" else LATENT_EXTS
-    self.entries = [e for e in read_manifest(path, manifest) if e["path"].lower().endswith(exts)]
+    self.caption_embed_dim = int(caption_embed_dim)
+    self.entries = [e for e in read_manifest(path, manifest)
+                    if e["path"].lower().endswith(exts)
+                    and not e["path"].lower().endswith(CAPTION_SUFFIX)]
     for e in self.entries:
       e["path"] = os.path.abspath(e["path"])
       e["label"] = _label_id(e, self.null_label)
       e["caption"] = str(e.get("caption", ""))
+      if e.get("caption_embedding"):
+        e["caption_embedding"] = os.path.join(path, str(e["caption_embedding"]))
+      else:
+        side = os.path.splitext(e["path"])[0] + CAPTION_SUFFIX
+        e["caption_embedding"] = side if os.path.isfile(side) else ""
     label_names(self.entries, self.null_label)  # checked at start-up, used by data.labels
     # Probes mostly wait on file reads, so threads overlap them.
     with concurrent.futures.ThreadPoolExecutor(_SCAN_THREADS) as pool:
@@ -419,7 +436,9 @@ class FolderSource:
     return cls(kind=kind, path=d.path, manifest=d.manifest, frames=d.frames, side=d.side,
                aspect_ratios=d.aspect_ratios, frame_stride=d.frame_stride,
                patch=config.model.patch, channels=d.channels, seed=config.seed,
-               num_classes=config.model.num_classes)
+               num_classes=config.model.num_classes,
+               caption_embed_dim=(config.model.caption.embed_dim
+                                  if config.model.caption.mode == "embeddings" else 0))
 
   def _scan(self, path: str) -> tuple[tuple[int, int, int] | None, str, str]:
     """``(size, skip reason, detail)``: the reason is empty for a usable file."""
@@ -440,6 +459,27 @@ class FolderSource:
 
   def __len__(self) -> int:
     return len(self.entries)
+
+  def caption_vocabulary(self) -> tuple[list[str], int]:
+    """Every word of the entries' captions and the most words one has (data.captions)."""
+    from vdit_jax import text
+    words = [text.words_of(e["caption"]) for e in self.entries if not e["skip"]]
+    return sorted({w for ws in words for w in ws}), max(map(len, words), default=0)
+
+  def _caption_embedding(self, entry: dict[str, Any]) -> np.ndarray | None:
+    """The entry's caption embedding ``[n, E]`` float32, None without one; Skip if unusable."""
+    path = entry["caption_embedding"]
+    if not path:
+      return None
+    try:
+      emb = np.load(path, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - missing, truncated or not an npy file
+      raise Skip("bad_caption", f"{path}: {type(e).__name__}: {e}") from e
+    if (emb.ndim != 2 or emb.shape[1] != self.caption_embed_dim or emb.dtype.kind != "f"
+        or not np.isfinite(emb).all()):
+      raise Skip("bad_caption", f"{path}: {emb.dtype} array of shape {emb.shape}, expected "
+                 f"finite floats [tokens, {self.caption_embed_dim}] (model.caption.embed_dim)")
+    return emb.astype(np.float32)
 
   def largest_video(self) -> tuple[int, int, int]:
     """An upper bound of every ``video_size``: sizes follow the config's ranges."""
@@ -490,5 +530,10 @@ class FolderSource:
       video = resize_cover(raw, H, W)
     if raw.dtype == np.uint8:
       video = video / np.float32(127.5) - np.float32(1.0)
-    return {"video": video, "label": entry["label"], "caption": entry["caption"],
+    item = {"video": video, "label": entry["label"], "caption": entry["caption"],
             "path": entry["path"]}
+    if self.caption_embed_dim:
+      emb = self._caption_embedding(entry)
+      if emb is not None:
+        item["caption_embedding"] = emb
+    return item

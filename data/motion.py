@@ -18,6 +18,12 @@ from vdit_jax import tokens as tok
 DIRECTIONS = ("right", "up-right", "up", "up-left", "left", "down-left", "down", "down-right")
 
 
+def caption(names: Sequence[str]) -> str:
+  """``["red circle moving left", ...]`` -> ``"a red circle moving left and a ..."``: the caption
+  of a procedural video from its objects' descriptions, first object first."""
+  return "a " + " and a ".join(names)
+
+
 def check_range(name: str, value: Sequence[float]) -> None:
   """Raises unless ``data.<name>`` is ``(min, max)`` with ``0 < min <= max``."""
   if len(value) != 2 or value[0] > value[1] or value[0] <= 0:
@@ -79,6 +85,17 @@ class MovingSource:
 
   def __len__(self) -> int:
     return self.num_videos
+
+  # The words naming one object in captions ("red circle", "7"): every word a subclass may use,
+  # and how many of them name one object.
+  OBJECT_WORDS: tuple[str, ...] = ()
+  OBJECT_NAME_WORDS = 1
+
+  def caption_vocabulary(self) -> tuple[list[str], int]:
+    """Every word this source's captions use, and the most words a caption can have (``a
+    <name> moving <direction>`` per object, joined by ``and``)."""
+    words = ["a", "and", "moving", *DIRECTIONS, *self.OBJECT_WORDS]
+    return sorted(set(words)), self.num_objects[1] * (self.OBJECT_NAME_WORDS + 4) - 1
 
   def largest_video(self) -> tuple[int, int, int]:
     """The ``(T, H, W)`` with the most pixels this source can draw, to check a token budget."""

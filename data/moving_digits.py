@@ -60,6 +60,8 @@ class MovingDigits(motion.MovingSource):
     self.channels = int(channels)
     self.images, self.digits = _load_digits()
 
+  OBJECT_WORDS = tuple(str(d) for d in range(NUM_CLASSES))
+
   @classmethod
   def from_config(cls, config) -> "MovingDigits":
     return cls(channels=config.data.channels, num_classes=config.model.num_classes,
@@ -91,7 +93,7 @@ class MovingDigits(motion.MovingSource):
     return {
         "video": video_THWC.astype(np.float32),
         "label": int(digits_K[0]),
-        "caption": "a " + " and a ".join(names),
+        "caption": motion.caption(names),
         "gt_digits": digits_K.astype(np.int32),
         "gt_index": which_K.astype(np.int32),
         "gt_boxes": boxes_KT4,

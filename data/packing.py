@@ -68,23 +68,32 @@ def pack_greedy(token_counts: Iterable[int], num_rows: int, seq_len: int, max_se
 
 
 def pack_videos(rows: Sequence[Sequence[Mapping[str, Any]]], patch: Sequence[int], seq_len: int,
-                max_segments: int, channels: int, null_label: int) -> dict[str, np.ndarray]:
+                max_segments: int, channels: int, null_label: int,
+                fields: Mapping[str, tuple[tuple[Any, Any], list[list[Any]]]] | None = None,
+                ) -> dict[str, np.ndarray]:
   """Patchifies videos already assigned to rows and builds the packed batch of the token contract.
 
   Args:
     rows: per row, items ``{"video": [T, H, W, C], "label": int}``.
     null_label: the label of empty slots (``model.num_classes``).
+    fields: more per-video fields, ``{name: ((dtype, fill), values per row and video)}``, packed
+      into ``seg_<name>`` (captions, given frames).
 
   Returns:
-    ``tokens``, ``segment_ids``, ``coords``, ``seg_grid`` and ``seg_label``, as
+    ``tokens``, ``segment_ids``, ``coords``, ``seg_grid``, ``seg_label`` and the ``fields``, as
     ``tokens.pack_rows`` describes them.
   """
   patch = tuple(int(p) for p in patch)
+  fields = dict(fields or {})
   packed_rows = [[{"tokens": tok.patchify_np(item["video"], patch),
                    "grid": tok.grid_shape(np.shape(item["video"])[:3], patch),
-                   "label": int(item["label"])} for item in row] for row in rows]
+                   "label": int(item["label"]),
+                   **{name: values[r][i] for name, (_, values) in fields.items()}}
+                  for i, item in enumerate(row)] for r, row in enumerate(rows)]
+  seg_fields = {"label": (np.int32, null_label)}
+  seg_fields.update({name: spec for name, (spec, _) in fields.items()})
   return tok.pack_rows(packed_rows, seq_len, max_segments, tok.token_dim(patch, channels),
-                       seg_fields={"label": (np.int32, null_label)})
+                       seg_fields=seg_fields)
 
 
 def packing_efficiency(batch: Mapping[str, np.ndarray]) -> float:

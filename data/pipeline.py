@@ -14,8 +14,10 @@ Per step and stream: draw video indices (below the ``data.heldout`` indices the 
 keep), ask the source for their sizes only, best-fit them into
 the stream's rows of ``data.seq_len`` tokens with at most ``data.max_segments`` videos each
 (stopping after ``_MAX_MISSES`` consecutive videos that fit nowhere), render and patchify only
-the placed videos, and drop labels to the null id (``model.num_classes``) with probability
-``data.label_dropout``. File sources pass over unusable files (see ``data.files``); the batch
+the placed videos, and draw each video's conditioning (``Draw``): its label dropped to the null
+id (``model.num_classes``) with probability ``data.label_dropout``, its caption to the null
+caption with ``data.caption_dropout`` (drawn apart, so guidance can use either), and with
+``data.cond_frames_prob`` its first frames given clean (image-to-video). File sources pass over unusable files (see ``data.files``); the batch
 counts them per reason in ``batch["skipped"]``.
 
 Videos that fit nowhere are discarded, so with mixed sizes batches hold slightly smaller videos
@@ -30,13 +32,14 @@ pytree functions walk batches on the host; importing jax initialises no backend)
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
 import grain
 
+from data import captions as captions_lib
 from data import files, packing
 from data.moving_digits import MovingDigits
 from data.synthetic_shapes import SyntheticShapes
@@ -55,6 +58,13 @@ SOURCES = {
     "video_folder": functools.partial(files.FolderSource.from_config, kind="video_folder"),
     "latents": functools.partial(files.FolderSource.from_config, kind="latents"),
 }
+
+
+class Draw(NamedTuple):
+  """A video's conditioning draws for one step (``BatchMaker.plan``)."""
+  drop_label: bool
+  drop_caption: bool = False
+  frames: int = 0  # leading grid frames given clean (0 = none)
 
 
 def make_source(config):
@@ -83,8 +93,9 @@ class BatchMaker:
                        f"multiple of {shards}")
     if not 0 <= process_index < process_count:
       raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
-    if not 0.0 <= d.label_dropout <= 1.0:
-      raise ValueError(f"data.label_dropout={d.label_dropout} must be a probability in [0, 1]")
+    for name in ("label_dropout", "caption_dropout", "cond_frames_prob"):
+      if not 0.0 <= d[name] <= 1.0:
+        raise ValueError(f"data.{name}={d[name]} must be a probability in [0, 1]")
     self.source = make_source(config)
     # The source's last data.heldout indices belong to the evaluators (BatchMaker.heldout_batches).
     self.train_videos = len(self.source) - int(d.heldout)
@@ -101,6 +112,10 @@ class BatchMaker:
     self.max_segments = int(d.max_segments)
     self.channels = int(d.channels)
     self.label_dropout = float(d.label_dropout)
+    self.caption_dropout = float(d.caption_dropout)
+    self.cond_frames_prob, self.cond_frames = float(d.cond_frames_prob), int(d.cond_frames)
+    # The run's captions: word ids from the source's own vocabulary (model.caption.mode).
+    self.captions = captions_lib.Captions(config, self.source)
     self.patch = tuple(int(p) for p in config.model.patch)
     self.null_label = int(config.model.num_classes)
     self.backend = backend or backends.resolve(config.model, self.max_segments)
@@ -122,8 +137,8 @@ class BatchMaker:
           f"data.seq_len to at least {n} or lower data.side/data.frames")
 
   def plan(self, step: int, skipped: dict[str, int] | None = None,
-           ) -> tuple[list[list[int]], list[list[bool]]]:
-    """Which source videos go into which row at ``step``, and whose label is dropped.
+           ) -> tuple[list[list[int]], list[list[Draw]]]:
+    """Which source videos go into which row at ``step``, and each one's conditioning draws.
 
     Drawn files that the source's scan found unusable are passed over and counted by reason
     in ``skipped``.
@@ -137,9 +152,10 @@ class BatchMaker:
     return rows, dropped
 
   def _plan_shard(self, step: int, shard: int, skipped: dict[str, int] | None,
-                  ) -> tuple[list[list[int]], list[list[bool]]]:
+                  ) -> tuple[list[list[int]], list[list[Draw]]]:
     rng = np.random.default_rng([self.seed, int(step), shard, _BATCH_STREAM])
     indices: list[int] = []
+    grid_frames: list[int] = []
 
     def token_counts():
       while True:
@@ -151,28 +167,46 @@ class BatchMaker:
             skipped[e.reason] += 1
           continue
         indices.append(index)
-        yield tok.num_tokens(tok.grid_shape(size, self.patch))
+        grid = tok.grid_shape(size, self.patch)
+        grid_frames.append(grid[0])
+        yield tok.num_tokens(grid)
 
     rows, _ = packing.pack_greedy(token_counts(), self.rows_per_shard, self.seq_len,
                                   self.max_segments, max_misses=_MAX_MISSES)
+    # Each kind of draw only when the run uses it, after the label draws of every row: adding
+    # one leaves the others' streams as they were.
+    draws = [[[bool(x)] for x in rng.random(len(row)) < self.label_dropout] for row in rows]
+    if self.captions.mode != "none":
+      for row, row_draws in zip(rows, draws):
+        for d, x in zip(row_draws, rng.random(len(row))):
+          d.append(bool(x < self.caption_dropout))
+    if self.cond_frames_prob > 0:
+      for row, row_draws in zip(rows, draws):
+        for i, d, x in zip(row, row_draws, rng.random(len(row))):
+          most = min(self.cond_frames, grid_frames[i] - 1)  # at least one frame to generate
+          k = int(rng.integers(1, most + 1)) if x < self.cond_frames_prob and most >= 1 else 0
+          d += [False] * (2 - len(d)) + [k]
     rows = [[indices[i] for i in row] for row in rows]
-    dropped = [(rng.random(len(row)) < self.label_dropout).tolist() for row in rows]
-    return rows, dropped
+    return rows, [[Draw(*d) for d in row_draws] for row_draws in draws]
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     skipped = dict.fromkeys(self.skip_reasons, 0)
-    rows, dropped = self.plan(step, skipped)
+    rows, draws = self.plan(step, skipped)
     items = []
-    for row, row_dropped in zip(rows, dropped):
+    for row, row_draws in zip(rows, draws):
       items.append([])
-      for index, drop in zip(row, row_dropped):
+      for index, draw in zip(row, row_draws):
         try:
           item = self.source[index]
         except files.Skip as e:  # found only when loading: the video leaves a gap in its row
           skipped[e.reason] += 1
           continue
-        if drop:
+        if draw.drop_label:
           item["label"] = self.null_label
+        if draw.drop_caption:
+          item["caption"] = ""
+          item.pop("caption_embedding", None)
+        item["frames"] = draw.frames
         items[-1].append(item)
     batch = self.pack(items)
     if self.skip_reasons:  # host-side: the trainer reports them as skipped_<reason> metrics
@@ -181,8 +215,12 @@ class BatchMaker:
 
   def pack(self, rows: list[list[dict[str, Any]]]) -> dict[str, Any]:
     """The packed batch of items already placed in rows, with the layouts its backend needs."""
+    fields = self.captions.fields(rows)
+    if self.cond_frames_prob > 0:
+      fields["frames"] = ((np.int32, 0), [[int(it.get("frames", 0)) for it in row]
+                                          for row in rows])
     batch = packing.pack_videos(rows, self.patch, self.seq_len, self.max_segments,
-                                self.channels, self.null_label)
+                                self.channels, self.null_label, fields)
     # Made here, on the host (in grain's workers when there are any), with static shapes.
     layouts = self.backend.prepare(batch["segment_ids"], batch["coords"], self.layout_grids,
                                    max_segments=self.layout_segments)
@@ -254,11 +292,15 @@ class TrainIterator:
   step runs, whatever the caller keeps.
   """
 
-  def __init__(self, iterator: grain.DatasetIterator, skipped: list[dict[str, str]]):
+  def __init__(self, iterator: grain.DatasetIterator, skipped: list[dict[str, str]],
+               tokenizer=None):
     self._it: grain.DatasetIterator | None = iterator
     # The files the source's scan found unusable (``FolderSource.skipped``; none for the
     # synthetic sources), for the trainer's skipped.jsonl.
     self.skipped = skipped
+    # The caption tokenizer the batches were encoded with (None without text captions), which
+    # the trainer saves beside the checkpoints.
+    self.tokenizer = tokenizer
 
   def __iter__(self) -> "TrainIterator":
     return self
@@ -333,4 +375,4 @@ def make_train_iterator(config, start_step: int = 0, process_index: int = 0,
       it_ds = grain.experimental.ThreadPrefetchIterDataset(
           it_ds, prefetch_buffer_size=int(d.prefetch))
   skipped = maker.source.skipped() if hasattr(maker.source, "skipped") else []
-  return TrainIterator(iter(it_ds), skipped)
+  return TrainIterator(iter(it_ds), skipped, maker.captions.tokenizer)

@@ -133,6 +133,9 @@ class SyntheticShapes(motion.MovingSource):
                        f"model.num_classes={NUM_CLASSES}")
     super().__init__(**ranges)
 
+  OBJECT_WORDS = (*COLOR_NAMES, *SHAPES)
+  OBJECT_NAME_WORDS = 2  # colour and shape
+
   @classmethod
   def from_config(cls, config) -> "SyntheticShapes":
     return cls(num_classes=config.model.num_classes, **cls.config_fields(config))
@@ -162,7 +165,7 @@ class SyntheticShapes(motion.MovingSource):
     return {
         "video": video_THWC,
         "label": int(shapes_K[0]) * len(COLORS) + int(colors_K[0]),
-        "caption": "a " + " and a ".join(names),
+        "caption": motion.caption(names),
         "gt_masks": masks_KTHW,
         "gt_boxes": boxes_KT4,
         "gt_colors": _RGB[colors_K].copy(),

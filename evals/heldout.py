@@ -22,6 +22,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from evals.registry import EvalContext, EvalResult
+from vdit_jax import conditioning as cond_lib
 from vdit_jax import diffusion
 from vdit_jax import tokens as tokens_lib
 from vdit_jax import trainer
@@ -29,13 +30,13 @@ from vdit_jax import trainer
 
 def per_video_losses(params, graphdef, batch, t, eps_BLP) -> jax.Array:
   """Mean squared velocity error of each video ``[B, S]`` at the same ``t`` for every video
-  (0 for empty slots)."""
+  (0 for empty slots), conditioned on what the batch holds (label, caption)."""
   seg_BL = batch["segment_ids"]
   x0 = batch["tokens"]
   t_BS = jnp.full(batch["seg_grid"].shape[:2], t, jnp.float32)
   x_t = diffusion.add_noise(x0, eps_BLP, tokens_lib.per_token(t_BS, seg_BL))
   model = nnx.merge(graphdef, params)
-  v = model(x_t, t_BS, batch["seg_label"], seg_BL, batch["coords"],
+  v = model(x_t, t_BS, cond_lib.from_batch(batch), seg_BL, batch["coords"],
             layouts=batch.get("layouts"))
   per_tok_BL = jnp.mean(jnp.square(v - diffusion.velocity_target(x0, eps_BLP)), axis=-1)
   S = batch["seg_grid"].shape[1]

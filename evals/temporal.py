@@ -2,8 +2,8 @@
 prevent (colour flicker, shapes morphing, objects vanishing, jerky motion), measured from the
 pixels of videos the EMA model samples, next to the same measures on real videos.
 
-The videos sampled have the sizes and labels of the source's first ``evals.temporal.videos``
-held-out videos, with fixed noise, so calls and runs compare like with like; those real videos
+The videos sampled have the sizes and labels (and, in a run with captions, the captions) of the
+source's first ``evals.temporal.videos`` held-out videos, with fixed noise, so calls and runs compare like with like; those real videos
 are scored once, as the reference (``real_<metric>``). With ``evals.temporal.fd`` the Frechet
 distance between features of the sampled and the real videos (``evals.features``' network,
 trained on the source's own data) measures the distribution as a whole; ``fd_real`` is the same
@@ -39,8 +39,18 @@ class TemporalConsistency:
     real = [maker.source[i] for i in indices]
     self.shapes = [tuple(int(d) for d in item["video"].shape[:3]) for item in real]
     self.labels = [int(item["label"]) for item in real]
+    mode = ctx.config.model.caption.mode
+    self.tokenizer = maker.captions.tokenizer
+    self.captions = (None if mode == "none" else
+                     [item.get("caption" if mode == "tokens" else "caption_embedding")
+                      for item in real])
     videos = [item["video"] for item in real]
     self.real_scores = video_metrics.score_videos(videos, self.labels)
+    # With text captions the samples must also move the way their captions say.
+    self.directions = ([video_metrics.caption_direction(c) for c in self.captions]
+                       if mode == "tokens" else None)
+    if self.directions is not None:
+      self.real_scores["direction_ok"] = self._directions(videos)
     self.net = None
     self.fd_real = float("nan")
     if cfg.fd:
@@ -62,12 +72,19 @@ class TemporalConsistency:
     model = nnx.merge(self.graphdef, jax.device_get(ema))
     cfg = self.config.evals.temporal
     return sampler.sample(model, self.config, self.shapes, self.labels, cfg_scale=float(cfg.cfg),
-                          num_steps=int(cfg.steps), seed=int(self.config.seed))
+                          num_steps=int(cfg.steps), seed=int(self.config.seed),
+                          captions=self.captions, tokenizer=self.tokenizer)
+
+  def _directions(self, videos: list[np.ndarray]) -> np.ndarray:
+    return np.array([np.nan if d is None else video_metrics.direction_ok(v, d)
+                     for v, d in zip(videos, self.directions)])
 
   def __call__(self, state: dict[str, Any], step: int) -> EvalResult:
     del step
     videos = self.sample(state)
     scores = video_metrics.score_videos(videos, self.labels)
+    if self.directions is not None:
+      scores["direction_ok"] = self._directions(videos)
     scalars: dict[str, float] = {}
     for name, values in scores.items():
       mean, half = video_metrics.summarize(values)

@@ -58,3 +58,9 @@ def test_tiles_bench_quick_compares_tiles_with_spans():
 
 def test_soak_bench_quick_prints_targets():
   assert len(quick_targets("bench/soak.py", ("--quick",))) == 3
+
+
+def test_sample_bench_quick_prints_targets():
+  lines = quick_targets("bench/sample.py")
+  assert [line.split(":")[0] for line in lines] == ["target sample_overhead",
+                                                    "target sample_compiles_for_mixes"]

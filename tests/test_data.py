@@ -266,12 +266,13 @@ def test_pack_videos_round_trips_every_video():
 def test_make_batch_holds_exactly_its_planned_videos(step):
   c = tiny_config(label_dropout=0.5)
   maker = pipeline.BatchMaker(c)
-  rows, dropped = maker.plan(step)
+  rows, draws = maker.plan(step)
   assert sum(map(len, rows)) > 0
   rows_items = [[dict(maker.source[i]) for i in row] for row in rows]
-  for items, drops in zip(rows_items, dropped):
-    for it, drop in zip(items, drops):
-      if drop:
+  for items, row_draws in zip(rows_items, draws):
+    for it, draw in zip(items, row_draws):
+      assert not draw.drop_caption and draw.frames == 0  # neither is on in this config
+      if draw.drop_label:
         it["label"] = c.model.num_classes
   check_packed_batch(pipeline.make_batch(c, step), rows_items, c)
 

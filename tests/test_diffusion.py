@@ -6,6 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from vdit_jax import conditioning
 from vdit_jax import diffusion
 from vdit_jax import tokens as tok
 
@@ -219,8 +220,9 @@ def test_guided_combines_conditional_and_unconditional():
   null = 9
   calls = []
 
-  def model_fn(x, t, label, segment_ids, coords):
+  def model_fn(x, t, cond, segment_ids, coords):
     calls.append(x.shape[0])
+    label = conditioning.as_conditioning(cond).label
     lab = tok.per_token(label.astype(jnp.float32), segment_ids)
     return 0.5 * x + (lab * 2.0 + t[:, :1])[..., None]
 

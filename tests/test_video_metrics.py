@@ -247,3 +247,23 @@ def test_corruptions_change_what_they_say(items):
   jittered = corrupt.colour_jitter(video, 1.0, rng)
   np.testing.assert_allclose(jittered.max(-1), video.max(-1), atol=1e-6)
   assert not np.allclose(jittered, video)
+
+
+def test_direction_ok_reads_the_captions_direction(items):
+  """Real videos set off the way their captions say; played backwards, or with positions drawn
+  independently per frame, they mostly do not; a hand-drawn square moving up-right does."""
+  from evals.video_metrics import caption_direction, direction_ok
+  want = [caption_direction(it["caption"]) for it in items]
+  real = np.mean([direction_ok(it["video"], d) for it, d in zip(items, want)])
+  backwards = np.mean([direction_ok(it["video"][::-1], d) for it, d in zip(items, want)])
+  scattered = np.mean([
+      direction_ok(corrupt.CORRUPTIONS["independent_positions"](it, 1.0,
+                                                                np.random.default_rng([7, i])), d)
+      for i, (it, d) in enumerate(zip(items, want))])
+  assert real >= 0.9, real
+  assert backwards <= 0.35 and scattered <= 0.6, (backwards, scattered)
+  up_right = square_video(step=(-1, 1))  # (dy, dx): y grows downwards
+  assert direction_ok(up_right, "up-right") == 1.0 and direction_ok(up_right, "down-left") == 0.0
+  assert caption_direction("a red circle moving up-left and a blue square moving up") == "up-left"
+  with pytest.raises(ValueError, match="'sideways' is not one of"):
+    direction_ok(up_right, "sideways")

@@ -37,6 +37,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   d.seq_len = 512  # L: tokens per row
   d.max_segments = 4  # S: videos per row at most
   d.label_dropout = 0.1  # fraction of videos trained with the null label (for guidance)
+  d.caption_dropout = 0.1  # fraction trained with the null caption (model.caption), drawn apart
+  # Image-to-video and continuation: the fraction of videos trained with their first k grid
+  # frames given clean (timestep 0, no loss), k uniform in 1..cond_frames (and below the video's
+  # grid frames). 0 = never; sample.py --init_video needs a run trained with it.
+  d.cond_frames_prob = 0.0
+  d.cond_frames = 1
   d.shards = 0  # packing streams per batch (0 = one per process; fixed: same batch on any hosts)
   d.worker_count = 0  # grain worker processes (0 = in the main process)
   d.prefetch = 2  # batches buffered per worker
@@ -66,6 +72,18 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.qk_norm = True  # RMS-normalise queries and keys (stabilises attention logits)
   m.rope_theta = 10000.0  # base of the 3D rotary frequencies
   m.num_classes = 18  # labels are 0..num_classes-1; num_classes itself is the null label
+  # Captions, read by a cross-attention sublayer from each video's tokens to its own caption
+  mc = m.caption = ml_collections.ConfigDict()
+  # none | tokens (the source's caption text; a word tokenizer from the training captions, saved
+  # in the workdir, and a small text encoder trained with the model) | embeddings (precomputed
+  # caption embeddings of width embed_dim from the data source, through a learned projection)
+  mc.mode = "none"
+  mc.length = 16  # C: caption tokens per video (words, or embedding rows)
+  mc.vocab = 64  # tokens: embedding rows, at least the vocabulary's words + 1 (padding)
+  mc.embed_dim = 0  # embeddings: E, the width of the supplied embeddings
+  mc.encoder_depth = 1  # transformer layers over the caption before the cross-attention
+  mc.every = 1  # a cross-attention sublayer in every k-th block (from the first)
+  mc.pooled = False  # also add the caption's mean token to adaLN's conditioning vector
   m.dtype = "float32"  # compute dtype (bfloat16 for mixed precision); params stay float32
   m.remat = False  # rematerialise each block in the backward pass
   # with remat, what a block keeps for the backward pass (a jax.checkpoint_policies name):
@@ -137,6 +155,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   s = c.sample = ml_collections.ConfigDict()
   s.shapes = "8x32x32,8x32x48"  # TxHxW of the videos sampled during/after training
   s.labels = ""  # comma-separated ids or names (data.labels), one per shape (empty = 0, 1, 2, ...)
+  # captioned runs: ";"-separated captions, one per shape or one for all (empty = the captions
+  # of the source's first videos)
+  s.captions = ""
   s.steps = 30  # Euler steps
   s.cfg = 3.0  # classifier-free guidance scale (1 = no guidance)
   s.fps = 8  # frames per second of written videos
@@ -203,8 +224,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.train.grad_accum < 1 or d.batch_rows % config.train.grad_accum:
     raise ValueError(f"train.grad_accum={config.train.grad_accum} must be >= 1 and divide "
                      f"data.batch_rows={d.batch_rows}")
-  if not 0.0 <= d.label_dropout <= 1.0:
-    raise ValueError(f"data.label_dropout={d.label_dropout} must be in [0, 1]")
+  for name in ("label_dropout", "caption_dropout", "cond_frames_prob"):
+    if not 0.0 <= d[name] <= 1.0:
+      raise ValueError(f"data.{name}={d[name]} must be a probability in [0, 1]")
+  if d.cond_frames_prob > 0 and d.cond_frames < 1:
+    raise ValueError(f"data.cond_frames={d.cond_frames} must be >= 1 (grid frames given) when "
+                     f"data.cond_frames_prob={d.cond_frames_prob} > 0")
+  _validate_caption(m.caption)
   if d.source in ("video_folder", "latents"):
     if not d.path or not os.path.isdir(d.path):
       raise ValueError(f"data.source={d.source} reads files, but data.path={d.path!r} is not a "
@@ -224,6 +250,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.optim.lr <= 0 or config.train.steps < 1:
     raise ValueError(f"optim.lr={config.optim.lr} and train.steps={config.train.steps} must be "
                      "positive")
+
+
+CAPTION_MODES = ("none", "tokens", "embeddings")
+
+
+def _validate_caption(c: ml_collections.ConfigDict) -> None:
+  if c.mode not in CAPTION_MODES:
+    raise ValueError(f"model.caption.mode={c.mode!r} is unknown: use one of {CAPTION_MODES}")
+  if c.mode == "none":
+    return
+  for name in ("length", "every"):
+    if c[name] < 1:
+      raise ValueError(f"model.caption.{name}={c[name]} must be >= 1")
+  if c.encoder_depth < 0:
+    raise ValueError(f"model.caption.encoder_depth={c.encoder_depth} must be >= 0")
+  if c.mode == "tokens" and c.vocab < 2:
+    raise ValueError(f"model.caption.vocab={c.vocab} must be >= 2 (padding and one word)")
+  if c.mode == "embeddings" and c.embed_dim < 1:
+    raise ValueError(f"model.caption.mode=embeddings needs model.caption.embed_dim={c.embed_dim} "
+                     "set to the width of the supplied caption embeddings (e.g. 768)")
 
 
 # Fields a resumed run may change without train.allow_config_change: how long it runs, what it

@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from vdit_jax import conditioning as cond_lib
 from vdit_jax import tokens
 
 
@@ -91,7 +92,8 @@ def sample_euler(velocity: Callable[[jax.Array, jax.Array], jax.Array], noise_BL
 
 def integrate(velocity: Callable[[jax.Array, jax.Array], jax.Array], noise_BLP: jax.Array,
               segment_ids_BL: jax.Array, shift_BS: jax.Array, num_steps: int,
-              method: str = "euler") -> jax.Array:
+              method: str = "euler", given_BL: jax.Array | None = None,
+              on_step: Callable[[jax.Array], None] | None = None) -> jax.Array:
   """Integrates ``dx/dt = v(x, t)`` from t = 1 (noise) to t = 0 in ``num_steps`` steps.
 
   Every video follows the uniform grid shifted by its own ``shift`` (the schedule training
@@ -100,8 +102,15 @@ def integrate(velocity: Callable[[jax.Array, jax.Array], jax.Array], noise_BLP: 
   trapezoid rule), error O(1/n^2), two calls per step, the last one's at t = 0 too (the flow's
   velocity is defined there; skipping that correction leaves a first-order error).
   A ``fori_loop``, so the compile cost does not grow with ``num_steps``.
+
+  ``given_BL``: tokens that are given (clean conditioning frames, already in ``noise_BLP``):
+  their velocity is taken as zero, so they come back exactly as they went in. ``on_step(i)``
+  runs on the host after step i (a progress bar), through ``jax.debug.callback``.
   """
   check_sampler(method)
+  if given_BL is not None:
+    inner = velocity
+    velocity = lambda x, t: jnp.where(given_BL[..., None], 0.0, inner(x, t))
 
   def t_at(i):
     u = 1.0 - i / num_steps
@@ -112,34 +121,39 @@ def integrate(velocity: Callable[[jax.Array, jax.Array], jax.Array], noise_BLP: 
     v_BLP = velocity(x_BLP, t_now)
     dt_BL = tokens.per_token(t_next - t_now, segment_ids_BL)[..., None]
     x_next = x_BLP + dt_BL * v_BLP
-    if method == "euler":
-      return x_next
-    return x_BLP + dt_BL * 0.5 * (v_BLP + velocity(x_next, t_next))
+    if method == "heun":
+      x_next = x_BLP + dt_BL * 0.5 * (v_BLP + velocity(x_next, t_next))
+    if on_step is not None:
+      jax.debug.callback(on_step, i)
+    return x_next
 
   return jax.lax.fori_loop(0, num_steps, body, noise_BLP)
 
 
-def guided(model_fn: Callable[..., jax.Array], label_BS: jax.Array, segment_ids_BL: jax.Array,
+def guided(model_fn: Callable[..., jax.Array], cond: Any, segment_ids_BL: jax.Array,
            coords_BL3: jax.Array, null_label: int, scale: float,
            layouts: Any = None) -> Callable[[jax.Array, jax.Array], jax.Array]:
   """Classifier-free guidance: ``v_u + scale (v_c - v_u)``, both halves in one batched call.
 
-  ``model_fn(x_BLP, t_BS, label_BS, segment_ids_BL, coords_BL3[, layouts=...])`` is the
-  denoiser; ``layouts`` (rows first, like the rest of the batch) are passed on when given.
+  ``model_fn(x_BLP, t_BS, cond, segment_ids_BL, coords_BL3[, layouts=...])`` is the denoiser;
+  ``cond`` a ``conditioning.Conditioning`` (or a bare label array), whose ``null()`` is the
+  unconditional half; ``layouts`` (rows first, like the rest of the batch) are passed on when
+  given.
   """
-  def call(x, t, labels, seg, coords, lay):
+  def call(x, t, c, seg, coords, lay):
     if lay is None:
-      return model_fn(x, t, labels, seg, coords)
-    return model_fn(x, t, labels, seg, coords, layouts=lay)
+      return model_fn(x, t, c, seg, coords)
+    return model_fn(x, t, c, seg, coords, layouts=lay)
 
+  cond = cond_lib.as_conditioning(cond)
   if scale == 1.0:
-    return lambda x, t: call(x, t, label_BS, segment_ids_BL, coords_BL3, layouts)
+    return lambda x, t: call(x, t, cond, segment_ids_BL, coords_BL3, layouts)
   twice = lambda tree: jax.tree.map(lambda a: jnp.concatenate([a, a]), tree)
   seg2, coords2, layouts2 = twice(segment_ids_BL), twice(coords_BL3), twice(layouts)
-  labels2 = jnp.concatenate([label_BS, jnp.full_like(label_BS, null_label)])
+  cond2 = cond_lib.stack(cond, cond.null(null_label))
 
   def velocity(x_BLP, t_BS):
-    both = call(twice(x_BLP), twice(t_BS), labels2, seg2, coords2, layouts2)
+    both = call(twice(x_BLP), twice(t_BS), cond2, seg2, coords2, layouts2)
     v_c, v_u = jnp.split(both, 2)
     return v_u + scale * (v_c - v_u)
 

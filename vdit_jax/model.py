@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,7 @@ from flax import nnx
 
 from vdit_jax import attention as attn_lib
 from vdit_jax import backends as backends_lib
+from vdit_jax import conditioning as cond_lib
 from vdit_jax import schedule
 from vdit_jax import tokens as tokens_lib
 from vdit_jax.sharding import constrain
@@ -184,35 +186,183 @@ class Mlp(nnx.Module):
     return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
 
 
-class Block(nnx.Module):
-  """A DiT block: adaLN-Zero-modulated attention sublayer(s) and MLP."""
+def masked_attention(q_BLHK: jax.Array, k_BMHK: jax.Array, v_BMHK: jax.Array,
+                     mask_BLM: jax.Array) -> jax.Array:
+  """Dense softmax attention where ``mask_BLM`` allows; a query allowed nothing gets zeros.
 
-  def __init__(self, cfg, patterns: tuple, *, rngs: nnx.Rngs):
-    """``patterns``: one per sublayer, each a pattern or a tuple of one per head."""
+  For the short key sets of captions (tens of keys per video), where one dense product over
+  every caption of the row costs less than gathering each video's own.
+  """
+  K = q_BLHK.shape[-1]
+  logits = jnp.einsum("blhk,bmhk->bhlm", q_BLHK, k_BMHK).astype(jnp.float32) / math.sqrt(K)
+  logits = jnp.where(mask_BLM[:, None], logits, -1e30)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v_BMHK.dtype)
+  out = jnp.einsum("bhlm,bmhk->blhk", probs, v_BMHK)
+  return jnp.where(jnp.any(mask_BLM, axis=-1)[:, :, None, None], out, 0)
+
+
+class CrossAttention(nnx.Module):
+  """Video tokens attend to the caption tokens of their own video (``CaptionContext``).
+
+  Its output projection starts at zero, so a block with it starts as the block without it.
+  """
+
+  def __init__(self, width: int, num_heads: int, head_dim: int, qk_norm: bool, dtype,
+               *, rngs: nnx.Rngs):
+    self.dtype = dtype
+    init = nnx.initializers.variance_scaling(1.0, "fan_in", "uniform", in_axis=0,
+                                             out_axis=(-2, -1))
+    self.q = nnx.Param(_init(("embed", "heads", "kv"), init)(
+        rngs.params(), (width, num_heads, head_dim)))
+    self.kv = nnx.Param(_init(("embed", None, "heads", "kv"), init)(
+        rngs.params(), (width, 2, num_heads, head_dim)))
+    self.out = nnx.Param(_init(("heads", "kv", "embed"), _ZEROS)(
+        rngs.params(), (num_heads, head_dim, width)))
+    self.q_norm = RMSNorm(head_dim, rngs=rngs) if qk_norm else None
+    self.k_norm = RMSNorm(head_dim, rngs=rngs) if qk_norm else None
+
+  def __call__(self, x_BLD: jax.Array, captions: "CaptionContext") -> jax.Array:
+    q = jnp.einsum("bld,dhk->blhk", x_BLD, self.q[...].astype(self.dtype))
+    kv = jnp.einsum("bmd,dthk->bmthk", captions.x_BMD.astype(self.dtype),
+                    self.kv[...].astype(self.dtype))
+    k, v = kv[:, :, 0], kv[:, :, 1]
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    o = masked_attention(q, k, v, captions.mask_BLM)
+    return project("blhk,hkd->bld", o, self.out[...].astype(self.dtype))
+
+
+class CaptionContext(NamedTuple):
+  """What the cross-attention sublayers read: caption tokens ``x_BMD`` (every video's captions of
+  a row, back to back, each led by the model's null token) and which of them each video token
+  may see, ``mask_BLM`` (its own video's)."""
+  x_BMD: jax.Array
+  mask_BLM: jax.Array
+
+
+class TextLayer(nnx.Module):
+  """A pre-norm transformer layer over one caption's tokens (padding masked out)."""
+
+  def __init__(self, width: int, num_heads: int, dtype, *, rngs: nnx.Rngs):
+    self.num_heads = num_heads
+    self.dtype = dtype
+    self.qkv = nnx.Linear(width, 3 * width, kernel_init=_init(("embed", "mlp")),
+                          bias_init=_init(("mlp",), _ZEROS), dtype=dtype, rngs=rngs)
+    self.out = nnx.Linear(width, width, kernel_init=_init(("mlp", "embed")),
+                          bias_init=_init(("embed",), _ZEROS), dtype=dtype, rngs=rngs)
+    self.mlp = Mlp(width, 4 * width, dtype, rngs=rngs)
+    self.norm1 = RMSNorm(width, rngs=rngs)
+    self.norm2 = RMSNorm(width, rngs=rngs)
+
+  def __call__(self, x_NCD: jax.Array, mask_NC: jax.Array) -> jax.Array:
+    N, C, D = x_NCD.shape
+    q, k, v = jnp.split(self.qkv(self.norm1(x_NCD)).reshape(N, C, 3 * self.num_heads, -1), 3,
+                        axis=2)
+    o = masked_attention(q, k, v, jnp.broadcast_to(mask_NC[:, None, :], (N, C, C)))
+    x_NCD = x_NCD + self.out(o.reshape(N, C, D))
+    return x_NCD + self.mlp(self.norm2(x_NCD))
+
+
+class CaptionEncoder(nnx.Module):
+  """Caption -> tokens of width D: word ids through an embedding table (``mode = "tokens"``: a
+  small text encoder trained with the model) or precomputed embeddings of width E through a
+  learned projection (``"embeddings"``), then learned positions and ``encoder_depth`` layers."""
+
+  def __init__(self, cfg, width: int, dtype, *, rngs: nnx.Rngs):
+    c = cfg.caption
+    self.mode = c.mode
+    if c.mode == "tokens":
+      self.inp = nnx.Embed(c.vocab, width, embedding_init=_init(("vocab", "embed"),
+                                                               nnx.initializers.normal(1.0)),
+                           rngs=rngs)
+    else:
+      self.inp = nnx.Linear(c.embed_dim, width, kernel_init=_init((None, "embed")),
+                            bias_init=_init(("embed",), _ZEROS), rngs=rngs)
+    self.pos = nnx.Param(_init((None, "embed"), nnx.initializers.normal(0.02))(
+        rngs.params(), (c.length, width)))
+    self.layers = nnx.List([TextLayer(width, cfg.num_heads, dtype, rngs=rngs)
+                            for _ in range(c.encoder_depth)])
+    self.norm = RMSNorm(width, rngs=rngs)
+    # One learned token leads every video's caption: a null caption (all padding) still has a
+    # key to attend to, and any caption can say "nothing here".
+    self.null = nnx.Param(_init(("embed",), nnx.initializers.normal(1.0))(
+        rngs.params(), (width,)))
+
+  def __call__(self, caption: jax.Array, mask_BSC: jax.Array) -> jax.Array:
+    """``[B, S, C(, E)]`` -> ``[B, S, C, D]``."""
+    B, S, C = mask_BSC.shape
+    x = self.inp(caption) if self.mode == "tokens" else self.inp(caption.astype(jnp.float32))
+    x = x.reshape(B * S, C, -1) + self.pos[...]
+    mask = mask_BSC.reshape(B * S, C)
+    for layer in self.layers:
+      x = layer(x, mask)
+    return self.norm(x).reshape(B, S, C, -1)
+
+  def context(self, enc_BSCD: jax.Array, mask_BSC: jax.Array,
+              segment_ids_BL: jax.Array) -> CaptionContext:
+    """The cross-attention keys of a row and which video token may see which."""
+    B, S, C, D = enc_BSCD.shape
+    null = jnp.broadcast_to(self.null[...].astype(enc_BSCD.dtype), (B, S, 1, D))
+    x_BMD = jnp.concatenate([null, enc_BSCD], axis=2).reshape(B, S * (C + 1), D)
+    valid_BSM = jnp.concatenate([jnp.ones((B, S, 1), bool), mask_BSC], axis=2)
+    # Key m belongs to video m // (C + 1) + 1; padding keys to none.
+    key_seg_BM = jnp.where(valid_BSM, jnp.arange(1, S + 1)[None, :, None], -1).reshape(B, -1)
+    return CaptionContext(x_BMD, segment_ids_BL[:, :, None] == key_seg_BM[:, None, :])
+
+
+class Block(nnx.Module):
+  """A DiT block: adaLN-Zero-modulated attention sublayer(s), an optional cross-attention
+  sublayer to the video's caption, and the MLP."""
+
+  def __init__(self, cfg, patterns: tuple, *, cross: bool = False, rngs: nnx.Rngs):
+    """``patterns``: one per sublayer, each a pattern or a tuple of one per head; ``cross``:
+    whether the block has the caption cross-attention sublayer."""
     dtype = _dtype(cfg.dtype)
     D = cfg.width
     self.patterns = patterns
     self.attn = Attention(D, cfg.num_heads, cfg.head_dim, cfg.qk_norm, dtype, rngs=rngs)
     self.attn_t = (Attention(D, cfg.num_heads, cfg.head_dim, cfg.qk_norm, dtype, rngs=rngs)
                    if len(self.patterns) == 2 else None)
+    self.cross = (CrossAttention(D, cfg.num_heads, cfg.head_dim, cfg.qk_norm, dtype, rngs=rngs)
+                  if cross else None)
     self.mlp = Mlp(D, int(cfg.mlp_ratio * D), dtype, rngs=rngs)
     # (shift, scale, gate) per sublayer; zero-init so every block starts as the identity.
     self.num_mods = 3 * (len(self.patterns) + 1)
     self.ada = nnx.Linear(D, self.num_mods * D, kernel_init=_init(("embed", "mlp"), _ZEROS),
                           bias_init=_init(("mlp",), _ZEROS), rngs=rngs)
 
-  def __call__(self, x_BLD, c_BSD, segment_ids_BL, ctx, cos, sin):
-    mods_BSF = self.ada(jax.nn.silu(c_BSD))
-    mods = jnp.split(tokens_lib.per_token(mods_BSF, segment_ids_BL).astype(x_BLD.dtype),
-                     self.num_mods, axis=-1)
+  def __call__(self, x_BLD, c: "AdaInput", segment_ids_BL, ctx, cos, sin, captions=None):
+    mods = jnp.split(c.per_token(self.ada, segment_ids_BL).astype(x_BLD.dtype), self.num_mods,
+                     axis=-1)
     attns = [self.attn] + ([self.attn_t] if self.attn_t is not None else [])
     for i, (pattern, layer) in enumerate(zip(self.patterns, attns)):
       shift, scale, gate = mods[3 * i:3 * i + 3]
       h = layer_norm(x_BLD) * (1 + scale) + shift
       x_BLD = x_BLD + gate * layer(h, pattern, ctx, cos, sin)
+    if self.cross is not None:
+      x_BLD = x_BLD + self.cross(layer_norm(x_BLD), captions)
     shift, scale, gate = mods[-3:]
     x_BLD = x_BLD + gate * self.mlp(layer_norm(x_BLD) * (1 + scale) + shift)
     return constrain(x_BLD, _ACT)
+
+
+class AdaInput(NamedTuple):
+  """The per-video conditioning vectors adaLN reads: ``c_BSD`` at each video's timestep and,
+  when some tokens are given clean (``Conditioning.frames``), ``c0_BSD`` at timestep 0 with the
+  mask ``given_BL`` of those tokens: per-token timesteps at the cost of a second, per-video
+  modulation."""
+  c_BSD: jax.Array
+  c0_BSD: jax.Array | None = None
+  given_BL: jax.Array | None = None
+
+  def per_token(self, layer, segment_ids_BL: jax.Array) -> jax.Array:
+    """``layer(silu(c))`` of each token's video and timestep ``[B, L, F]``."""
+    out = tokens_lib.per_token(layer(jax.nn.silu(self.c_BSD)), segment_ids_BL)
+    if self.given_BL is None:
+      return out
+    out0 = tokens_lib.per_token(layer(jax.nn.silu(self.c0_BSD)), segment_ids_BL)
+    return jnp.where(self.given_BL[..., None], out0, out)
+
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
@@ -249,34 +399,60 @@ class VideoDiT(nnx.Module):
                                  embedding_init=_init(("vocab", "embed"),
                                                       nnx.initializers.normal(1.0)),
                                  rngs=rngs)
-    self.blocks = nnx.List([Block(cfg, p, rngs=rngs) for p in layer_patterns])
+    captions = cfg.caption.mode != "none"
+    every = int(cfg.caption.every)
+    self.caption_encoder = CaptionEncoder(cfg, D, self.dtype, rngs=rngs) if captions else None
+    # The caption's mean token, added to the timestep and label embedding (adaLN's input).
+    self.caption_pool = (nnx.Linear(D, D, kernel_init=_init(("embed", "mlp"), _ZEROS),
+                                    bias_init=_init(("mlp",), _ZEROS), rngs=rngs)
+                         if captions and cfg.caption.pooled else None)
+    self.blocks = nnx.List([Block(cfg, p, cross=captions and i % every == 0, rngs=rngs)
+                            for i, p in enumerate(layer_patterns)])
     self.final_ada = nnx.Linear(D, 2 * D, kernel_init=_init(("embed", "mlp"), _ZEROS),
                                 bias_init=_init(("mlp",), _ZEROS), rngs=rngs)
     self.final = nnx.Linear(D, token_size, kernel_init=_init(("embed", "token"), _ZEROS),
                             bias_init=_init(("token",), _ZEROS), dtype=self.dtype, rngs=rngs)
 
-  def __call__(self, tokens_BLP: jax.Array, t_BS: jax.Array, label_BS: jax.Array,
-               segment_ids_BL: jax.Array, coords_BL3: jax.Array,
-               layouts: dict | None = None) -> jax.Array:
-    """``layouts``: what ``self.backend.prepare`` made for this batch (None for mask backends)."""
+  def __call__(self, tokens_BLP: jax.Array, t_BS: jax.Array,
+               cond: cond_lib.Conditioning | jax.Array, segment_ids_BL: jax.Array,
+               coords_BL3: jax.Array, layouts: dict | None = None) -> jax.Array:
+    """``cond``: the videos' ``Conditioning`` (a bare label array ``[B, S]`` stands for
+    ``Conditioning(label=...)``); ``layouts``: what ``self.backend.prepare`` made for this batch
+    (None for mask backends)."""
     cfg = self.cfg
+    cond = cond_lib.as_conditioning(cond)
     x_BLD = project("blp,pd->bld", tokens_BLP.astype(self.dtype),
                     self.embed.kernel[...].astype(self.dtype))
     x_BLD = constrain(x_BLD + self.embed.bias[...].astype(self.dtype), _ACT)
-    c_BSD = self.t_mlp2(jax.nn.silu(self.t_mlp1(timestep_embedding(t_BS, self.t_freq_dim))))
-    c_BSD = c_BSD + self.label_embed(label_BS)
+    extra_BSD = self.label_embed(cond.label)
+    captions = None
+    if self.caption_encoder is not None:
+      if cond.caption is None or cond.caption_mask is None:
+        raise ValueError(f"model.caption.mode={cfg.caption.mode!r} needs captions: pass "
+                         "Conditioning(caption=..., caption_mask=...)")
+      enc_BSCD = self.caption_encoder(cond.caption, cond.caption_mask)
+      captions = self.caption_encoder.context(enc_BSCD, cond.caption_mask, segment_ids_BL)
+      if self.caption_pool is not None:
+        m = cond.caption_mask[..., None].astype(enc_BSCD.dtype)
+        pooled = jnp.sum(enc_BSCD * m, axis=2) / jnp.maximum(jnp.sum(m, axis=2), 1.0)
+        extra_BSD = extra_BSD + self.caption_pool(pooled)
+    embed_t = lambda t: self.t_mlp2(jax.nn.silu(self.t_mlp1(timestep_embedding(
+        t, self.t_freq_dim)))) + extra_BSD
+    given_BL = cond_lib.given_tokens(cond, segment_ids_BL, coords_BL3)
+    ada = AdaInput(embed_t(t_BS), *((embed_t(jnp.zeros_like(t_BS)), given_BL)
+                                    if given_BL is not None else ()))
     angles = rope_angles(coords_BL3, cfg.head_dim, cfg.rope_theta)[:, :, None, :]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     ctx = attn_lib.AttentionContext(self.backend, segment_ids_BL, coords_BL3, layouts)
 
-    def run_block(block, x, c):
-      return block(x, c, segment_ids_BL, ctx, cos, sin)
+    def run_block(block, x, c, captions):
+      return block(x, c, segment_ids_BL, ctx, cos, sin, captions)
 
     if cfg.remat:
       run_block = nnx.remat(run_block, policy=getattr(jax.checkpoint_policies, cfg.remat_policy))
     for block in self.blocks:
-      x_BLD = run_block(block, x_BLD, c_BSD)
-    final_mods = tokens_lib.per_token(self.final_ada(jax.nn.silu(c_BSD)), segment_ids_BL)
+      x_BLD = run_block(block, x_BLD, ada, captions)
+    final_mods = ada.per_token(self.final_ada, segment_ids_BL)
     shift, scale = jnp.split(final_mods.astype(x_BLD.dtype), 2, axis=-1)
     out_BLP = self.final(layer_norm(x_BLD) * (1 + scale) + shift)
     return out_BLP.astype(jnp.float32)
@@ -299,17 +475,28 @@ def forward_flops(cfg, seg_grids, seq_len: int, token_size: int) -> float:
 
   Dense matmuls are counted over all L tokens (padding is computed too); attention over each
   sublayer's allowed pairs of each real video (per head for per-head patterns), so the count
-  stays honest for sparse backends.
+  stays honest for sparse backends. Captions (``model.caption``) are counted as computed: the
+  text encoder over every slot of ``seg_grids`` (``[S, 3]``, empty ones included) and each
+  cross-attention sublayer's dense product of all L tokens with the row's S (C + 1) keys.
   """
   D, H, K = cfg.width, cfg.num_heads, cfg.head_dim
   hidden = int(cfg.mlp_ratio * D)
   grids = [tuple(g) for g in seg_grids if math.prod(int(v) for v in g) > 0]
   linear = attn = 0
-  for layer in schedule.layer_patterns(cfg):
+  cross_every = int(cfg.caption.every) if cfg.caption.mode != "none" else 0
+  C, S = int(cfg.caption.length), len(seg_grids)
+  M = S * (C + 1)
+  for i, layer in enumerate(schedule.layer_patterns(cfg)):
     linear += 2 * seq_len * (len(layer) * (D * 3 * H * K + H * K * D) + 2 * D * hidden)
     for p in layer:
       head_pairs = sum(schedule.sublayer_pairs(p, g) for g in grids)
       attn += 4 * K * (head_pairs if isinstance(p, tuple) else H * head_pairs)
+    if cross_every and i % cross_every == 0:
+      linear += 2 * seq_len * 2 * D * H * K + 2 * M * D * 2 * H * K
+      attn += 4 * K * H * seq_len * M
+  if cross_every:  # the text encoder's layers (qkv, out, MLP of 4 D; attention over C)
+    linear += 2 * S * C * cfg.caption.encoder_depth * (3 * D * D + D * D + 8 * D * D)
+    attn += 4 * D * S * C * C * cfg.caption.encoder_depth
   io = 2 * seq_len * token_size * D * 2
   return float(linear + attn + io)
 

@@ -1,13 +1,16 @@
 """Sampling videos from a trained model: restore EMA params, pack noise, integrate, unpack.
 
-Several requested shapes share one packed row and one compiled call; shapes are checked against
-the patch size before anything is compiled.
+Several requested shapes share one packed row and one compiled call (``row_plan``: any mix that
+fits a training row shares one compiled sampler); shapes, captions and given frames are checked
+before anything is compiled.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,11 +19,15 @@ import numpy as np
 from flax import nnx
 
 from vdit_jax import checkpoint as ckpt_lib
+from vdit_jax import conditioning as cond_lib
+from vdit_jax import config as config_lib
 from vdit_jax import diffusion
 from vdit_jax import model as model_lib
+from vdit_jax import text
 from vdit_jax import tokens as tokens_lib
 
-# Rows are padded to a multiple of this, so nearby shape mixes reuse one compiled sampler.
+# Rows of shapes no training row holds are padded to a multiple of this, so nearby shape mixes
+# reuse one compiled sampler.
 _ROW_QUANTUM = 128
 
 
@@ -66,42 +73,209 @@ def check_shapes(shapes, patch) -> list[tuple[int, int, int]]:
   return grids
 
 
+def check_captions(config: ml_collections.ConfigDict, count: int, captions,
+                   tokenizer: text.Tokenizer | None) -> list[Any] | None:
+  """The captions of ``count`` videos for this run's ``model.caption.mode`` (one repeated for
+  all, or one each), checked before any compile: every video of a captioned run needs a
+  non-empty caption (text in ``tokens`` mode, an ``[n, E]`` array in ``embeddings`` mode);
+  a run without captions takes none."""
+  mode = config.model.caption.mode
+  if mode == "none":
+    if captions:
+      raise ValueError("this run was trained without captions (model.caption.mode=none): drop "
+                       "--captions, or condition on labels")
+    return None
+  captions = list(captions or [])
+  if len(captions) == 1:
+    captions = captions * count
+  if len(captions) != count:
+    raise ValueError(f"{len(captions)} captions for {count} shapes: give one caption, or one per "
+                     "shape (--captions 'a red circle moving left;...' or --prompts_file)")
+  for i, cap in enumerate(captions):
+    if mode == "tokens":
+      if not isinstance(cap, str) or not text.words_of(cap):
+        raise ValueError(f"caption {i} is empty: this run was trained with captions "
+                         f"(model.caption.mode=tokens); give each video a caption")
+      if tokenizer is None:
+        raise ValueError("captions need the run's tokenizer (text.Tokenizer.load(workdir))")
+      tokenizer.encode(cap, int(config.model.caption.length))  # raises on unknown words
+    else:
+      arr = np.asarray(cap)
+      if arr.ndim != 2 or arr.shape[1] != config.model.caption.embed_dim or not len(arr):
+        raise ValueError(f"caption embedding {i} has shape {arr.shape}: this run needs "
+                         f"[tokens, {config.model.caption.embed_dim}] (model.caption.embed_dim)")
+  return captions
+
+
+def check_init_videos(init_videos, grids, patch, channels: int) -> list[int]:
+  """Given grid frames per video from ``init_videos`` (None entries: none), checked against the
+  requested grids before any compile: same H and W, whole temporal patches, at least one frame
+  left to generate."""
+  pt, ph, pw = patch
+  if init_videos is None:
+    return [0] * len(grids)
+  if len(init_videos) != len(grids):
+    raise ValueError(f"{len(init_videos)} init videos for {len(grids)} shapes: give one per shape "
+                     "(None for none)")
+  frames = []
+  for i, (init, grid) in enumerate(zip(init_videos, grids)):
+    if init is None:
+      frames.append(0)
+      continue
+    T0, H0, W0, C0 = np.shape(init)
+    want = (grid[1] * ph, grid[2] * pw)
+    if (H0, W0) != want or C0 != channels:
+      raise ValueError(f"init video {i} is {H0}x{W0} with {C0} channels, but its shape asks for "
+                       f"{want[0]}x{want[1]} with {channels}: resize it or request that size")
+    if T0 % pt or T0 // pt >= grid[0]:
+      raise ValueError(f"init video {i} has {T0} frames: give a multiple of the temporal patch "
+                       f"{pt} below the requested {grid[0] * pt} frames, so some are generated")
+    frames.append(T0 // pt)
+  return frames
+
+
+class Row(NamedTuple):
+  """The one packed row of a sampling call: its length and video slots, and how its attention
+  layouts are sized (``backends.Backend.prepare``'s grids, max_segments and exact)."""
+  length: int
+  segments: int
+  layout_grids: list
+  layout_segments: int | None
+  exact: bool
+
+
+def row_plan(config: ml_collections.ConfigDict, grids: list[tuple[int, int, int]]) -> Row:
+  """The packed row a sampling call of videos of ``grids`` uses.
+
+  Videos that fit a training row (``data.seq_len`` tokens, ``data.max_segments`` videos) of grids
+  the training data can draw get the training row's shapes and layout bounds, so one compiled
+  sampler serves every such mix of shapes. Others (longer, larger, unseen sizes) get a row sized
+  for exactly them, rounded up to ``_ROW_QUANTUM`` tokens, and compile for it.
+  """
+  d = config.data
+  n_total = sum(math.prod(g) for g in grids)
+  if n_total <= d.seq_len and len(grids) <= d.max_segments:
+    if d.source in ("synthetic_shapes", "moving_digits"):  # they draw exactly these grids
+      possible = config_lib.possible_grids(config)
+      if all(tuple(g) in possible for g in grids):
+        return Row(int(d.seq_len), int(d.max_segments), possible, int(d.max_segments), False)
+    else:  # files: any size up to the largest, with the any-placement bound, as in training
+      largest = config_lib.largest_grids(config)
+      if all(any(all(a <= b for a, b in zip(g, big)) for big in largest) for g in grids):
+        return Row(int(d.seq_len), int(d.max_segments), largest, None, False)
+  quantum = max(_ROW_QUANTUM, int(config.model.attention_block))
+  return Row(-(-n_total // quantum) * quantum, len(grids), list(grids), None, True)
+
+
 def sample(model: model_lib.VideoDiT, config: ml_collections.ConfigDict,
            shapes: list[tuple[int, int, int]], labels: list[int], cfg_scale: float = 3.0,
-           num_steps: int = 30, seed: int = 0, method: str = "euler") -> list[np.ndarray]:
+           num_steps: int = 30, seed: int = 0, method: str = "euler", captions=None,
+           tokenizer: text.Tokenizer | None = None, init_videos=None,
+           progress: bool = False) -> list[np.ndarray]:
   """Videos ``[T, H, W, C]`` in [-1, 1], one per requested shape, from one packed call,
-  integrated with ``method`` (``diffusion.SAMPLERS``)."""
+  integrated with ``method`` (``diffusion.SAMPLERS``).
+
+  ``captions``: for a captioned run, one per video (``check_captions``); ``init_videos``: per
+  video None or its first frames ``[T0, H, W, C]`` in [-1, 1] (image-to-video, continuation),
+  which come back unchanged. ``progress``: a bar over the steps on stderr. Deterministic for a
+  fixed ``seed``.
+  """
   diffusion.check_sampler(method)  # before anything compiles
+  row = pack_request(model, config, shapes, labels, seed, captions, tokenizer, init_videos)
+  with _progress_bar(int(num_steps), progress):
+    out = _integrate(model, row.noise, row.segment_ids, row.coords, row.cond, row.shift,
+                     row.layouts, config.model.num_classes, float(cfg_scale), int(num_steps),
+                     method, bool(progress))
+    out = np.asarray(jax.device_get(out))
+  patch, C = tuple(config.model.patch), config.data.channels
+  videos = tokens_lib.unpack_row(out[0], row.batch["segment_ids"][0], row.batch["seg_grid"][0])
+  return [tokens_lib.unpatchify_np(toks, g, patch, C) for toks, g in zip(videos, row.grids)]
+
+
+class Request(NamedTuple):
+  """A sampling call's packed row: the model's inputs at t = 1 (``noise`` holds the given
+  frames' tokens where there are any), and the host batch and grids to unpack the result."""
+  noise: jax.Array
+  segment_ids: jax.Array
+  coords: jax.Array
+  cond: cond_lib.Conditioning
+  shift: jax.Array
+  layouts: Any
+  batch: dict
+  grids: list
+
+
+def pack_request(model: model_lib.VideoDiT, config: ml_collections.ConfigDict,
+                 shapes: list[tuple[int, int, int]], labels: list[int], seed: int = 0,
+                 captions=None, tokenizer: text.Tokenizer | None = None,
+                 init_videos=None) -> Request:
+  """Checks a sampling request (raising before any compile) and packs it into its row."""
   patch = tuple(config.model.patch)
   C = config.data.channels
   grids = check_shapes(shapes, patch)
+  captions = check_captions(config, len(grids), captions, tokenizer)
+  frames = check_init_videos(init_videos, grids, patch, C)
   P = tokens_lib.token_dim(patch, C)
-  n_total = sum(math.prod(g) for g in grids)
-  quantum = max(_ROW_QUANTUM, int(config.model.attention_block))
-  L = -(-n_total // quantum) * quantum
+  row = row_plan(config, grids)
   rng = np.random.default_rng(seed)
-  items = [{"tokens": rng.standard_normal((math.prod(g), P)).astype(np.float32), "grid": g,
-            "label": lab} for g, lab in zip(grids, labels)]
-  batch = tokens_lib.pack_rows([items], L, len(items), P,
-                               seg_fields={"label": (np.int32, config.model.num_classes)})
-  # Sized for exactly this row: sampling compiles per call anyway.
-  layouts = model.backend.prepare(batch["segment_ids"], batch["coords"], grids, exact=True)
+  items = []
+  for i, (g, lab) in enumerate(zip(grids, labels)):
+    toks = rng.standard_normal((math.prod(g), P)).astype(np.float32)
+    if frames[i]:
+      given = tokens_lib.patchify_np(np.asarray(init_videos[i], np.float32), patch)
+      toks[:len(given)] = given  # t-major: the first frames' tokens lead
+    items.append({"tokens": toks, "grid": g, "label": lab, "frames": frames[i]})
+  fields = {"label": (np.int32, config.model.num_classes)}
+  if any(frames):
+    fields["frames"] = (np.int32, 0)
+  if captions is not None:
+    coder = text.CaptionCoder.from_config(config, tokenizer)
+    for item, c in zip(items, captions):
+      item["caption"], item["caption_mask"] = coder(c)
+    fields.update(coder.seg_fields())
+  batch = tokens_lib.pack_rows([items], row.length, row.segments, P, seg_fields=fields)
+  cond = cond_lib.from_batch({k: jnp.asarray(v) for k, v in batch.items()})
+  layouts = model.backend.prepare(batch["segment_ids"], batch["coords"], row.layout_grids,
+                                  max_segments=row.layout_segments, exact=row.exact)
   shift = diffusion.video_shift(jnp.asarray(batch["seg_grid"]), config.diffusion)
-  out = _integrate(model, jnp.asarray(batch["tokens"]), jnp.asarray(batch["segment_ids"]),
-                   jnp.asarray(batch["coords"]), jnp.asarray(batch["seg_label"]), shift,
-                   layouts, config.model.num_classes, float(cfg_scale), int(num_steps),
-                   method)
-  out = np.asarray(jax.device_get(out))
-  row = tokens_lib.unpack_row(out[0], batch["segment_ids"][0], batch["seg_grid"][0])
-  return [tokens_lib.unpatchify_np(toks, g, patch, C) for toks, g in zip(row, grids)]
+  return Request(jnp.asarray(batch["tokens"]), jnp.asarray(batch["segment_ids"]),
+                 jnp.asarray(batch["coords"]), cond, shift, layouts, batch, grids)
 
 
-@nnx.jit(static_argnums=(7, 8, 9, 10))
-def _integrate(model, noise, segment_ids, coords, labels, shift, layouts, null_label, cfg_scale,
-               num_steps, method):
-  velocity = diffusion.guided(model, labels, segment_ids, coords, null_label, cfg_scale,
+# The bar of the sampling call in progress: one fixed callback (so the compiled sampler does not
+# depend on the bar) moves whichever bar is open.
+_BAR: list = []
+
+
+def _tick(i) -> None:
+  del i
+  if _BAR:
+    _BAR[0].update(1)
+
+
+@contextlib.contextmanager
+def _progress_bar(total: int, show: bool):
+  if not show:
+    yield
+    return
+  from tqdm import tqdm
+  bar = tqdm(total=total, desc="sampling", unit="step", leave=False)
+  _BAR[:] = [bar]
+  try:
+    yield
+  finally:
+    _BAR.clear()
+    bar.close()
+
+
+@nnx.jit(static_argnums=(7, 8, 9, 10, 11))
+def _integrate(model, noise, segment_ids, coords, cond, shift, layouts, null_label, cfg_scale,
+               num_steps, method, progress):
+  velocity = diffusion.guided(model, cond, segment_ids, coords, null_label, cfg_scale,
                               layouts=layouts)
-  return diffusion.integrate(velocity, noise, segment_ids, shift, num_steps, method)
+  given = cond_lib.given_tokens(cond, segment_ids, coords)
+  return diffusion.integrate(velocity, noise, segment_ids, shift, num_steps, method, given,
+                             on_step=_tick if progress else None)
 
 
 def load_model(workdir: str, step: int | None = None,

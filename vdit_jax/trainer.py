@@ -31,24 +31,40 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vdit_jax import backends as backends_lib
 from vdit_jax import checkpoint as ckpt_lib
+from vdit_jax import conditioning as cond_lib
 from vdit_jax import config as config_lib
 from vdit_jax import diffusion
 from vdit_jax import kernels as kernels_lib
 from vdit_jax import metrics as metrics_lib
 from vdit_jax import model as model_lib
 from vdit_jax import sharding as shard_lib
+from vdit_jax import text as text_lib
 from vdit_jax import tokens as tokens_lib
 
 State = dict[str, Any]
 
-# Batch keys and their logical axes; the leading axis is always the batch.
+# Batch keys and their logical axes; the leading axis is always the batch. The conditioning's
+# optional keys are in a run's batches when its config uses them (batch_keys).
 BATCH_AXES = {
     "tokens": ("batch", "length", None),
     "segment_ids": ("batch", "length"),
     "coords": ("batch", "length", None),
     "seg_grid": ("batch", None, None),
     "seg_label": ("batch", None),
+    "seg_caption": ("batch", None, None),  # [B, S, C] ids or [B, S, C, E]: a prefix spec
+    "seg_caption_mask": ("batch", None, None),
+    "seg_frames": ("batch", None),
 }
+
+
+def batch_keys(config) -> list[str]:
+  """The keys of ``BATCH_AXES`` a batch of this config holds."""
+  keys = ["tokens", "segment_ids", "coords", "seg_grid", "seg_label"]
+  if config.model.caption.mode != "none":
+    keys += ["seg_caption", "seg_caption_mask"]
+  if config.data.cond_frames_prob > 0:
+    keys.append("seg_frames")
+  return keys
 
 
 # ----------------------------------------------------------------------------- optimiser
@@ -156,8 +172,8 @@ def abstract_state(config, mesh, backend=None) -> tuple[nnx.GraphDef, State, Any
 def batch_shardings(config, mesh, backend=None) -> dict[str, Any]:
   """Shardings of every batch entry, split over rows: a pytree prefix of the batch."""
   rules = config.mesh.rules
-  out: dict[str, Any] = {k: NamedSharding(mesh, shard_lib.logical_to_spec(v, rules))
-                         for k, v in BATCH_AXES.items()}
+  out: dict[str, Any] = {k: NamedSharding(mesh, shard_lib.logical_to_spec(BATCH_AXES[k], rules))
+                         for k in batch_keys(config)}
   backend = backend or backends_lib.resolve(config.model, config.data.max_segments)
   rows = NamedSharding(mesh, shard_lib.logical_to_spec(("batch",), rules))
   layouts = backend.batch_sharding(rows)
@@ -178,14 +194,21 @@ def noise_batch(key: jax.Array, batch: dict[str, Any], config) -> tuple[jax.Arra
 
 
 def loss_terms(params, graphdef, batch, t_BS, eps, config) -> tuple[jax.Array, jax.Array]:
-  """Rectified-flow loss of a packed batch as (sum, count), for the given t and noise."""
+  """Rectified-flow loss of a packed batch as (sum, count), for the given t and noise.
+
+  Tokens of given frames (``Conditioning.frames``) stay clean and carry no loss."""
   seg = batch["segment_ids"]
   x0 = batch["tokens"]
+  cond = cond_lib.from_batch(batch)
   x_t = diffusion.add_noise(x0, eps, tokens_lib.per_token(t_BS, seg))
+  given = cond_lib.given_tokens(cond, seg, batch["coords"])
+  if given is not None:
+    x_t = jnp.where(given[..., None], x0, x_t)
   model = nnx.merge(graphdef, params)
-  v = model(x_t, t_BS, batch["seg_label"], seg, batch["coords"], layouts=batch.get("layouts"))
+  v = model(x_t, t_BS, cond, seg, batch["coords"], layouts=batch.get("layouts"))
   err = v - diffusion.velocity_target(x0, eps)
-  return diffusion.masked_loss_terms(err, seg, batch["seg_grid"].shape[1],
+  loss_seg = seg if given is None else jnp.where(given, 0, seg)
+  return diffusion.masked_loss_terms(err, loss_seg, batch["seg_grid"].shape[1],
                                      config.diffusion.loss_weighting)
 
 
@@ -451,6 +474,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> State:
         process_count=jax.process_count(), backend=backend))
     if is_main:
       _write_skipped(workdir, it.skipped)
+    if it.tokenizer is not None:
+      text_lib.check_or_save(it.tokenizer, workdir, is_main)
     if data_state:
       it.set_state(data_state)
     elif start:
@@ -569,6 +594,21 @@ def _samples_dir(workdir: str, step: int) -> str:
   return os.path.join(workdir, "samples", f"step_{step:07d}")
 
 
+def _sample_captions(config, tokenizer) -> list | None:
+  """``config.sample.captions`` (``;``-separated, one per shape or one for all) for a captioned
+  run; empty: the captions of the source's first videos, one per shape."""
+  if config.model.caption.mode == "none":
+    return None
+  from data import pipeline  # scripts' side of the arrow, as in train()
+  from vdit_jax import sampler
+  count = len(sampler.parse_shapes(config.sample.shapes))
+  if config.sample.captions.strip():
+    return [c.strip() for c in config.sample.captions.split(";")]
+  source = pipeline.make_source(config)
+  key = "caption" if config.model.caption.mode == "tokens" else "caption_embedding"
+  return [source[i].get(key) for i in range(count)]
+
+
 def _sample_labels(config) -> list[int]:
   """``config.sample.labels`` as ids: ids or the names of the run's data source (data.labels)."""
   from data import labels as labels_lib  # scripts' side of the arrow, as in train()
@@ -586,8 +626,11 @@ def _write_samples(config, workdir, graphdef, state, step, is_main) -> None:
   model = nnx.merge(graphdef, jax.device_get(ema))
   shapes = sampler.parse_shapes(config.sample.shapes)
   labels = _sample_labels(config)
+  tokenizer = (text_lib.Tokenizer.load(workdir) if config.model.caption.mode == "tokens"
+               else None)
   videos = sampler.sample(model, config, shapes, labels, cfg_scale=config.sample.cfg,
-                          num_steps=config.sample.steps, seed=config.seed)
+                          num_steps=config.sample.steps, seed=config.seed,
+                          captions=_sample_captions(config, tokenizer), tokenizer=tokenizer)
   if is_main:
     out = _samples_dir(workdir, step)
     for i, (video, label) in enumerate(zip(videos, labels)):

@@ -164,3 +164,39 @@ def read_frames(path: str, start: int = 0, count: int | None = None,
 def read_video(path: str) -> np.ndarray:
   """All frames of a video file (mp4, webm, gif) as uint8 RGB ``[T, H, W, 3]``."""
   return read_frames(path)
+
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+def read_init(path: str, frames: int, repeat: int = 1) -> np.ndarray:
+  """The first ``frames`` frames of a video (mp4, webm, gif), an npy array ``[T, H, W, C]``
+  (taken as stored, in [-1, 1]) or an image (one frame, repeated ``repeat`` times: a still
+  first temporal patch), as f32 ``[frames, H, W, C]`` in [-1, 1]: the given frames of
+  image-to-video and continuation. Raises, naming the path, if it cannot be read or has fewer
+  frames."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--init_video {path!r} is not a file: give a video, npy or image")
+  low = path.lower()
+  try:
+    if low.endswith(".npy"):
+      video = np.load(path, allow_pickle=False)
+      if video.ndim != 4 or video.dtype.kind != "f":
+        raise ValueError(f"{path}: an npy init video must be float [T, H, W, C] in [-1, 1], "
+                         f"got {video.dtype} {video.shape}")
+      video = video.astype(np.float32)
+    else:
+      if low.endswith(IMAGE_EXTS):
+        import imageio.v3 as iio
+        image = np.asarray(iio.imread(path))
+        image = image[..., None] if image.ndim == 2 else image[..., :3]
+        raw = np.repeat(image[None], repeat, axis=0)
+      else:
+        raw = read_frames(path, 0, frames)
+      video = raw.astype(np.float32) / 127.5 - 1.0
+  except (OSError, ValueError) as e:
+    raise ValueError(f"--init_video {path!r} cannot be read: {e}") from e
+  if len(video) < frames:
+    raise ValueError(f"--init_video {path!r} has {len(video)} frames, fewer than the {frames} "
+                     "to give (--init_frames)")
+  return video[:frames]
