@@ -2,16 +2,16 @@
 
   python train.py --config configs/captions.py --workdir runs/captions
   python sample.py --workdir runs/captions --shapes 8x28x36,8x36x28,16x32x32 \
-      --labels unconditional --captions "a red circle moving right;a blue square moving down;a yellow triangle moving up-left" \
-      --out runs/captions/videos
+      --labels unconditional --out runs/captions/videos \
+      --captions "a red circle moving right;a blue square moving down;a cyan triangle moving up"
   python sample.py --workdir runs/captions --shapes 8x32x32 --labels unconditional \
       --captions "a green circle moving left" --init_video first_frame.png \
       --out runs/captions/i2v
 
-The default model and data with a cross-attention sublayer in every block reading each video's
-caption ("a red circle moving up-left": colour, shape and the direction it sets off in),
-through a one-layer text encoder over the source's 20 words, trained with the model; the
-caption's mean token also feeds adaLN. Labels and captions are dropped apart (10% each), so the
+The default model and data, with durations of 8 to 16 frames and a cross-attention sublayer in
+every block reading each video's caption ("a red circle moving up-left": colour, shape and the
+direction it sets off in) through a one-layer text encoder over the source's 20 words, trained
+with the model; the caption's mean token also feeds adaLN. Labels and captions are dropped apart (10% each), so the
 model also learns captions without labels: sample with ``--labels unconditional`` for the
 caption alone. A quarter of the videos train with their first temporal patch (two frames)
 given clean, so the same checkpoint continues a video or animates an image (``--init_video``).
@@ -23,6 +23,9 @@ from configs import default
 def get_config(arg: str | None = None):
   c = default.get_config(arg)
   c.unlock()
+  # Durations of 8 to 16 frames (256 to 512 tokens): one row holds one long or two short videos.
+  c.data.frames = (8, 16)
+  c.train.steps = 3000
   c.model.caption.mode = "tokens"
   c.model.caption.length = 5  # "a <colour> <shape> moving <direction>": one object per video
   c.model.caption.vocab = 32  # the source's 20 words and padding, with room
@@ -32,6 +35,7 @@ def get_config(arg: str | None = None):
   c.data.cond_frames_prob = 0.25
   c.data.cond_frames = 1  # grid frames: one temporal patch of 2 frames
   c.sample.labels = "unconditional"
+  c.sample.shapes = "8x28x36,8x36x28,16x32x32"  # landscape, portrait, longer
   c.sample.captions = ("a red circle moving right;a blue square moving down;"
                        "a yellow triangle moving up-left")
   c.lock()

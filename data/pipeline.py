@@ -17,8 +17,8 @@ the stream's rows of ``data.seq_len`` tokens with at most ``data.max_segments`` 
 the placed videos, and draw each video's conditioning (``Draw``): its label dropped to the null
 id (``model.num_classes``) with probability ``data.label_dropout``, its caption to the null
 caption with ``data.caption_dropout`` (drawn apart, so guidance can use either), and with
-``data.cond_frames_prob`` its first frames given clean (image-to-video). File sources pass over unusable files (see ``data.files``); the batch
-counts them per reason in ``batch["skipped"]``.
+``data.cond_frames_prob`` its first frames given clean (image-to-video). File sources pass over
+unusable files (see ``data.files``); the batch counts them per reason in ``batch["skipped"]``.
 
 Videos that fit nowhere are discarded, so with mixed sizes batches hold slightly smaller videos
 than the source: frames (4, 16), side (16, 48), five aspect ratios, L=2304, S=4: the source

@@ -3,8 +3,10 @@ prevent (colour flicker, shapes morphing, objects vanishing, jerky motion), meas
 pixels of videos the EMA model samples, next to the same measures on real videos.
 
 The videos sampled have the sizes and labels (and, in a run with captions, the captions) of the
-source's first ``evals.temporal.videos`` held-out videos, with fixed noise, so calls and runs compare like with like; those real videos
-are scored once, as the reference (``real_<metric>``). With ``evals.temporal.fd`` the Frechet
+source's first ``evals.temporal.videos`` held-out videos, with fixed noise, so calls and runs
+compare like with like; those real videos are scored once, as the reference (``real_<metric>``).
+With text captions, ``direction_ok`` also scores whether each object sets off the way its
+caption says. With ``evals.temporal.fd`` the Frechet
 distance between features of the sampled and the real videos (``evals.features``' network,
 trained on the source's own data) measures the distribution as a whole; ``fd_real`` is the same
 distance between two disjoint real sets of the same size where ``data.heldout`` has room, the

@@ -69,8 +69,8 @@ def test_another_videos_caption_changes_nothing_in_this_video(backend):
   out = np.asarray(forward(graphdef, params, batch, cond, t, layouts))
   seg = batch["segment_ids"][0]
   other = cond.caption.at[0, 1].set((cond.caption[0, 1] + 3) % 20 + 1)
-  out2 = np.asarray(forward(graphdef, params, batch,
-                            cond_lib.Conditioning(cond.label, other, cond.caption_mask), t, layouts))
+  other_cond = cond_lib.Conditioning(cond.label, other, cond.caption_mask)
+  out2 = np.asarray(forward(graphdef, params, batch, other_cond, t, layouts))
   np.testing.assert_array_equal(out2[0][seg != 2], out[0][seg != 2])
   assert np.abs(out2[0][seg == 2] - out[0][seg == 2]).max() > 1e-3  # video 2 reads its caption
   # Padding words of a caption are not read either.
@@ -287,9 +287,9 @@ def test_precomputed_caption_embeddings_beside_the_files_and_in_the_manifest(tmp
            {"path": "c.npy"}, {"path": "d.npy"}, {"path": "a.caption.npy"}]
   (tmp_path / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
   c = caption_config(mode="embeddings", **{
-      "data.source": "latents", "data.path": str(tmp_path), "data.manifest": str(tmp_path / "m.jsonl"),
-      "data.channels": 4, "data.frames": (2, 4), "data.side": (8, 8), "data.aspect_ratios": (1.0,),
-      "data.caption_dropout": 0.0})
+      "data.source": "latents", "data.path": str(tmp_path),
+      "data.manifest": str(tmp_path / "m.jsonl"), "data.channels": 4, "data.frames": (2, 4),
+      "data.side": (8, 8), "data.aspect_ratios": (1.0,), "data.caption_dropout": 0.0})
   maker = pipeline.BatchMaker(c)
   src = maker.source
   assert [os.path.basename(e["path"]) for e in src.entries] == ["a.npy", "b.npy", "c.npy", "d.npy"]
@@ -308,3 +308,23 @@ def test_precomputed_caption_embeddings_beside_the_files_and_in_the_manifest(tmp
                                     jnp.full((1, c.data.max_segments), 0.5),
                                     jnp.zeros_like(b["tokens"]), c)
   assert np.isfinite(float(total)) and float(count) == 3
+
+
+def test_flop_count_of_captions_matches_xlas():
+  """The caption terms of ``model.forward_flops`` (text encoder, cross-attention) against XLA's
+  count of the same model with and without captions: XLA also counts elementwise work (softmax,
+  norms), which the analytic count leaves out, so it may be a little higher, never lower."""
+  c, graphdef, params, batch, cond, t, _ = case()
+  c0 = helpers.tiny_config(**{"model.attention_backend": "dense"})
+  graphdef0, params0 = nnx.split(model_lib.build_model(c0), nnx.Param)
+  args = [jnp.asarray(batch[k]) for k in ("tokens", "segment_ids", "coords")]
+
+  def xla_flops(graphdef, params, cond):
+    fn = jax.jit(lambda p: nnx.merge(graphdef, p)(args[0], t, cond, args[1], args[2]))
+    return fn.lower(params).compile().cost_analysis()["flops"]
+
+  measured = xla_flops(graphdef, params, cond) - xla_flops(graphdef0, params0, cond.label)
+  L, P = batch["tokens"].shape[1:]
+  counted = (model_lib.forward_flops(c.model, batch["seg_grid"][0], L, P)
+             - model_lib.forward_flops(c0.model, batch["seg_grid"][0], L, P))
+  assert 1.0 <= measured / counted <= 1.2, (measured, counted)

@@ -145,8 +145,8 @@ def check_or_save(tokenizer: Tokenizer, workdir: str, write: bool) -> None:
       new = sorted(set(tokenizer.words) - set(saved.words))
       gone = sorted(set(saved.words) - set(tokenizer.words))
       raise ValueError(f"{os.path.join(workdir, FILENAME)} holds another vocabulary than this "
-                       f"run's captions (new words {new}, missing {gone}): the checkpoints' caption "
-                       "ids would change meaning; train with this data in a new workdir")
+                       f"run's captions (new words {new}, missing {gone}): the checkpoints' "
+                       "caption ids would change meaning; train with this data in a new workdir")
     return
   if write:
     tokenizer.save(workdir)
