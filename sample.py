@@ -70,7 +70,7 @@ def main(argv):
     tokenizer = text.Tokenizer.load(_WORKDIR.value)
   captions = sampler.check_captions(config, len(shapes), captions, tokenizer)
   init_videos = _init_videos(len(shapes), int(config.model.patch[0]))
-  sampler.check_init_videos(init_videos, grids, tuple(config.model.patch), config.data.channels)
+  sampler.check_init_videos(config, init_videos, grids)
   videos = sampler.sample(model, config, shapes, labels, cfg_scale=_CFG.value,
                           num_steps=_STEPS.value, seed=_SEED.value, method=_SAMPLER.value,
                           captions=captions, tokenizer=tokenizer, init_videos=init_videos,

@@ -231,6 +231,10 @@ def test_sampling_errors_come_before_compiling(run):
     go(captions=["a red circle"], init_videos=[np.zeros((1, 8, 12, 3), np.float32)])
   with pytest.raises(ValueError, match="init video 0 has 2 frames.*below the requested 2"):
     go(captions=["a red circle"], init_videos=[np.zeros((2, 8, 8, 3), np.float32)])
+  with pytest.raises(ValueError, match="init video 0 has shape \\(8, 8, 3\\)"):
+    go(captions=["a red circle"], init_videos=[np.zeros((8, 8, 3), np.float32)])
+  with pytest.raises(ValueError, match="never trained with given frames.*cond_frames_prob"):
+    sampler.check_init_videos(helpers.tiny_config(), [np.zeros((1, 8, 8, 3))], [(2, 2, 2)])
 
 
 def test_sample_script_with_captions_and_an_init_image(run, tmp_path):

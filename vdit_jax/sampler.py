@@ -107,13 +107,18 @@ def check_captions(config: ml_collections.ConfigDict, count: int, captions,
   return captions
 
 
-def check_init_videos(init_videos, grids, patch, channels: int) -> list[int]:
+def check_init_videos(config: ml_collections.ConfigDict, init_videos, grids) -> list[int]:
   """Given grid frames per video from ``init_videos`` (None entries: none), checked against the
-  requested grids before any compile: same H and W, whole temporal patches, at least one frame
-  left to generate."""
-  pt, ph, pw = patch
-  if init_videos is None:
+  run and the requested grids before any compile: a run trained with given frames, videos of
+  the same H, W and channels, whole temporal patches, at least one frame left to generate."""
+  pt, ph, pw = (int(p) for p in config.model.patch)
+  channels = int(config.data.channels)
+  if init_videos is None or all(v is None for v in init_videos):
     return [0] * len(grids)
+  if config.data.cond_frames_prob <= 0:
+    raise ValueError("this run never trained with given frames (data.cond_frames_prob=0), so it "
+                     "cannot continue a video: drop --init_video, or train with "
+                     "--config.data.cond_frames_prob=0.25 (configs/captions.py does)")
   if len(init_videos) != len(grids):
     raise ValueError(f"{len(init_videos)} init videos for {len(grids)} shapes: give one per shape "
                      "(None for none)")
@@ -122,6 +127,8 @@ def check_init_videos(init_videos, grids, patch, channels: int) -> list[int]:
     if init is None:
       frames.append(0)
       continue
+    if np.ndim(init) != 4:
+      raise ValueError(f"init video {i} has shape {np.shape(init)}: give frames [T, H, W, C]")
     T0, H0, W0, C0 = np.shape(init)
     want = (grid[1] * ph, grid[2] * pw)
     if (H0, W0) != want or C0 != channels:
@@ -214,7 +221,7 @@ def pack_request(model: model_lib.VideoDiT, config: ml_collections.ConfigDict,
   C = config.data.channels
   grids = check_shapes(shapes, patch)
   captions = check_captions(config, len(grids), captions, tokenizer)
-  frames = check_init_videos(init_videos, grids, patch, C)
+  frames = check_init_videos(config, init_videos, grids)
   P = tokens_lib.token_dim(patch, C)
   row = row_plan(config, grids)
   rng = np.random.default_rng(seed)
