@@ -34,6 +34,9 @@ _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: newest)")
 _SHAPES = flags.DEFINE_string("shapes", "8x32x32", "comma-separated TxHxW of the videos")
 _LABELS = flags.DEFINE_string("labels", "", "comma-separated labels (ids or names), one per shape")
 _CFG = flags.DEFINE_float("cfg", 3.0, "classifier-free guidance scale (1 = none)")
+_CFG_CAPTION = flags.DEFINE_float("cfg_caption", None, "the caption's own guidance scale (runs "
+                                  "with captions; --cfg then guides the label alone; default: "
+                                  "one scale for both)")
 _STEPS = flags.DEFINE_integer("steps", 30, "integration steps")
 _SAMPLER = flags.DEFINE_string("sampler", "euler", "euler (one model call per step) or heun "
                                "(two; closer to the exact flow at the same steps)")
@@ -74,7 +77,7 @@ def main(argv):
   videos = sampler.sample(model, config, shapes, labels, cfg_scale=_CFG.value,
                           num_steps=_STEPS.value, seed=_SEED.value, method=_SAMPLER.value,
                           captions=captions, tokenizer=tokenizer, init_videos=init_videos,
-                          progress=True)
+                          progress=True, caption_cfg=_CFG_CAPTION.value)
   out = _OUT.value or os.path.join(_WORKDIR.value, "videos")
   # Latent videos are for an external VAE to decode: keep their values, not only a preview.
   formats = ("mp4", "gif", "npy") if config.data.source == "latents" else ("mp4", "gif")
@@ -90,7 +93,8 @@ def main(argv):
               "step": step, "shapes": [list(s) for s in shapes], "labels": labels,
               "captions": captions if config.model.caption.mode == "tokens" else None,
               "init_video": _INIT.value, "init_frames": _INIT_FRAMES.value,
-              "cfg": _CFG.value, "steps": _STEPS.value, "sampler": _SAMPLER.value,
+              "cfg": _CFG.value, "cfg_caption": _CFG_CAPTION.value, "steps": _STEPS.value,
+              "sampler": _SAMPLER.value,
               "seed": _SEED.value, "fps": _FPS.value}
   path = os.path.join(out, f"step{step}_settings.json")
   with open(path, "w") as f:

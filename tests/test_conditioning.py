@@ -108,6 +108,17 @@ def test_guidance_scale_one_is_the_conditional_prediction_and_others_mix_both():
   v = diffusion.guided(model, cond, seg, coords, 18, 2.5)(x, t)
   np.testing.assert_allclose(v, v_u + 2.5 * (v_c - v_u), atol=2e-5)
   assert np.abs(np.asarray(v_c - v_u)).max() > 1e-3  # the null caption and label differ
+  # A scale each: the label's from the label-only pass, the caption's on top of it.
+  null = cond.null(c.model.num_classes)
+  v_l = model(x, t, cond_lib.Conditioning(cond.label, null.caption, null.caption_mask), seg,
+              coords)
+  v2 = diffusion.guided(model, cond, seg, coords, 18, 2.0, caption_scale=4.0)(x, t)
+  np.testing.assert_allclose(v2, v_u + 2.0 * (v_l - v_u) + 4.0 * (v_c - v_l), atol=5e-5)
+  assert np.abs(np.asarray(v_c - v_l)).max() > 1e-3 and np.abs(np.asarray(v_l - v_u)).max() > 1e-3
+  same = diffusion.guided(model, cond, seg, coords, 18, 2.5, caption_scale=2.5)(x, t)
+  np.testing.assert_array_equal(same, v)
+  with pytest.raises(ValueError, match="caption guidance scale needs a run with captions"):
+    diffusion.guided(model, cond.label, seg, coords, 18, 2.0, caption_scale=3.0)
 
 
 def test_given_frames_carry_no_loss_and_stay_clean():

@@ -7,6 +7,8 @@ more of its structure at a given t, so it needs more noise to be equally hard).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -131,14 +133,19 @@ def integrate(velocity: Callable[[jax.Array, jax.Array], jax.Array], noise_BLP: 
 
 
 def guided(model_fn: Callable[..., jax.Array], cond: Any, segment_ids_BL: jax.Array,
-           coords_BL3: jax.Array, null_label: int, scale: float,
-           layouts: Any = None) -> Callable[[jax.Array, jax.Array], jax.Array]:
-  """Classifier-free guidance: ``v_u + scale (v_c - v_u)``, both halves in one batched call.
+           coords_BL3: jax.Array, null_label: int, scale: float, layouts: Any = None,
+           caption_scale: float | None = None) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """Classifier-free guidance, every pass of a step in one batched call.
 
   ``model_fn(x_BLP, t_BS, cond, segment_ids_BL, coords_BL3[, layouts=...])`` is the denoiser;
   ``cond`` a ``conditioning.Conditioning`` (or a bare label array), whose ``null()`` is the
   unconditional half; ``layouts`` (rows first, like the rest of the batch) are passed on when
   given.
+
+  With one scale: ``v_u + scale (v_c - v_u)`` (label and caption guided together). With
+  ``caption_scale`` too (a run with captions), the label and the caption get their own scales,
+  from three passes: ``v_u + scale (v_l - v_u) + caption_scale (v_c - v_l)``, where ``v_l`` has
+  the label and the null caption; equal scales give the one-scale result.
   """
   def call(x, t, c, seg, coords, lay):
     if lay is None:
@@ -146,15 +153,25 @@ def guided(model_fn: Callable[..., jax.Array], cond: Any, segment_ids_BL: jax.Ar
     return model_fn(x, t, c, seg, coords, layouts=lay)
 
   cond = cond_lib.as_conditioning(cond)
-  if scale == 1.0:
-    return lambda x, t: call(x, t, cond, segment_ids_BL, coords_BL3, layouts)
-  twice = lambda tree: jax.tree.map(lambda a: jnp.concatenate([a, a]), tree)
-  seg2, coords2, layouts2 = twice(segment_ids_BL), twice(coords_BL3), twice(layouts)
-  cond2 = cond_lib.stack(cond, cond.null(null_label))
+  if caption_scale is not None and cond.caption is None:
+    raise ValueError("a caption guidance scale needs a run with captions (model.caption.mode)")
+  if caption_scale is None or caption_scale == scale:
+    if scale == 1.0:
+      return lambda x, t: call(x, t, cond, segment_ids_BL, coords_BL3, layouts)
+    halves = [cond, cond.null(null_label)]
+    weights = [scale, 1.0 - scale]
+  else:
+    null = cond.null(null_label)
+    label_only = dataclasses.replace(cond, caption=null.caption, caption_mask=null.caption_mask)
+    halves = [cond, label_only, null]
+    weights = [caption_scale, scale - caption_scale, 1.0 - scale]
+  n = len(halves)
+  times = lambda tree: jax.tree.map(lambda a: jnp.concatenate([a] * n), tree)
+  seg_n, coords_n, layouts_n = times(segment_ids_BL), times(coords_BL3), times(layouts)
+  cond_n = functools.reduce(cond_lib.stack, halves)
 
   def velocity(x_BLP, t_BS):
-    both = call(twice(x_BLP), twice(t_BS), cond2, seg2, coords2, layouts2)
-    v_c, v_u = jnp.split(both, 2)
-    return v_u + scale * (v_c - v_u)
+    parts = jnp.split(call(times(x_BLP), times(t_BS), cond_n, seg_n, coords_n, layouts_n), n)
+    return sum(w * v for w, v in zip(weights, parts))
 
   return velocity

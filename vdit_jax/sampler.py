@@ -178,21 +178,26 @@ def sample(model: model_lib.VideoDiT, config: ml_collections.ConfigDict,
            shapes: list[tuple[int, int, int]], labels: list[int], cfg_scale: float = 3.0,
            num_steps: int = 30, seed: int = 0, method: str = "euler", captions=None,
            tokenizer: text.Tokenizer | None = None, init_videos=None,
-           progress: bool = False) -> list[np.ndarray]:
+           progress: bool = False, caption_cfg: float | None = None) -> list[np.ndarray]:
   """Videos ``[T, H, W, C]`` in [-1, 1], one per requested shape, from one packed call,
   integrated with ``method`` (``diffusion.SAMPLERS``).
 
   ``captions``: for a captioned run, one per video (``check_captions``); ``init_videos``: per
   video None or its first frames ``[T0, H, W, C]`` in [-1, 1] (image-to-video, continuation),
-  which come back unchanged. ``progress``: a bar over the steps on stderr. Deterministic for a
-  fixed ``seed``.
+  which come back unchanged. ``caption_cfg``: the caption's own guidance scale, ``cfg_scale``
+  then guiding the label alone (``diffusion.guided``). ``progress``: a bar over the steps on
+  stderr. Deterministic for a fixed ``seed``.
   """
   diffusion.check_sampler(method)  # before anything compiles
+  if caption_cfg is not None and config.model.caption.mode == "none":
+    raise ValueError("a caption guidance scale (--cfg_caption) needs a run trained with captions "
+                     "(model.caption.mode): use --cfg alone")
   row = pack_request(model, config, shapes, labels, seed, captions, tokenizer, init_videos)
   with _progress_bar(int(num_steps), progress):
     out = _integrate(model, row.noise, row.segment_ids, row.coords, row.cond, row.shift,
                      row.layouts, config.model.num_classes, float(cfg_scale), int(num_steps),
-                     method, bool(progress))
+                     method, bool(progress),
+                     None if caption_cfg is None else float(caption_cfg))
     out = np.asarray(jax.device_get(out))
   patch, C = tuple(config.model.patch), config.data.channels
   videos = tokens_lib.unpack_row(out[0], row.batch["segment_ids"][0], row.batch["seg_grid"][0])
@@ -275,11 +280,11 @@ def _progress_bar(total: int, show: bool):
     bar.close()
 
 
-@nnx.jit(static_argnums=(7, 8, 9, 10, 11))
+@nnx.jit(static_argnums=(7, 8, 9, 10, 11, 12))
 def _integrate(model, noise, segment_ids, coords, cond, shift, layouts, null_label, cfg_scale,
-               num_steps, method, progress):
+               num_steps, method, progress, caption_cfg):
   velocity = diffusion.guided(model, cond, segment_ids, coords, null_label, cfg_scale,
-                              layouts=layouts)
+                              layouts=layouts, caption_scale=caption_cfg)
   given = cond_lib.given_tokens(cond, segment_ids, coords)
   return diffusion.integrate(velocity, noise, segment_ids, shift, num_steps, method, given,
                              on_step=_tick if progress else None)
