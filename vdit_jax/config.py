@@ -85,6 +85,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   mc.every = 1  # a cross-attention sublayer in every k-th block (from the first)
   mc.pooled = False  # also add the caption's mean token to adaLN's conditioning vector
   m.dtype = "float32"  # compute dtype (bfloat16 for mixed precision); params stay float32
+  # Run the blocks as a scan over depth (where the block schedule repeats): one block's step
+  # compiles instead of every block, so deep models compile in seconds. Parameters gain a
+  # leading "layers" axis; checkpoints convert on resume (model.convert_layers).
+  m.scan_layers = False
   m.remat = False  # rematerialise each block in the backward pass
   # with remat, what a block keeps for the backward pass (a jax.checkpoint_policies name):
   # nothing_saveable (least memory) | dots_with_no_batch_dims_saveable (keep the weight matmuls'
@@ -142,6 +146,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       ("length", None),
       ("token", None),
       ("vocab", None),
+      ("layers", None),
   )
 
   # ---- multi-host (jax.distributed); a single process needs none of it ----
@@ -274,16 +279,17 @@ def _validate_caption(c: ml_collections.ConfigDict) -> None:
 
 # Fields a resumed run may change without train.allow_config_change: how long it runs, what it
 # reports, and how it computes the same update from the same parameters (mesh, processes, data
-# workers, micro-batches, attention kernels, rematerialisation: equal up to float summation
-# order). Every other field changes the parameters' shapes or what they are trained on or
-# towards (model, data, diffusion, optimiser, seed). A name ending in "." covers its group.
+# workers, micro-batches, attention kernels, rematerialisation, scanned layers: equal up to
+# float summation order; scanned and unscanned blocks convert on restore). Every other field
+# changes the parameters' shapes or what they are trained on or towards (model, data,
+# diffusion, optimiser, seed). A name ending in "." covers its group.
 RESUME_SAFE = (
     "train.steps", "train.grad_accum", "train.log_every", "train.ckpt_every", "train.keep_ckpts",
     "train.sample_every", "train.progress", "train.max_nonfinite_in_a_row",
     "train.allow_config_change",
     "data.worker_count", "data.prefetch",
     "model.attention_backend", "model.attention_block", "model.attention_kv_chunk",
-    "model.remat", "model.remat_policy",
+    "model.remat", "model.remat_policy", "model.scan_layers",
     "mesh.", "distributed.", "sample.", "evals.",
 )
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+import re
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -346,6 +347,43 @@ class Block(nnx.Module):
     return constrain(x_BLD, _ACT)
 
 
+class ScannedBlocks(nnx.Module):
+  """``depth`` blocks as ``period`` stacks of ``depth / period`` blocks each, run by one scan over
+  depth whose step applies one block of every stack in turn (``model.scan_layers``): the scan
+  compiles one step, not every block. Parameters keep their names under ``stack/<j>`` with a
+  leading ``layers`` axis: block ``i`` of the unscanned model is ``stack[i % period][i //
+  period]`` (``convert_layers`` moves states between the two)."""
+
+  def __init__(self, cfg, layers: list[tuple[tuple, bool]], period: int, *, rngs: nnx.Rngs):
+    """``layers``: ``(patterns, cross)`` of each block; they repeat with ``period``."""
+    repeats = len(layers) // period
+
+    def stack(patterns, cross):
+      @nnx.split_rngs(splits=repeats)
+      @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=repeats,
+                transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def create(rngs):
+        return Block(cfg, patterns, cross=cross, rngs=rngs)
+      return create(rngs)
+
+    self.period = period
+    self.stack = nnx.List([stack(*layers[j]) for j in range(period)])
+
+  def __call__(self, x_BLD: jax.Array, run_block) -> jax.Array:
+    """``run_block(block, x)``: one block's forward (remat applied by the caller)."""
+    # A plain lax.scan over the stacks' states (merged back into blocks inside the step), not
+    # nnx.scan: the model may be a value captured from an enclosing trace (the sampler's loop),
+    # whose variables nnx's transforms refuse to lift.
+    graphdefs, states = zip(*(nnx.split(stack) for stack in self.stack))
+
+    def step(x, states):
+      for graphdef, state in zip(graphdefs, states):
+        x = run_block(nnx.merge(graphdef, state), x)
+      return x, None
+
+    return jax.lax.scan(step, x_BLD, states)[0]
+
+
 class AdaInput(NamedTuple):
   """The per-video conditioning vectors adaLN reads: ``c_BSD`` at each video's timestep and,
   when some tokens are given clean (``Conditioning.frames``), ``c0_BSD`` at timestep 0 with the
@@ -406,8 +444,11 @@ class VideoDiT(nnx.Module):
     self.caption_pool = (nnx.Linear(D, D, kernel_init=_init(("embed", "mlp"), _ZEROS),
                                     bias_init=_init(("mlp",), _ZEROS), rngs=rngs)
                          if captions and cfg.caption.pooled else None)
-    self.blocks = nnx.List([Block(cfg, p, cross=captions and i % every == 0, rngs=rngs)
-                            for i, p in enumerate(layer_patterns)])
+    layers = [(p, captions and i % every == 0) for i, p in enumerate(layer_patterns)]
+    if cfg.scan_layers:
+      self.blocks = ScannedBlocks(cfg, layers, schedule.repeat_period(layers), rngs=rngs)
+    else:
+      self.blocks = nnx.List([Block(cfg, p, cross=cross, rngs=rngs) for p, cross in layers])
     self.final_ada = nnx.Linear(D, 2 * D, kernel_init=_init(("embed", "mlp"), _ZEROS),
                                 bias_init=_init(("mlp",), _ZEROS), rngs=rngs)
     self.final = nnx.Linear(D, token_size, kernel_init=_init(("embed", "token"), _ZEROS),
@@ -450,12 +491,59 @@ class VideoDiT(nnx.Module):
 
     if cfg.remat:
       run_block = nnx.remat(run_block, policy=getattr(jax.checkpoint_policies, cfg.remat_policy))
-    for block in self.blocks:
-      x_BLD = run_block(block, x_BLD, ada, captions)
+    if isinstance(self.blocks, ScannedBlocks):
+      x_BLD = self.blocks(x_BLD, lambda block, x: run_block(block, x, ada, captions))
+    else:
+      for block in self.blocks:
+        x_BLD = run_block(block, x_BLD, ada, captions)
     final_mods = ada.per_token(self.final_ada, segment_ids_BL)
     shift, scale = jnp.split(final_mods.astype(x_BLD.dtype), 2, axis=-1)
     out_BLP = self.final(layer_norm(x_BLD) * (1 + scale) + shift)
     return out_BLP.astype(jnp.float32)
+
+
+_BLOCK = re.compile(r"\['blocks'\]\[(\d+)\]")
+_STACK = re.compile(r"\['blocks'\]\['stack'\]\[(\d+)\]")
+
+
+def convert_layers(source: Any, target: Any) -> Any:
+  """``source``'s values in ``target``'s layout, between scanned (``model.scan_layers``) and
+  unscanned blocks, for any pytree that holds model states (params, EMA, optimizer moments).
+
+  ``target`` gives the structure (arrays or ShapeDtypeStructs); each leaf takes the source leaf
+  of the same path, or, under ``blocks``, the unscanned blocks stacked (``blocks[i]`` is
+  ``stack[i % period][i // period]``) or a scanned stack's slice. Raises, naming the path, for a
+  leaf the source does not have.
+  """
+  src = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(source)[0]}
+  # The period of a scanned source: how many stacks its paths name.
+  period = len({m.group(1) for k in src for m in [_STACK.search(k)] if m}) or None
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
+  out = []
+  for path, leaf in leaves:
+    key = jax.tree_util.keystr(path)
+    stacked, single = _STACK.search(key), _BLOCK.search(key)
+    if key in src:
+      out.append(src[key])
+    elif stacked:  # unscanned source: stack the blocks this stack holds
+      j, repeats = int(stacked.group(1)), leaf.shape[0]
+      p = len({m.group(1) for k, _ in leaves for m in [_STACK.search(jax.tree_util.keystr(k))]
+               if m})
+      names = [f"{key[:stacked.start()]}['blocks'][{g * p + j}]{key[stacked.end():]}"
+               for g in range(repeats)]
+      missing = [n for n in names if n not in src]
+      if missing:
+        raise ValueError(f"{key}: the source has no {missing[0]} (another depth?)")
+      out.append(jnp.stack([src[n] for n in names]))
+    elif single and period:  # scanned source: a slice of its stack
+      i = int(single.group(1))
+      name = f"{key[:single.start()]}['blocks']['stack'][{i % period}]{key[single.end():]}"
+      if name not in src or i // period >= src[name].shape[0]:
+        raise ValueError(f"{key}: the source has no block {i} (another depth?)")
+      out.append(src[name][i // period])
+    else:
+      raise ValueError(f"{key}: no such array in the source (another model?)")
+  return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def count_params(model: nnx.Module) -> int:

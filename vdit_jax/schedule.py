@@ -8,6 +8,8 @@ model, the data pipeline (which layouts a batch needs) and the FLOP count all re
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from vdit_jax import patterns as pat
 
 # Patterns per block type, one per sublayer. ``window`` stands for model.window, ``causal`` for
@@ -117,3 +119,13 @@ def sublayer_pairs(sublayer: Sublayer, grid) -> int:
   if isinstance(sublayer, tuple):
     return sum(p.pairs(grid) for p in sublayer)
   return sublayer.pairs(grid)
+
+
+def repeat_period(layers: Sequence) -> int:
+  """The smallest p that divides ``len(layers)`` with ``layers[i] == layers[i % p]`` for every i:
+  how many consecutive layers one step of a scan over depth runs (``model.scan_layers``)."""
+  n = len(layers)
+  for p in range(1, n + 1):
+    if n % p == 0 and all(layers[i] == layers[i % p] for i in range(n)):
+      return p
+  return n

@@ -431,7 +431,16 @@ def _init_or_restore(config, mesh, mngr, backend):
   if latest is None:
     return create_sharded_state(config, mesh, backend) + (None,)
   graphdef, target, shardings = abstract_state(config, mesh, backend)
-  state, data_state, _ = ckpt_lib.restore(mngr, latest, target)
+  saved_scan = ckpt_lib.read_config(mngr, latest).model.scan_layers
+  if saved_scan == config.model.scan_layers:
+    state, data_state, _ = ckpt_lib.restore(mngr, latest, target)
+    return graphdef, state, shardings, data_state
+  # Saved with the blocks scanned and resumed unscanned, or the other way: restore as saved,
+  # then move every block's arrays (params, EMA, optimizer moments) into this layout.
+  saved = config.copy_and_resolve_references()
+  saved.model.scan_layers = saved_scan
+  state, data_state, _ = ckpt_lib.restore(mngr, latest, abstract_state(saved, mesh, backend)[1])
+  state = jax.device_put(model_lib.convert_layers(state, target), shardings)
   return graphdef, state, shardings, data_state
 
 
