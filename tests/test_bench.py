@@ -64,3 +64,8 @@ def test_sample_bench_quick_prints_targets():
   lines = quick_targets("bench/sample.py")
   assert [line.split(":")[0] for line in lines] == ["target sample_overhead",
                                                     "target sample_compiles_for_mixes"]
+
+
+def test_compile_bench_quick_prints_targets():
+  lines = quick_targets("bench/compile.py", ("--quick",))
+  assert [line.split(":")[0] for line in lines] == ["target compile_scanned_vs_unscanned"]
