@@ -135,6 +135,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   h = c.mesh = ml_collections.ConfigDict()
   h.data = -1  # data-parallel axis size (-1 = all remaining devices)
   h.fsdp = 1  # parameter-sharding axis size
+  h.context = 1  # context-parallel axis size: splits each row's tokens (long videos)
   h.tensor = 1  # tensor-parallel axis size
   # logical axis name -> mesh axes; the only place that says how things are sharded
   h.rules = (
@@ -142,8 +143,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       ("embed", "fsdp"),
       ("mlp", "tensor"),
       ("heads", "tensor"),
+      ("attn_heads", ("tensor", "context")),  # heads inside attention (whole rows)
       ("kv", None),
-      ("length", None),
+      ("length", "context"),
       ("token", None),
       ("vocab", None),
       ("layers", None),

@@ -95,14 +95,14 @@ def pallas_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array, pa
 
 def _sharded(run):
   """``run`` per shard under the active mesh and axis rules (Pallas calls cannot be
-  partitioned by XLA): rows split like the batch, heads like ``heads``; ``run`` itself
-  outside a mesh."""
+  partitioned by XLA): rows split like the batch and whole, heads like ``attn_heads``
+  (``sharding.ATTENTION_QKV``); ``run`` itself outside a mesh."""
   rules = shard_lib.current_rules()
   mesh = jax.sharding.get_abstract_mesh()
   if rules is None or mesh.empty or mesh.size == 1:
     return run
-  qkv = shard_lib.logical_to_spec(("batch", "length", "heads", "kv"), rules)
-  labels = shard_lib.logical_to_spec(("batch", "length"), rules)
+  qkv = shard_lib.logical_to_spec(shard_lib.ATTENTION_QKV, rules)
+  labels = shard_lib.logical_to_spec(shard_lib.ATTENTION_QKV[:2], rules)
   return jax.shard_map(run, in_specs=(qkv, qkv, qkv, labels), out_specs=qkv, check_vma=False)
 
 

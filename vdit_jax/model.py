@@ -34,7 +34,7 @@ from vdit_jax import backends as backends_lib
 from vdit_jax import conditioning as cond_lib
 from vdit_jax import schedule
 from vdit_jax import tokens as tokens_lib
-from vdit_jax.sharding import constrain
+from vdit_jax.sharding import ATTENTION_QKV, constrain
 
 _ACT = ("batch", "length", "embed")
 
@@ -144,8 +144,11 @@ def _split_qkv(qkv_BL3HK: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   return qkv_BL3HK[:, :, 0], qkv_BL3HK[:, :, 1], qkv_BL3HK[:, :, 2]
 
 
+# Each gradient goes back to token shards before the stack (with mesh.context > 1 they arrive
+# split by heads from attention; XLA's partitioner cannot move the stacked array efficiently).
 _split_qkv.defvjp(lambda qkv: (_split_qkv(qkv), None),
-                  lambda _, g: (jnp.stack(g, axis=2),))
+                  lambda _, g: (jnp.stack([constrain(x, ("batch", "length", "heads", "kv"))
+                                           for x in g], axis=2),))
 
 
 class Attention(nnx.Module):
@@ -172,7 +175,10 @@ class Attention(nnx.Module):
     if self.q_norm is not None:
       q_BLHK, k_BLHK = self.q_norm(q_BLHK), self.k_norm(k_BLHK)
     q_BLHK, k_BLHK = apply_rope(q_BLHK, cos, sin), apply_rope(k_BLHK, cos, sin)
-    o_BLHK = ctx.attend(pattern, q_BLHK, k_BLHK, v_BLHK)
+    # Whole rows for attention, heads split instead (an all-to-all where mesh.context > 1).
+    q_BLHK, k_BLHK, v_BLHK = (constrain(x, ATTENTION_QKV) for x in (q_BLHK, k_BLHK, v_BLHK))
+    o_BLHK = constrain(ctx.attend(pattern, q_BLHK, k_BLHK, v_BLHK), ATTENTION_QKV)
+    o_BLHK = constrain(o_BLHK, ("batch", "length", "heads", "kv"))  # back to token shards
     return project("blhk,hkd->bld", o_BLHK, self.out[...].astype(self.dtype))
 
 

@@ -2,7 +2,15 @@
 
 Parameters and activations name their axes logically (``embed``, ``mlp``, ``heads``, ``kv``,
 ``batch``, ``length``, ...). One rules table in the config maps logical names to mesh axes
-(``data``, ``fsdp``, ``tensor``), so changing parallelism means editing the config only.
+(``data``, ``fsdp``, ``context``, ``tensor``), so changing parallelism means editing the config
+only.
+
+Context parallelism: ``length`` maps to the ``context`` axis, so every activation of a row is
+split along its tokens, and a video may cross shards. Attention alone needs whole rows: its
+queries, keys and values are constrained to ``ATTENTION_QKV`` (rows whole, heads split over
+``attn_heads``: the tensor and context axes), which XLA reaches with one all-to-all, and its
+output goes back to token shards with another. Every pattern and backend, packed rows and
+layouts included, then runs as on one device (Ulysses-style sequence parallelism).
 """
 
 from __future__ import annotations
@@ -16,7 +24,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
+
+# Logical axes of attention's inputs and outputs: whole rows, heads split over every axis the
+# rules give ``attn_heads`` (the module docstring).
+ATTENTION_QKV = ("batch", None, "attn_heads", "kv")
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 

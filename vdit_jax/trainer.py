@@ -352,6 +352,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"model.num_heads={config.model.num_heads} cannot be split over "
                      f"mesh.tensor={sizes['tensor']}: use a tensor size that divides the heads "
                      "(or 1), or more heads")
+  # Attention gathers whole rows and splits the heads over tensor x context instead.
+  if config.model.num_heads % (sizes["tensor"] * sizes["context"]):
+    raise ValueError(f"model.num_heads={config.model.num_heads} cannot be split over mesh.tensor "
+                     f"x mesh.context = {sizes['tensor']} x {sizes['context']}: context "
+                     "parallelism gives each device whole rows of some heads for attention; use "
+                     "a context size that divides num_heads / tensor, or more heads")
   dp = sizes["data"] * sizes["fsdp"]
   if config.data.batch_rows % dp:
     raise ValueError(f"data.batch_rows={config.data.batch_rows} must divide over the "
