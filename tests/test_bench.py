@@ -69,3 +69,9 @@ def test_sample_bench_quick_prints_targets():
 def test_compile_bench_quick_prints_targets():
   lines = quick_targets("bench/compile.py", ("--quick",))
   assert [line.split(":")[0] for line in lines] == ["target compile_scanned_vs_unscanned"]
+
+
+def test_context_bench_quick_prints_targets():
+  lines = quick_targets("bench/context.py", ("--quick",))
+  assert [line.split(":")[0] for line in lines] == ["target context_memory_per_device",
+                                                    "target context_longest_video"]
