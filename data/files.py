@@ -308,6 +308,11 @@ def read_manifest(folder: str, manifest: str) -> list[dict[str, Any]]:
       except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{manifest} line {line_no}: {line.strip()[:80]!r} is not a JSON object "
                          'with a "path" (and optional "caption", "label", "label_name")') from e
+      for field in ("path", "caption_embedding"):
+        value = entry.get(field)
+        if field in entry and not (isinstance(value, str) and value.strip()):
+          raise ValueError(f"{manifest} line {line_no}: \"{field}\" is {value!r}; give a file "
+                           "path relative to the folder, as a string")
       entries.append({**entry, "path": os.path.join(folder, path)})
   return entries
 

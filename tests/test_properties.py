@@ -1,6 +1,7 @@
-"""Property-based tests of bad input (hypothesis): whatever a data file holds, or however it is
-cut, reading it gives a clean video, or a skip counted under a known reason, never a crash or
-a silent wrong array; and malformed video shapes for sample.py are refused by name.
+"""Property-based tests of bad input (hypothesis): whatever a data file holds (npy, mp4, webm),
+or however it is cut, reading it gives a clean video, or a skip counted under a known reason,
+never a crash or a silent wrong array; any manifest builds its source or fails naming its line
+or field; and malformed video shapes for sample.py are refused by name.
 ``VDIT_JAX_PROPERTY_EXAMPLES`` sets the examples per property (40 here, as in CI)."""
 
 import os
@@ -119,3 +120,67 @@ def test_malformed_sample_shapes_are_refused_by_name(text):
     assert ("shape" in str(e) or "size" in str(e)) and ("use" in str(e) or "e.g." in str(e)), e
     return
   assert grids and all(min(g) > 0 for g in grids)
+
+
+_MP4 = {}
+
+
+def good_video_bytes(ext: str) -> bytes:
+  """A small valid mp4 or webm, encoded once per process."""
+  if ext not in _MP4:
+    from vdit_jax import video_io
+    path = os.path.join(tempfile.mkdtemp(), f"v.{ext}")
+    frames = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), np.uint8)
+    video_io.encode(path, frames, 8, codec="libx264" if ext == "mp4" else "libvpx-vp9")
+    _MP4[ext] = open(path, "rb").read()
+  return _MP4[ext]
+
+
+@PROPERTY
+@given(ext=st.sampled_from(["mp4", "webm"]), cut=st.floats(0.0, 1.0),
+       garbage=st.binary(max_size=64), at=st.floats(0.0, 1.0))
+def test_cut_or_overwritten_containers_are_read_or_skipped_by_reason(ext, cut, garbage, at):
+  """An mp4 or webm cut short or overwritten anywhere (header, index or frames) decodes to a
+  clean video or is skipped under a known reason: never a crash, a hang or NaN pixels."""
+  data = good_video_bytes(ext)
+  folder = good_folder()
+  n = int(cut * len(data))
+  pos = int(at * n)
+  with open(os.path.join(folder, f"x.{ext}"), "wb") as f:
+    f.write((data[:pos] + garbage + data[pos + len(garbage):])[:n])
+  check_file(folder, f"x.{ext}")
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-5, 40) | st.floats(allow_nan=False)
+                    | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=3)
+                    | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=5)
+
+
+@PROPERTY
+@given(lines=st.lists(st.one_of(
+    st.fixed_dictionaries({"path": st.sampled_from(["good.npy", "missing.npy", "good"]) | JSON},
+                          optional={"caption": JSON, "label": JSON, "label_name": JSON}),
+    JSON, st.text(max_size=12)), min_size=1, max_size=4))
+def test_malformed_manifests_build_or_fail_by_name(lines):
+  """Any manifest: the source builds (its entries usable or skipped by reason), or a
+  ValueError names the manifest line or field and what to write instead."""
+  import json
+
+  from data import labels
+  folder = good_folder()
+  manifest = os.path.join(folder, "m.jsonl")
+  with open(manifest, "w") as f:
+    for line in lines:
+      f.write((line if isinstance(line, str) else json.dumps(line)).replace("\n", " ") + "\n")
+  config = tiny_config(source="video_folder", path=folder, manifest=manifest)
+  try:
+    src = FolderSource.from_config(config, "video_folder")
+    labels.label_set(config)
+  except ValueError as e:
+    message = str(e)
+    assert ("manifest" in message or "label" in message or "path" in message
+            or "usable" in message), message
+    return
+  assert all(e["skip"] in ("",) + SKIP_REASONS for e in src.entries)
+  assert all(isinstance(e["caption"], str) for e in src.entries)
