@@ -4,9 +4,9 @@
   python train.py --config configs/long.py --workdir runs/long
 
 Sized for accelerators: 8 devices along ``mesh.context`` (each holds 8,192 tokens of every
-activation; attention gathers whole rows of one of the 8 heads), blocks rematerialised. Per
-device, the compiled train step's temporaries fit a budget of 16 GiB with ``mesh.context = 8``
-and not with 1 (``python bench/context.py`` measures both).
+activation; attention gathers whole rows of one of the 8 heads), blocks rematerialised and
+scanned. Its budget is 8 GiB per device: the compiled train step needs 2.1 GiB per device with
+``mesh.context = 8`` and 15.6 GiB with 1 (``python bench/context.py``, bench/README.md).
 """
 
 from configs import default
