@@ -6,7 +6,7 @@
   is the same in every process and worker. Checked at start-up against ``model.caption.vocab``
   and ``model.caption.length``.
 - ``embeddings``: the source's precomputed ``caption_embedding`` arrays ``[n, E]``, padded to
-  ``model.caption.length`` rows.
+  ``model.caption.length`` rows (the sources skip longer ones as ``bad_caption``).
 
 Both give ``seg_caption`` and ``seg_caption_mask`` (``vdit_jax.conditioning``); a video with an
 empty or dropped caption has an all-False mask, the null caption.

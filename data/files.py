@@ -21,8 +21,9 @@ Precomputed caption embeddings (``model.caption.mode = "embeddings"``): an entry
 ``"caption_embedding"`` (a path relative to the folder) or, without one, the file beside the
 video named ``<video name without extension>.caption.npy``, a float array ``[n, E]`` (one row per
 caption token, from any text encoder). Such side files are never taken for videos or latents.
-A video without one trains with the null caption; one that cannot be used is skipped as
-``bad_caption``.
+A video without one trains with the null caption; one that cannot be used (not a finite
+float array of width ``model.caption.embed_dim``, or more rows than ``model.caption.length``)
+is skipped as ``bad_caption``.
 Loading can still find ``not_finite`` (NaN or inf values), ``truncated`` (fewer frames decode
 than the header said) and ``unreadable``; those raise ``Skip`` and the pipeline drops the video
 from its batch. A channel count other than ``data.channels`` is a config mistake, not a bad
@@ -367,8 +368,9 @@ class FolderSource:
 
   def __init__(self, *, kind: str, path: str, manifest: str, frames, side, aspect_ratios,
                frame_stride: int, patch, channels: int, seed: int, num_classes: int,
-               caption_embed_dim: int = 0, verbose: bool = True):
-    """``caption_embed_dim``: E of the caption embeddings items carry (0 = none are read)."""
+               caption_embed_dim: int = 0, caption_length: int = 0, verbose: bool = True):
+    """``caption_embed_dim``: E of the caption embeddings items carry (0 = none are read);
+    ``caption_length``: the most rows one may have (``model.caption.length``)."""
     if kind not in ("video_folder", "latents"):
       raise ValueError(f"unknown file source kind {kind!r}: use video_folder or latents")
     if not path or not os.path.isdir(path):
@@ -394,6 +396,7 @@ class FolderSource:
     self.skip_reasons = SKIP_REASONS
     exts = VIDEO_EXTS if kind == "video_folder" else LATENT_EXTS
     self.caption_embed_dim = int(caption_embed_dim)
+    self.caption_length = int(caption_length)
     self.entries = [e for e in read_manifest(path, manifest)
                     if e["path"].lower().endswith(exts)
                     and not e["path"].lower().endswith(CAPTION_SUFFIX)]
@@ -443,7 +446,8 @@ class FolderSource:
                patch=config.model.patch, channels=d.channels, seed=config.seed,
                num_classes=config.model.num_classes,
                caption_embed_dim=(config.model.caption.embed_dim
-                                  if config.model.caption.mode == "embeddings" else 0))
+                                  if config.model.caption.mode == "embeddings" else 0),
+               caption_length=config.model.caption.length)
 
   def _scan(self, path: str) -> tuple[tuple[int, int, int] | None, str, str]:
     """``(size, skip reason, detail)``: the reason is empty for a usable file."""
@@ -484,6 +488,10 @@ class FolderSource:
         or not np.isfinite(emb).all()):
       raise Skip("bad_caption", f"{path}: {emb.dtype} array of shape {emb.shape}, expected "
                  f"finite floats [tokens, {self.caption_embed_dim}] (model.caption.embed_dim)")
+    if self.caption_length and len(emb) > self.caption_length:
+      raise Skip("bad_caption", f"{path}: {len(emb)} caption tokens but model.caption.length="
+                 f"{self.caption_length}: raise it to {len(emb)}, or store the caption without "
+                 "its padding rows")
     return emb.astype(np.float32)
 
   def largest_video(self) -> tuple[int, int, int]:

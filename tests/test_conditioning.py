@@ -291,15 +291,16 @@ def test_one_compiled_sampler_serves_every_mix_that_fits_a_training_row():
 
 def test_precomputed_caption_embeddings_beside_the_files_and_in_the_manifest(tmp_path):
   rng = np.random.default_rng(0)
-  for name in "abcd":
+  for name in "abcde":
     np.save(tmp_path / f"{name}.npy", rng.standard_normal((4, 8, 8, 4)).astype(np.float32))
-  emb = {k: rng.standard_normal((n, 6)).astype(np.float32) for k, n in (("a", 3), ("b", 7))}
+  emb = {k: rng.standard_normal((n, 6)).astype(np.float32) for k, n in (("a", 3), ("b", 5))}
   np.save(tmp_path / "a.caption.npy", emb["a"])  # beside its latents
   (tmp_path / "embs").mkdir()
-  np.save(tmp_path / "embs" / "b.npy", emb["b"])  # named by the manifest; longer than C=5
+  np.save(tmp_path / "embs" / "b.npy", emb["b"])  # named by the manifest
   np.save(tmp_path / "d.caption.npy", np.zeros((2, 5), np.float32))  # the wrong width
+  np.save(tmp_path / "e.caption.npy", np.zeros((6, 6), np.float32))  # longer than C=5
   lines = [{"path": "a.npy"}, {"path": "b.npy", "caption_embedding": "embs/b.npy"},
-           {"path": "c.npy"}, {"path": "d.npy"}, {"path": "a.caption.npy"}]
+           {"path": "c.npy"}, {"path": "d.npy"}, {"path": "e.npy"}, {"path": "a.caption.npy"}]
   (tmp_path / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
   c = caption_config(mode="embeddings", **{
       "data.source": "latents", "data.path": str(tmp_path),
@@ -307,14 +308,16 @@ def test_precomputed_caption_embeddings_beside_the_files_and_in_the_manifest(tmp
       "data.side": (8, 8), "data.aspect_ratios": (1.0,), "data.caption_dropout": 0.0})
   maker = pipeline.BatchMaker(c)
   src = maker.source
-  assert [os.path.basename(e["path"]) for e in src.entries] == ["a.npy", "b.npy", "c.npy", "d.npy"]
+  assert [os.path.basename(e["path"]) for e in src.entries] == [f"{x}.npy" for x in "abcde"]
   with pytest.raises(Exception, match="bad_caption.*d.caption.npy.*\\[tokens, 6\\]"):
     src[3]
+  with pytest.raises(Exception, match="bad_caption.*6 caption tokens but model.caption.length=5"):
+    src[4]
   batch = maker.pack([[src[0], src[1], src[2]]])
   got, mask = batch["seg_caption"][0], batch["seg_caption_mask"][0]
   assert got.shape == (c.data.max_segments, C, 6) and got.dtype == np.float32
   np.testing.assert_array_equal(got[0, :3], emb["a"])
-  np.testing.assert_array_equal(got[1], emb["b"][:C])
+  np.testing.assert_array_equal(got[1], emb["b"])
   assert mask[0].tolist() == [True] * 3 + [False] * 2 and mask[1].all() and not mask[2:].any()
   # The model takes them through its projection.
   graphdef, state = trainer.init_state(c)

@@ -101,9 +101,11 @@ def check_captions(config: ml_collections.ConfigDict, count: int, captions,
       tokenizer.encode(cap, int(config.model.caption.length))  # raises on unknown words
     else:
       arr = np.asarray(cap)
-      if arr.ndim != 2 or arr.shape[1] != config.model.caption.embed_dim or not len(arr):
+      c = config.model.caption
+      if arr.ndim != 2 or arr.shape[1] != c.embed_dim or not 0 < len(arr) <= c.length:
         raise ValueError(f"caption embedding {i} has shape {arr.shape}: this run needs "
-                         f"[tokens, {config.model.caption.embed_dim}] (model.caption.embed_dim)")
+                         f"[tokens, {c.embed_dim}] with 1 to {c.length} tokens "
+                         "(model.caption.embed_dim, model.caption.length)")
   return captions
 
 

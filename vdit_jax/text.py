@@ -102,8 +102,9 @@ class Tokenizer:
 class CaptionCoder:
   """A caption -> ``(values, mask)`` of one video's packed caption fields, for
   ``model.caption.mode``: ``tokens`` takes text (ids ``[C]`` from ``tokenizer``), ``embeddings``
-  an ``[n, E]`` array (rows ``[C, E]``; longer ones keep their first C rows). An empty caption or
-  None is the null caption (an all-False mask). The pipeline and the sampler share it."""
+  an ``[n, E]`` array with n <= C (rows ``[C, E]``). An empty caption or None is the null caption
+  (an all-False mask). The pipeline and the sampler share it; both refuse longer captions
+  before they get here (``Tokenizer.encode``, the sources' and the sampler's checks)."""
 
   def __init__(self, mode: str, length: int, embed_dim: int = 0,
                tokenizer: Tokenizer | None = None):
@@ -123,8 +124,11 @@ class CaptionCoder:
     rows = np.zeros((self.length, self.embed_dim), np.float32)
     mask = np.zeros(self.length, bool)
     if caption is not None:
-      n = min(len(caption), self.length)
-      rows[:n], mask[:n] = np.asarray(caption, np.float32)[:n], True
+      n = len(caption)
+      if n > self.length:
+        raise ValueError(f"a caption embedding of {n} tokens does not fit model.caption.length="
+                         f"{self.length}")
+      rows[:n], mask[:n] = np.asarray(caption, np.float32), True
     return rows, mask
 
   def seg_fields(self) -> dict[str, tuple]:
