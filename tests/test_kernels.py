@@ -104,8 +104,9 @@ def test_sharded_matches_unsharded():
   fn = jax.jit(kernel_fn("spatial", "triton"))
   expected = fn(q, k, v, lay)
   # As the trainer makes it (automatic axes): shard_map inside jit reshards its inputs.
-  mesh = shard_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  rules = (("batch", ("data", "fsdp")), ("heads", "tensor"), ("length", None), ("kv", None))
+  mesh = shard_lib.make_mesh({"data": 2, "fsdp": 2, "context": 1, "tensor": 2})
+  rules = (("batch", ("data", "fsdp")), ("heads", "tensor"), ("attn_heads", ("tensor", "context")),
+           ("length", None), ("kv", None))
   with jax.set_mesh(mesh), shard_lib.axis_rules(rules):
     spec = jax.sharding.NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
     got = fn(*(jax.device_put(x, spec) for x in (q, k, v)), lay)
