@@ -90,8 +90,8 @@ def main() -> None:
         f"{eight / GIB:.3f} GiB with context 8")
   common.target("context_memory_per_device", eight / one, "<=", 0.2)
   budget = int((0.01 if args.quick else args.budget_gib) * GIB)
-  hi = 16 if args.quick else 1024
-  fit = {n: longest(n, budget, 8, hi, args.quick) for n in (1, 8)}
+  lo, hi = (8, 10) if args.quick else (8, 1024)
+  fit = {n: longest(n, budget, lo, hi, args.quick) for n in (1, 8)}
   per_frame = 64 if args.quick else 1024
   for n, t in fit.items():
     print(f"context {n}: longest video within {budget / GIB:.2f} GiB per device: {t} frames "
