@@ -62,7 +62,7 @@ def main(argv):
   shapes = sampler.parse_shapes(_SHAPES.value)
   model, config, step = sampler.load_model(_WORKDIR.value, _STEP.value)
   # Everything below is checked before anything compiles.
-  grids = sampler.check_shapes(shapes, tuple(config.model.patch))
+  sampler.check_shapes(shapes, tuple(config.model.patch))
   diffusion.check_sampler(_SAMPLER.value)
   # Names are the data source's that trained the run (data.labels).
   labels = sampler.parse_labels(_LABELS.value, len(shapes), config.model.num_classes,
@@ -72,8 +72,7 @@ def main(argv):
   if config.model.caption.mode == "tokens":
     tokenizer = text.Tokenizer.load(_WORKDIR.value)
   captions = sampler.check_captions(config, len(shapes), captions, tokenizer)
-  init_videos = _init_videos(len(shapes), int(config.model.patch[0]))
-  sampler.check_init_videos(config, init_videos, grids)
+  init_videos = _init_videos(len(shapes), int(config.model.patch[0]))  # checked by sample()
   videos = sampler.sample(model, config, shapes, labels, cfg_scale=_CFG.value,
                           num_steps=_STEPS.value, seed=_SEED.value, method=_SAMPLER.value,
                           captions=captions, tokenizer=tokenizer, init_videos=init_videos,

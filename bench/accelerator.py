@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -105,16 +103,6 @@ def check_equal(quick: bool) -> None:
       common.target(f"accel_{name}_{pattern.split('(')[0]}", err, "<=", TOLERANCE)
 
 
-def timed(fn, repeats: int) -> float:
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
-
-
 def best_backend_name() -> str:
   return "pallas" if jax.default_backend() in backends.PLATFORM_KERNELS else "blocksparse"
 
@@ -142,7 +130,8 @@ def attention_speed(quick: bool, repeats: int) -> None:
       loss = lambda q, k, v: jnp.sum(ctx.attend(p, q, k, v).astype(jnp.float32))
       return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
-    seconds[pattern] = timed(lambda: fwd_bwd(q, k, v, layouts), repeats)
+    seconds[pattern] = common.median_seconds(
+        lambda: jax.block_until_ready(fwd_bwd(q, k, v, layouts)), repeats)
     flops = 3 * 4 * K * H * p.pairs(grid)
     print(f"{name} {pattern}: {p.pairs(grid) / L**2:.3f} of the pairs, "
           f"{seconds[pattern] * 1e3:.1f} ms fwd+bwd, {flops / seconds[pattern] / 1e12:.3f} TFLOP/s")
@@ -182,9 +171,9 @@ def train_mfu(quick: bool, repeats: int) -> None:
 
       def run():
         holder["state"], m = step(holder["state"], feed)
-        return m["loss"]
+        jax.block_until_ready(m["loss"])
 
-      seconds = timed(run, repeats)
+      seconds = common.median_seconds(run, repeats)
     flops = 3 * model_lib.forward_flops(c.model, batch["seg_grid"][0], c.data.seq_len,
                                         batch["tokens"].shape[-1])
     mfu = flops / seconds / metrics.measured_peak_flops()

@@ -3,6 +3,7 @@ first on ``sys.path`` when a script runs). Nothing here changes the process."""
 
 from __future__ import annotations
 
+import statistics
 import time
 
 
@@ -25,3 +26,16 @@ def loader_rate(config, workers: int, batches: int) -> float:
     for _ in range(batches):
       next(it)
     return batches / (time.perf_counter() - t0)
+
+
+def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
+  """Median seconds of ``fn()`` over ``repeats`` calls, after ``warmup`` untimed ones (the
+  compile). ``fn()`` must return only once its work is done (``jax.block_until_ready``)."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)

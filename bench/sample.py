@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -40,17 +38,6 @@ from vdit_jax import diffusion, sampler  # noqa: E402
 from vdit_jax import model as model_lib  # noqa: E402
 
 CAPTION = "a red circle moving right"
-
-
-def timed(fn, repeats: int) -> float:
-  """Median seconds of ``fn()`` over ``repeats`` calls, after one untimed call (the compile)."""
-  fn()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def main() -> None:
@@ -86,8 +73,9 @@ def main() -> None:
         m, row.cond, row.segment_ids, row.coords, config.model.num_classes, cfg,
         layouts=row.layouts)(x, t))
     t_BS = row.shift * 0 + 0.5
-    fwd = timed(lambda: jax.block_until_ready(forward(model, row.noise, t_BS)), 3 * args.repeats)
-    total = timed(call, args.repeats)
+    fwd = common.median_seconds(lambda: jax.block_until_ready(forward(model, row.noise, t_BS)),
+                                3 * args.repeats)
+    total = common.median_seconds(call, args.repeats)
     ratio = total / (steps * fwd)
     ratios.append(ratio)
     name = ",".join("x".join(map(str, s)) for s in request)

@@ -522,19 +522,19 @@ def convert_layers(source: Any, target: Any) -> Any:
   leaf the source does not have.
   """
   src = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(source)[0]}
-  # The period of a scanned source: how many stacks its paths name.
-  period = len({m.group(1) for k in src for m in [_STACK.search(k)] if m}) or None
   leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
+  keys = [jax.tree_util.keystr(path) for path, _ in leaves]
+  # The period of a scanned layout: how many stacks its paths name (None: unscanned).
+  periods = [len({m.group(1) for k in ks for m in [_STACK.search(k)] if m}) or None
+             for ks in (src, keys)]
+  period, target_period = periods
   out = []
-  for path, leaf in leaves:
-    key = jax.tree_util.keystr(path)
+  for key, (_, leaf) in zip(keys, leaves):
     stacked, single = _STACK.search(key), _BLOCK.search(key)
     if key in src:
       out.append(src[key])
     elif stacked:  # unscanned source: stack the blocks this stack holds
-      j, repeats = int(stacked.group(1)), leaf.shape[0]
-      p = len({m.group(1) for k, _ in leaves for m in [_STACK.search(jax.tree_util.keystr(k))]
-               if m})
+      j, repeats, p = int(stacked.group(1)), leaf.shape[0], target_period
       names = [f"{key[:stacked.start()]}['blocks'][{g * p + j}]{key[stacked.end():]}"
                for g in range(repeats)]
       missing = [n for n in names if n not in src]
