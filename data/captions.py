@@ -16,8 +16,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from vdit_jax import text
 
 
@@ -27,7 +25,6 @@ class Captions:
   def __init__(self, config, source):
     c = config.model.caption
     self.mode = c.mode
-    self.length = int(c.length)
     self.tokenizer: text.Tokenizer | None = None
     if self.mode != "tokens":
       self.coder = text.CaptionCoder.from_config(config)
@@ -43,9 +40,9 @@ class Captions:
       raise ValueError(f"the captions of data.source={config.data.source} use "
                        f"{len(words)} words, but model.caption.vocab={c.vocab} holds "
                        f"{c.vocab - 1}: set model.caption.vocab >= {self.tokenizer.vocab_size}")
-    if longest > self.length:
+    if longest > c.length:
       raise ValueError(f"captions of data.source={config.data.source} have up to {longest} "
-                       f"words, but model.caption.length={self.length}: set "
+                       f"words, but model.caption.length={c.length}: set "
                        f"model.caption.length >= {longest}")
     self.coder = text.CaptionCoder.from_config(config, self.tokenizer)
 

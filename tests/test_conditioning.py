@@ -192,6 +192,9 @@ def test_tokenizer_errors_name_the_word_and_the_fix(tmp_path):
     captions_lib.Captions(caption_config(**{"model.caption.vocab": 8,
                                             "model.caption.length": 16}),
                           pipeline.make_source(helpers.tiny_config()))
+  with pytest.raises(ValueError, match="up to 5 words.*set model.caption.length >= 5"):
+    captions_lib.Captions(caption_config(**{"model.caption.length": 4}),
+                          pipeline.make_source(helpers.tiny_config()))
 
 
 # ----------------------------------------------------------------------------- a trained run
