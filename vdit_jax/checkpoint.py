@@ -44,8 +44,20 @@ def incomplete(mngr: ocp.CheckpointManager) -> list[str]:
   return sorted(os.path.join(root, n) for n in os.listdir(root) if _TMP_SUFFIX in n)
 
 
+def _write_arrays_whole_in_one_process() -> None:
+  """With one process, each array is written from one replica of each shard. Orbax's default
+  (outside GPU platforms) splits replicated shards into a slice per replica, so that several
+  hosts share the writing; in one process that only adds a sliced copy per replica: about a
+  thousand small device programs, compiled at a run's first save (6 s of its first checkpoint on
+  the 8-device test mesh, 0.4 s without). Several processes keep the split."""
+  ocp.type_handlers.register_type_handler(
+      jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=jax.process_count() > 1),
+      override=True)
+
+
 def manager(workdir: str, keep: int | None = None, read_only: bool = False,
             async_save: bool = True) -> ocp.CheckpointManager:
+  _write_arrays_whole_in_one_process()
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
                                          read_only=read_only,
                                          enable_async_checkpointing=async_save)
