@@ -132,6 +132,14 @@ def shared_runs(tmp_path_factory) -> dict[str, str]:
   return _RUNS
 
 
+def at_step_3(tmp_path_factory, dest) -> str:
+  """A copy of the shared ``resumed`` run as it was after its first 3 steps (checkpoint 5
+  removed), to continue to step 5 with another config and compare with ``straight``."""
+  shutil.copytree(shared_runs(tmp_path_factory)["resumed"], dest)
+  shutil.rmtree(os.path.join(dest, "checkpoints", "5"))
+  return str(dest)
+
+
 def restore_state(workdir: str, step: int) -> dict:
   """The full train state {params, ema, opt, step, key, nonfinite} of a checkpoint, as numpy."""
   mngr = ckpt_lib.manager(workdir, read_only=True)

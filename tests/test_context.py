@@ -85,13 +85,11 @@ def test_heads_must_split_over_tensor_times_context():
 
 def test_a_checkpoint_restores_onto_another_context_size(tmp_path, tmp_path_factory,
                                                           monkeypatch):
-  """3 steps with context 2, then 2 more with context 4, equal 5 straight steps on the shared
-  runs' mesh (data 2, fsdp 2, tensor 2; float tolerance: another summation order)."""
+  """The shared run's step-3 checkpoint (data 2, fsdp 2, tensor 2: context 1), continued for 2
+  steps with context 4, equals 5 straight steps (float tolerance: another summation order)."""
   monkeypatch.setattr(metrics, "measured_peak_flops", lambda: 1e12)
   straight = helpers.shared_runs(tmp_path_factory)["straight"]
-  work = str(tmp_path / "context")
-  trainer.train(helpers.run_config(3, **{"mesh.data": 2, "mesh.fsdp": 1, "mesh.context": 2,
-                                         "mesh.tensor": 2}), work)
+  work = helpers.at_step_3(tmp_path_factory, tmp_path / "context")
   trainer.train(helpers.run_config(5, **{"mesh.data": 1, "mesh.fsdp": 1, "mesh.context": 4,
                                          "mesh.tensor": 2}), work)
   got, want = helpers.leaves(helpers.restore_state(work, 5)), helpers.leaves(

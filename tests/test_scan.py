@@ -88,12 +88,11 @@ def test_scanned_params_have_a_layers_axis_and_convert_both_ways():
 
 
 def test_a_run_resumes_across_scanned_and_unscanned(tmp_path, tmp_path_factory, monkeypatch):
-  """3 steps unscanned, then 2 more with scanned blocks, equals 5 straight unscanned steps (up
-  to float summation order), params, EMA and optimizer state."""
+  """3 steps unscanned (the shared run's), then 2 more with scanned blocks, equals 5 straight
+  unscanned steps (up to float summation order), params, EMA and optimizer state."""
   monkeypatch.setattr(metrics, "measured_peak_flops", lambda: 1e12)
   straight = helpers.shared_runs(tmp_path_factory)["straight"]
-  work = str(tmp_path / "switched")
-  trainer.train(helpers.run_config(3), work)
+  work = helpers.at_step_3(tmp_path_factory, tmp_path / "switched")
   trainer.train(helpers.run_config(5, **{"model.scan_layers": True}), work)
   got = helpers.restore_state(work, 5)
   want = helpers.restore_state(straight, 5)

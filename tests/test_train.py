@@ -4,7 +4,6 @@ import functools
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 
@@ -271,16 +270,14 @@ def test_a_mesh_that_cannot_split_a_parameter_fails_clearly():
     trainer.abstract_state(config, mesh)
 
 
-def test_training_continues_on_another_mesh(runs, tmp_path, monkeypatch):
+def test_training_continues_on_another_mesh(runs, tmp_path, tmp_path_factory, monkeypatch):
   """Steps 3 -> 5 on mesh (1, 1, 8) (tensor-parallel only) from a (2, 2, 2) checkpoint match
   the straight (2, 2, 2) run up to float reassociation (the reductions are split differently)."""
   monkeypatch.setattr(metrics, "measured_peak_flops", lambda: 1e12)
-  workdir = tmp_path / "moved"
-  shutil.copytree(runs["resumed"], workdir)
-  shutil.rmtree(workdir / "checkpoints" / "5")
+  workdir = helpers.at_step_3(tmp_path_factory, tmp_path / "moved")
   trainer.train(helpers.run_config(5, **{"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 8}),
-                str(workdir))
-  moved = helpers.restore_state(str(workdir), 5)
+                workdir)
+  moved = helpers.restore_state(workdir, 5)
   straight = helpers.restore_state(runs["straight"], 5)
   assert int(moved["step"]) == 5
   for got, want in zip(jax.tree.leaves(moved), jax.tree.leaves(straight)):
