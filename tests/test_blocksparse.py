@@ -183,6 +183,7 @@ ROW_KINDS = {"packed": packed, "shuffled": lambda: shuffled(*packed(), seed=1), 
     ("window(1,1,2)", "packed", 16, 16, None, None),
     ("window(1,1,2)", "shuffled", 16, 32, None, None),
     ("window(1,1,2)", "gaps", 16, 16, 6, 4),     # online softmax in chunks
+    ("window(1,1,2)", "shuffled", 16, 32, None, 1),  # in chunks, with unequal blocks
     ("local(1,3)", "packed", 16, 16, None, None),
     ("local(1,3)", "gaps", 32, 16, None, None),
     ("cross(1,4)", "packed", 16, 16, None, None),

@@ -48,6 +48,7 @@ _MASK_VALUE = -1e30
 BLOCK_DIAGONAL_WHOLE = 256
 # Segment id of unused key-block slots: matches no query (real ids are > 0, padding's < 0).
 _NO_SEGMENT = jnp.iinfo(jnp.int32).min
+_F32 = jnp.float32
 
 
 def _take_rows(x: jax.Array, idx_BL: jax.Array) -> jax.Array:
@@ -289,29 +290,13 @@ def _chunked(pattern, lay: Layout, q_BLHK, k_BLHK, v_BLHK, chunk: int):
   """Online softmax over the listed key blocks, ``chunk`` blocks per ``lax.scan`` step.
 
   Built for memory, not speed: the listed blocks are gathered, and their gradients go back by
-  the gather's transpose, a scatter-add.
+  the gather's transpose, a scatter-add. Memory is O(L * chunk * block_k) per head, forward and
+  backward (``_online``).
   """
   B, L, H, K = q_BLHK.shape
   bq, bk = lay.block_q, lay.block_k
   N, M = L // bq, L // bk
   q_BHLK, k_BHLK, v_BHLK = _heads_major(lay, q_BLHK, k_BLHK, v_BLHK)
-  q_BHNqK = q_BHLK.reshape(B, H, N, bq, K)
-  k_BHMbK, v_BHMbK = k_BHLK.reshape(B, H, M, bk, K), v_BHLK.reshape(B, H, M, bk, K)
-  seg_q_BNq, c_q_BNq3 = lay.perm_segment.reshape(B, N, bq), lay.perm_coords.reshape(B, N, bq, 3)
-  seg_BMb, c_BMb3 = lay.perm_segment.reshape(B, M, bk), lay.perm_coords.reshape(B, M, bk, 3)
-  take_blocks = jax.vmap(lambda x, idx: x[idx])
-
-  def keys_of(kv_blocks_BNj, kv_valid_BNj):
-    """Gathered keys, values ``[B, H, N, j*bk, K]`` and the pair mask ``[B, N, bq, j*bk]``."""
-    j = kv_blocks_BNj.shape[-1]
-    k_g = _gather_blocks_plain(k_BHMbK, kv_blocks_BNj).reshape(B, H, N, j * bk, K)
-    v_g = _gather_blocks_plain(v_BHMbK, kv_blocks_BNj).reshape(B, H, N, j * bk, K)
-    seg_k = jnp.where(kv_valid_BNj[..., None], take_blocks(seg_BMb, kv_blocks_BNj), _NO_SEGMENT)
-    c_k = take_blocks(c_BMb3, kv_blocks_BNj)
-    mask = pair_mask(pattern, seg_q_BNq[..., None], c_q_BNq3[:, :, :, None],
-                     seg_k.reshape(B, N, 1, j * bk), c_k.reshape(B, N, 1, j * bk, 3))
-    return k_g, v_g, mask
-
   kv_blocks_BNJ, kv_valid_BNJ = lay.kv_blocks, lay.kv_valid
   J = kv_blocks_BNJ.shape[-1]
   steps = -(-J // chunk)
@@ -319,17 +304,38 @@ def _chunked(pattern, lay: Layout, q_BLHK, k_BLHK, v_BLHK, chunk: int):
   if pad:  # extra slots repeat the last block and are marked unused, so they add nothing
     kv_blocks_BNJ = jnp.concatenate([kv_blocks_BNJ, kv_blocks_BNJ[..., -1:].repeat(pad, -1)], -1)
     kv_valid_BNJ = jnp.concatenate([kv_valid_BNJ, jnp.zeros_like(kv_valid_BNJ[..., :pad])], -1)
-  blocks_SBNc = jnp.moveaxis(kv_blocks_BNJ.reshape(B, N, steps, chunk), 2, 0)
-  valid_SBNc = jnp.moveaxis(kv_valid_BNJ.reshape(B, N, steps, chunk), 2, 0)
+  tokens = (lay.perm_segment.reshape(B, N, bq), lay.perm_coords.reshape(B, N, bq, 3),
+            lay.perm_segment.reshape(B, M, bk), lay.perm_coords.reshape(B, M, bk, 3),
+            jnp.moveaxis(kv_blocks_BNJ.reshape(B, N, steps, chunk), 2, 0),
+            jnp.moveaxis(kv_valid_BNJ.reshape(B, N, steps, chunk), 2, 0))
+  o_BHNqK = _online(pattern, q_BHLK.reshape(B, H, N, bq, K), k_BHLK.reshape(B, H, M, bk, K),
+                    v_BHLK.reshape(B, H, M, bk, K), tokens)
+  return _unpermute_from_heads(o_BHNqK.reshape(B, H, N * bq, K), lay.perm, lay.inv_perm)
 
-  # Rematerialised so the backward pass keeps only the carries per step, not the logits.
-  @jax.checkpoint
+
+def _online_keys(pattern, k_BHMbK, v_BHMbK, tokens, blocks_BNc, valid_BNc):
+  """The keys and values of one step's listed blocks ``[B, H, N, c*bk, K]`` and their pair mask
+  with the query blocks ``[B, 1, N, bq, c*bk]``."""
+  seg_q_BNq, c_q_BNq3, seg_BMb, c_BMb3 = tokens[:4]
+  B, H, _, bk, K = k_BHMbK.shape
+  N, c = blocks_BNc.shape[1:]
+  take_blocks = jax.vmap(lambda x, idx: x[idx])
+  k_g = _gather_blocks_plain(k_BHMbK, blocks_BNc).reshape(B, H, N, c * bk, K)
+  v_g = _gather_blocks_plain(v_BHMbK, blocks_BNc).reshape(B, H, N, c * bk, K)
+  seg_k = jnp.where(valid_BNc[..., None], take_blocks(seg_BMb, blocks_BNc), _NO_SEGMENT)
+  c_k = take_blocks(c_BMb3, blocks_BNc)
+  mask = pair_mask(pattern, seg_q_BNq[..., None], c_q_BNq3[:, :, :, None],
+                   seg_k.reshape(B, N, 1, c * bk), c_k.reshape(B, N, 1, c * bk, 3))
+  return k_g, v_g, mask[:, None]
+
+
+def _online_fwd(pattern, q_BHNqK, k_BHMbK, v_BHMbK, tokens):
+  B, H, N, bq, K = q_BHNqK.shape
+
   def step(carry, xs):
     m_BHNq, l_BHNq, acc_BHNqK = carry
-    blocks_BNc, valid_BNc = xs
-    k_g, v_g, mask_BNqm = keys_of(blocks_BNc, valid_BNc)
-    mask = mask_BNqm[:, None]
-    logits = jnp.einsum("bhnqk,bhnmk->bhnqm", q_BHNqK, k_g, preferred_element_type=jnp.float32)
+    k_g, v_g, mask = _online_keys(pattern, k_BHMbK, v_BHMbK, tokens, *xs)
+    logits = jnp.einsum("bhnqk,bhnmk->bhnqm", q_BHNqK, k_g, preferred_element_type=_F32)
     logits = jnp.where(mask, logits, _MASK_VALUE)
     m_new = jnp.maximum(m_BHNq, logits.max(axis=-1))
     # Explicit zeros where masked: a row whose keys so far are all masked has m_new equal to the
@@ -338,15 +344,61 @@ def _chunked(pattern, lay: Layout, q_BLHK, k_BLHK, v_BLHK, chunk: int):
     corr = jnp.exp(m_BHNq - m_new)
     l_new = l_BHNq * corr + p.sum(axis=-1)
     acc_new = acc_BHNqK * corr[..., None] + jnp.einsum(
-        "bhnqm,bhnmk->bhnqk", p.astype(v_g.dtype), v_g, preferred_element_type=jnp.float32)
+        "bhnqm,bhnmk->bhnqk", p.astype(v_g.dtype), v_g, preferred_element_type=_F32)
     return (m_new, l_new, acc_new), None
 
-  init = (jnp.full((B, H, N, bq), _MASK_VALUE, jnp.float32), jnp.zeros((B, H, N, bq), jnp.float32),
-          jnp.zeros((B, H, N, bq, K), jnp.float32))
-  (_, l_BHNq, acc_BHNqK), _ = jax.lax.scan(step, init, (blocks_SBNc, valid_SBNc))
+  init = (jnp.full((B, H, N, bq), _MASK_VALUE, _F32), jnp.zeros((B, H, N, bq), _F32),
+          jnp.zeros((B, H, N, bq, K), _F32))
+  (m_BHNq, l_BHNq, acc_BHNqK), _ = jax.lax.scan(step, init, tokens[4:])
   # Every query attends at least to itself, so l > 0.
-  o_BHNqK = (acc_BHNqK / l_BHNq[..., None]).astype(v_BLHK.dtype)
-  return _unpermute_from_heads(o_BHNqK.reshape(B, H, N * bq, K), lay.perm, lay.inv_perm)
+  o_BHNqK = (acc_BHNqK / l_BHNq[..., None]).astype(v_BHMbK.dtype)
+  lse_BHNq = m_BHNq + jnp.log(l_BHNq)
+  return o_BHNqK, (q_BHNqK, k_BHMbK, v_BHMbK, tokens, o_BHNqK, lse_BHNq)
+
+
+def _online_bwd(pattern, res, do_BHNqK):
+  """Flash-attention's backward pass over the same steps: each step's probabilities are
+  recomputed from the saved log-sum-exp, so nothing per step is kept from the forward pass (a
+  scan differentiated by autodiff keeps every step's carries: O(L^2) per head)."""
+  q_BHNqK, k_BHMbK, v_BHMbK, tokens, o_BHNqK, lse_BHNq = res
+  do_BHNqK = do_BHNqK.astype(q_BHNqK.dtype)
+  delta_BHNq = jnp.einsum("bhnqk,bhnqk->bhnq", do_BHNqK.astype(_F32), o_BHNqK.astype(_F32))
+  add_blocks = jax.vmap(lambda acc, idx, x: acc.at[:, idx].add(x))  # the gather's transpose
+
+  def step(carry, xs):
+    dq_BHNqK, dk_BHMbK, dv_BHMbK = carry
+    blocks_BNc = xs[0]
+    k_g, v_g, mask = _online_keys(pattern, k_BHMbK, v_BHMbK, tokens, *xs)
+    logits = jnp.einsum("bhnqk,bhnmk->bhnqm", q_BHNqK, k_g, preferred_element_type=_F32)
+    p = jnp.where(mask, jnp.exp(logits - lse_BHNq[..., None]), 0.0)
+    dv_g = jnp.einsum("bhnqm,bhnqk->bhnmk", p.astype(do_BHNqK.dtype), do_BHNqK,
+                      preferred_element_type=_F32)
+    dp = jnp.einsum("bhnqk,bhnmk->bhnqm", do_BHNqK, v_g, preferred_element_type=_F32)
+    ds = (p * (dp - delta_BHNq[..., None])).astype(q_BHNqK.dtype)
+    dq_BHNqK = dq_BHNqK + jnp.einsum("bhnqm,bhnmk->bhnqk", ds, k_g, preferred_element_type=_F32)
+    dk_g = jnp.einsum("bhnqm,bhnqk->bhnmk", ds, q_BHNqK, preferred_element_type=_F32)
+    B, H, N, _, K = dk_g.shape
+    shape = (B, H, N, blocks_BNc.shape[-1], -1, K)
+    dk_BHMbK = add_blocks(dk_BHMbK, blocks_BNc, dk_g.reshape(shape))
+    dv_BHMbK = add_blocks(dv_BHMbK, blocks_BNc, dv_g.reshape(shape))
+    return (dq_BHNqK, dk_BHMbK, dv_BHMbK), None
+
+  init = (jnp.zeros(q_BHNqK.shape, _F32), jnp.zeros(k_BHMbK.shape, _F32),
+          jnp.zeros(v_BHMbK.shape, _F32))
+  (dq, dk, dv), _ = jax.lax.scan(step, init, tokens[4:])
+  return (dq.astype(q_BHNqK.dtype), dk.astype(k_BHMbK.dtype), dv.astype(v_BHMbK.dtype),
+          jax.tree.map(lambda _: None, tokens))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _online(pattern, q_BHNqK, k_BHMbK, v_BHMbK, tokens):
+  """Query blocks ``[B, H, N, bq, K]`` (``q`` scaled) against the key blocks ``[B, H, M, bk,
+  K]`` listed per step in ``tokens`` (the permuted segment ids and coordinates of query and key
+  blocks, then the per-step block lists and their validity ``[S, B, N, c]``)."""
+  return _online_fwd(pattern, q_BHNqK, k_BHMbK, v_BHMbK, tokens)[0]
+
+
+_online.defvjp(_online_fwd, _online_bwd)
 
 
 def _span_slices(span, x, b, start_R, axis: int = 2):
