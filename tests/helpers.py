@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -25,6 +26,13 @@ from vdit_jax import tokens as tok
 from vdit_jax import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def xla_flags(devices: int) -> str:
+  """The suite's XLA_FLAGS (conftest.py) with ``devices`` simulated CPU devices, for a child
+  process."""
+  return re.sub(r"--xla_force_host_platform_device_count=\d+",
+                f"--xla_force_host_platform_device_count={devices}", os.environ["XLA_FLAGS"])
 
 
 def tiny_config(block: str | None = None, **fields):

@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+from tests import helpers
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = re.compile(r"^target [\w.-]+: [-\d.e+]+ \(goal (<=|>=) [-\d.e+]+\) (PASS|FAIL)$")
 
@@ -12,7 +14,7 @@ TARGET = re.compile(r"^target [\w.-]+: [-\d.e+]+ \(goal (<=|>=) [-\d.e+]+\) (PAS
 def quick_targets(script: str, args=("--quick", "--repeats", "1")) -> list[str]:
   """The target lines of ``script --quick --repeats 1`` (or ``args``), each checked against
   the format."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, XLA_FLAGS=helpers.xla_flags(1))
   out = subprocess.run([sys.executable, script, *args], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]
@@ -49,7 +51,7 @@ def test_decode_bench_quick_prints_targets():
 
 
 def test_tiles_bench_quick_compares_tiles_with_spans():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, XLA_FLAGS=helpers.xla_flags(1))
   out = subprocess.run([sys.executable, "bench/tiles.py", "--quick", "--repeats", "1"], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]

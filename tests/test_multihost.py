@@ -38,7 +38,7 @@ def test_two_processes_train_like_one(runs, tmp_path):
   address = f"127.0.0.1:{_free_port()}"
   # The compilation cache settings come from conftest through os.environ.
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+             XLA_FLAGS=helpers.xla_flags(4))
   procs = [subprocess.Popen([sys.executable, __file__, workdir, address], cwd=ROOT,
                             env=dict(env, JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for i in (0, 1)]
