@@ -12,9 +12,8 @@ import threading
 import pytest
 
 # The suite's time is mostly XLA:CPU compiling hundreds of small programs, which LLVM at -O0
-# compiles faster (the whole suite, cold cache: 764 s against 1316 s on 2 cores, with the other
-# changes of that commit). What the tests check does not depend on it; the processes they start
-# get the same flags (helpers.xla_flags).
+# compiles faster (bench/README.md, "The test suite's time"). What the tests check does not
+# depend on it; the processes they start get the same flags (helpers.xla_flags).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
                       "--xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
