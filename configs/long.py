@@ -5,8 +5,9 @@
 
 Sized for accelerators: 8 devices along ``mesh.context`` (each holds 8,192 tokens of every
 activation; attention gathers whole rows of one of the 8 heads), blocks rematerialised and
-scanned. Its budget is 8 GiB per device: the compiled train step needs 2.1 GiB per device with
-``mesh.context = 8`` and 15.6 GiB with 1 (``python bench/context.py``, bench/README.md).
+scanned. Its budget is 4 GiB per device, which it fits only with the context axis
+(``python bench/context.py`` measures the compiled step's per-device memory with context 8 and
+with 1; bench/README.md).
 """
 
 from configs import default

@@ -332,6 +332,12 @@ def _online_keys(pattern, k_BHMbK, v_BHMbK, tokens, blocks_BNc, valid_BNc):
 def _online_fwd(pattern, q_BHNqK, k_BHMbK, v_BHMbK, tokens):
   B, H, N, bq, K = q_BHNqK.shape
 
+  # Checkpointed although nothing differentiates this scan: under a remat'd block in scanned
+  # layers, JAX splits the scan's body into what depends on the layer's input and what does not
+  # (the pair masks, from the layout alone) and computes the latter for every step at once,
+  # outside the layers' loop: a [steps, B, H, N, bq, chunk*bk] mask, O(L^2) per device. The
+  # checkpoint keeps the body whole (bench/context.py measures the memory this saves).
+  @jax.checkpoint
   def step(carry, xs):
     m_BHNq, l_BHNq, acc_BHNqK = carry
     k_g, v_g, mask = _online_keys(pattern, k_BHMbK, v_BHMbK, tokens, *xs)
