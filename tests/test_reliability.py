@@ -378,3 +378,41 @@ def test_resume_across_processes_with_data_workers_is_exact(tmp_path):
   for path in c:
     np.testing.assert_allclose(c[path], b[path], atol=2e-5, rtol=1e-4, err_msg=path)
   np.testing.assert_allclose(losses("other_mesh"), losses("straight"), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- host memory
+
+
+def test_saves_leave_no_python_objects_behind_in_orbax_tensorstore_calls(tmp_path):
+  """Orbax's tensorstore_utils calls two tensorstore functions that never free what they return
+  (vdit_jax.checkpoint._TensorstoreForOrbax): with the checkpoint module's stand-in, repeated
+  saves of 40 arrays leave nothing allocated on those lines; the stand-in's spec of a local
+  directory is tensorstore's own."""
+  import tracemalloc
+
+  import tensorstore
+  spec = {"driver": "file", "path": str(tmp_path) + "/a b/"}
+  assert ckpt_lib._FileSpec(spec).to_json() == tensorstore.KvStore.Spec(spec).to_json()
+
+  state = {f"w{i}": jnp.full((8, i + 1), i, jnp.float32) for i in range(40)}
+  config = helpers.tiny_config()
+  mngr = ckpt_lib.manager(str(tmp_path / "run"), keep=1)
+  try:
+    ckpt_lib.save(mngr, 1, state, {}, config)  # warm-up: imports, caches, thread pools
+    ckpt_lib.wait(mngr)
+    tracemalloc.start()
+    try:
+      before = tracemalloc.take_snapshot()
+      for step in range(2, 12):
+        ckpt_lib.save(mngr, step, state, {}, config)
+        ckpt_lib.wait(mngr)
+      after = tracemalloc.take_snapshot()
+    finally:
+      tracemalloc.stop()
+  finally:
+    mngr.close()
+  kept = after.filter_traces([tracemalloc.Filter(True, "*tensorstore_utils.py")]).compare_to(
+      before.filter_traces([tracemalloc.Filter(True, "*tensorstore_utils.py")]), "lineno")
+  grown = sum(s.size_diff for s in kept)
+  # Without the stand-in: about 250 bytes per array and save, and 5 KB per save.
+  assert grown < 10 * 1024, [str(s) for s in kept[:3]]
