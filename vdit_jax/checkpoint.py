@@ -47,8 +47,8 @@ def incomplete(mngr: ocp.CheckpointManager) -> list[str]:
 def _write_arrays_whole_in_one_process() -> None:
   """With one process, each array is written from one replica of each shard. Orbax's default
   (outside GPU platforms) splits replicated shards into a slice per replica, so that several
-  hosts share the writing; in one process that only adds a sliced copy per replica: about a
-  thousand small device programs on the 8-device test mesh, compiled at a run's first save.
+  hosts share the writing; in one process that only adds a sliced copy per replica: many small
+  device programs, compiled at a run's first save (bench/README.md, the test suite's time).
   Several processes keep the split."""
   ocp.type_handlers.register_type_handler(
       jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=jax.process_count() > 1),
@@ -81,9 +81,9 @@ class _FileSpec:
 
 class _TensorstoreForOrbax:
   """Host memory of a run that saves often. tensorstore's Python bindings (0.1.71 to 0.1.86)
-  never free the Python objects they build from JSON: ``KvStore.Spec(...).to_json()`` keeps about
-  250 bytes a call and ``experimental_collect_matching_metrics`` about 2.6 KB once arrays were
-  written. Orbax calls the first for every array of every save (to normalise the spec of a local
+  never free the Python objects they build from JSON, as ``KvStore.Spec(...).to_json()`` and
+  ``experimental_collect_matching_metrics`` return them (bench/README.md, ``bench/soak.py``).
+  Orbax calls the first for every array of every save (to normalise the spec of a local
   directory, which it already is) and the second twice per save (for a log line of raw write
   throughput), so the process grew with every checkpoint. This stands in for the tensorstore
   module inside orbax's ``tensorstore_utils`` only: local directory specs pass through as they
