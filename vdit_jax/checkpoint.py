@@ -11,6 +11,7 @@ save never shadows the previous complete checkpoint.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any
@@ -107,15 +108,11 @@ def _no_leaking_tensorstore_calls() -> None:
     tensorstore_utils.ts = _TensorstoreForOrbax(tensorstore_utils.ts)
 
 
-_ORBAX_SET_UP = []
-
-
+@functools.cache
 def _set_up_orbax() -> None:
   """How this process writes checkpoints; once (orbax warns at each type handler override)."""
-  if not _ORBAX_SET_UP:
-    _write_arrays_whole_in_one_process()
-    _no_leaking_tensorstore_calls()
-    _ORBAX_SET_UP.append(True)
+  _write_arrays_whole_in_one_process()
+  _no_leaking_tensorstore_calls()
 
 
 def manager(workdir: str, keep: int | None = None, read_only: bool = False,
