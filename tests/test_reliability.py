@@ -390,9 +390,16 @@ def test_saves_leave_no_python_objects_behind_in_orbax_tensorstore_calls(tmp_pat
   directory is tensorstore's own."""
   import tracemalloc
 
+  import asyncio
+
   import tensorstore
+  from orbax.checkpoint._src.serialization import tensorstore_utils
   spec = {"driver": "file", "path": str(tmp_path) + "/a b/"}
   assert ckpt_lib._FileSpec(spec).to_json() == tensorstore.KvStore.Spec(spec).to_json()
+  ckpt_lib.manager(str(tmp_path / "setup")).close()  # sets orbax up
+  # orbax opens a local directory's store through the stand-in too
+  store = asyncio.run(tensorstore_utils.open_kv_store(spec, tensorstore.Context()))
+  assert isinstance(store, tensorstore.KvStore)
 
   state = {f"w{i}": jnp.full((8, i + 1), i, jnp.float32) for i in range(40)}
   config = helpers.tiny_config()

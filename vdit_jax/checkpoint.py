@@ -71,6 +71,11 @@ class _KvStoreSpecs:
       return _FileSpec(spec)
     return self._kvstore.Spec(spec)
 
+  def open(self, spec, *args, **kwargs):
+    if isinstance(spec, _FileSpec):  # orbax's open_kv_store builds its spec with Spec above
+      spec = self._kvstore.Spec(spec.to_json())
+    return self._kvstore.open(spec, *args, **kwargs)
+
 
 class _FileSpec:
   def __init__(self, spec: dict):
