@@ -391,6 +391,7 @@ def test_saves_leave_no_python_objects_behind_in_orbax_tensorstore_calls(tmp_pat
   import tracemalloc
 
   import asyncio
+  import linecache
 
   import tensorstore
   from orbax.checkpoint._src.serialization import tensorstore_utils
@@ -418,8 +419,12 @@ def test_saves_leave_no_python_objects_behind_in_orbax_tensorstore_calls(tmp_pat
       tracemalloc.stop()
   finally:
     mngr.close()
-  kept = after.filter_traces([tracemalloc.Filter(True, "*tensorstore_utils.py")]).compare_to(
-      before.filter_traces([tracemalloc.Filter(True, "*tensorstore_utils.py")]), "lineno")
+  def calls_in_question(stat) -> bool:  # a line of orbax that makes one of the two calls
+    frame = stat.traceback[0]
+    line = linecache.getline(frame.filename, frame.lineno)
+    return "to_json()" in line or "collect_matching_metrics" in line
+
+  kept = [s for s in after.compare_to(before, "lineno") if calls_in_question(s)]
   grown = sum(s.size_diff for s in kept)
   # Without the stand-in: about 250 bytes per array and save, and 5 KB per save.
-  assert grown < 10 * 1024, [str(s) for s in kept[:3]]
+  assert grown < 4 * 1024, [str(s) for s in kept[:3]]
