@@ -51,3 +51,33 @@ def test_large_buffers_are_reused_only_where_an_entry_point_applies_the_settings
   assert _faults(apply=False) >= pages // 2
   # ...and applied first thing, as train.py does, the buffer is reused.
   assert _faults(apply=True) < pages // 20
+
+
+_RELEASE_PROBE = """
+from vdit_jax import hostmem
+def rss_mb():
+  for line in open("/proc/self/status"):
+    if line.startswith("VmRSS:"):
+      return int(line.split()[1]) / 1024
+applied = hostmem.keep_freed_memory()
+import numpy as np
+start = rss_mb()
+blocks = [np.ones(2**20, np.uint8) for _ in range(200)]  # 200 MiB in 1 MiB mallocs
+del blocks
+kept = rss_mb()
+released = hostmem.release_free_memory()
+print(applied, released, kept - start, rss_mb() - start)
+"""
+
+
+@pytest.mark.skipif(not hostmem.keep_freed_memory(), reason="glibc malloc settings (Linux only)")
+def test_freed_memory_is_kept_until_released():
+  """With the settings applied, 200 MiB freed stays resident; release_free_memory (which the
+  trainer calls at every checkpoint) hands it back."""
+  env = dict(os.environ, VDIT_JAX_MALLOC="", PYTHONPATH=_ROOT)
+  out = subprocess.run([sys.executable, "-c", _RELEASE_PROBE], env=env, capture_output=True,
+                       text=True, check=True, timeout=120)
+  applied, released, kept, left = out.stdout.split()[-4:]
+  assert applied == released == "True"
+  assert float(kept) > 150, f"only {kept} MiB of 200 freed stayed resident"
+  assert float(left) < 50, f"{left} MiB of 200 freed still resident after release_free_memory"

@@ -18,6 +18,14 @@ they do), first thing, unless the environment sets ``VDIT_JAX_MALLOC=system``. I
 before JAX starts its thread pools (before the first computation): threads that have already
 allocated keep their own arenas. This module imports nothing but the standard library (no jax),
 so calling it at the top of a script is early enough.
+
+The price of keeping freed memory is that glibc never gives back what bursts of small
+allocations leave behind: a checkpoint save (orbax and tensorstore, in several threads) frees
+most of what it allocates, but the freed chunks stay scattered in the one heap, the next save
+finds no hole in the right place, and the heap grows by some KB per save. ``release_free_memory``
+(``malloc_trim``: merge the free chunks, hand their pages back) undoes that; the trainer calls it
+once per checkpoint, where it costs one round of page faults that the save's own work dwarfs
+(bench/README.md, ``bench/soak.py``).
 """
 
 from __future__ import annotations
@@ -47,6 +55,19 @@ def keep_freed_memory() -> bool:
     return False
   mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
   return all(mallopt(param, value) == 1 for param, value in _SETTINGS)
+
+
+def release_free_memory() -> bool:
+  """Merges glibc's free chunks and returns their pages to the system (``malloc_trim(0)``);
+  returns whether it could (Linux with glibc only). Safe to call at any time from any thread."""
+  if not _is_glibc():
+    return False
+  trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+  if trim is None:
+    return False
+  trim.argtypes = (ctypes.c_size_t,)
+  trim(0)
+  return True
 
 
 def _is_glibc() -> bool:
