@@ -5,9 +5,12 @@
 
 Runs ``train.py --config configs/tiny.py`` in a child process for ``--steps`` steps, saving a
 checkpoint every ``--ckpt-every`` steps and keeping ``--keep``, and samples the child's resident
-memory (VmRSS) and the checkpoint directory's size twice a second. Prints RSS after warm-up
-(the first tenth of the run) and at the end, the largest checkpoint footprint after the first
-``--keep`` saves against the last, and the number of checkpoints left, with target lines.
+memory (VmRSS) and the checkpoint directory's size twice a second. Prints the peak RSS of the
+first tenth of the run after warm-up (the first tenth) and of the last tenth, the largest
+checkpoint footprint after the first ``--keep`` saves against the last, and the number of
+checkpoints left, with target lines. Peaks of windows, not single samples: the trainer hands
+freed heap pages back at every checkpoint (vdit_jax/hostmem.py), so RSS swings within a save
+cycle by what a step allocates and frees, and a single sample lands anywhere in that swing.
 """
 
 from __future__ import annotations
@@ -58,6 +61,20 @@ def last_step(workdir: str) -> int:
   return json.loads(lines[-1])["step"] if lines else 0
 
 
+def window(samples, start: int, span: int) -> list[tuple]:
+  """The samples taken from step ``start`` for ``span`` steps (at least the nearest one)."""
+  inside = [s for s in samples if start <= s[0] < start + span]
+  return inside or [min(samples, key=lambda s: abs(s[0] - start))]
+
+
+def peak(samples) -> float:
+  return max(s[1] for s in samples)
+
+
+def middle(samples) -> float:
+  return 0.5 * (samples[0][0] + samples[-1][0])
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--quick", action="store_true", help="a short run, for smoke tests")
@@ -89,16 +106,21 @@ def main():
       sys.exit(f"the soak run failed ({proc.returncode}):\n{err[-3000:]}")
     seconds = time.monotonic() - start
     kept = sorted(n for n in os.listdir(ckpts) if n.isdigit())
-  warm = [s for s in samples if s[0] >= steps // 10] or samples
-  rss_warm, rss_end = warm[0][1], warm[-1][1]
+  # Training only: from the last metrics line (step == steps) on, the run writes its final
+  # checkpoint and compiles the sampler for its end-of-run videos, which is not growth.
+  warm = [s for s in samples if steps // 10 <= s[0] < steps] or samples
+  first, last = window(warm, warm[0][0], steps // 10), window(warm, warm[-1][0] - steps // 10, steps)
+  rss_warm, rss_end = peak(first), peak(last)
   full = [s[2] for s in samples if s[0] >= args.keep * args.ckpt_every] or [0.0]
   growth = rss_end - rss_warm
-  per_step = 1024 * growth / max(warm[-1][0] - warm[0][0], 1)
+  # Per step between the windows' middles.
+  per_step = 1024 * growth / max(middle(last) - middle(first), 1)
   print(f"tiny config, {steps} steps in {seconds:.0f} s, a checkpoint every {args.ckpt_every} "
         f"steps, keep {args.keep}, a metrics line every {args.log_every}, data workers "
         f"{args.workers}")
-  print(f"RSS after warm-up (step {warm[0][0]}): {rss_warm:.0f} MB; at the end (step "
-        f"{warm[-1][0]}): {rss_end:.0f} MB; growth {growth:+.1f} MB ({per_step:+.2f} KB/step)")
+  print(f"peak RSS after warm-up (steps {first[0][0]}-{first[-1][0]}): {rss_warm:.0f} MB; at the "
+        f"end (steps {last[0][0]}-{last[-1][0]}): {rss_end:.0f} MB; growth {growth:+.1f} MB "
+        f"({per_step:+.2f} KB/step)")
   one = full[-1] / max(len(kept), 1)  # one checkpoint's size
   print(f"checkpoints: {max(full):.1f} MB at most once {args.keep} were kept "
         f"({max(full) / max(one, 1e-9):.2f} checkpoints' worth), {full[-1]:.1f} MB at the end; "

@@ -277,13 +277,19 @@ def test_a_checkpoint_that_cannot_be_written_fails_naming_the_workdir(runs, tmp_
 # ----------------------------------------------------------------------------- preemption
 
 
+# What Python's multiprocessing resource tracker prints at exit when shared memory blocks (grain
+# passes batches from its worker processes in them) were never unlinked.
+SHARED_MEMORY_LEAK = "leaked shared_memory"
+
+
 def test_sigterm_saves_at_the_next_step_and_exits_0(tmp_path):
-  """A real train.py process: SIGTERM once it has logged a step makes it save the step it is
-  at (the only checkpoint, one that restores) and exit 0."""
+  """A real train.py process with a data worker: SIGTERM once it has logged a step makes it save
+  the step it is at (the only checkpoint, one that restores) and exit 0, leaving no shared
+  memory behind."""
   workdir = tmp_path / "run"
   cmd = [sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir", str(workdir),
          "--config.train.steps=100000", "--config.train.log_every=1",
-         "--config.train.ckpt_every=100000"]
+         "--config.train.ckpt_every=100000", "--config.data.worker_count=1"]
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
@@ -299,6 +305,7 @@ def test_sigterm_saves_at_the_next_step_and_exits_0(tmp_path):
   finally:
     proc.kill()
   assert proc.returncode == 0, err[-2000:]
+  assert SHARED_MEMORY_LEAK not in err, err[-2000:]
   saved = re.search(r"SIGTERM: saved step (\d+)", err)
   assert saved, err[-2000:]
   step = int(saved.group(1))
@@ -349,7 +356,8 @@ def test_resume_across_processes_with_data_workers_is_exact(tmp_path):
   """train.py with grain worker processes: 3 steps, exit, resume to 5 in a new process, against
   5 steps in one process: the same state at step 5, bit for bit on CPU, and the same losses.
   Resumed on another mesh (data 2 x fsdp 2 x context 2 instead of data 8), in a new process:
-  the same within float tolerance (another summation order)."""
+  the same within float tolerance (another summation order). No run leaves shared memory
+  behind."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
   def run(workdir, steps, *extra):
@@ -358,6 +366,7 @@ def test_resume_across_processes_with_data_workers_is_exact(tmp_path):
            "--config.data.worker_count=1", *extra]
     out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert SHARED_MEMORY_LEAK not in out.stderr, out.stderr[-3000:]
 
   run(tmp_path / "resumed", 3)
   # The same 3-step checkpoint, to resume on another mesh below.
