@@ -318,8 +318,15 @@ def test_sigkill_during_saves_leaves_the_last_complete_checkpoint(tmp_path):
   """A real train.py process saving every step is killed with SIGKILL: each complete
   checkpoint restores, and the next start resumes from the newest one, naming the incomplete
   ones it passes over. Should the kill land between saves, an interrupted write is left in
-  orbax's form (the next step's temporary directory, holding part of a step) to pass over."""
+  orbax's form (the next step's temporary directory, holding part of a step) to pass over.
+  Dropping old checkpoints (keep 2 of one per step) deletes nothing outside the workdir, not
+  even what is named like a checkpoint next to it."""
   workdir = tmp_path / "run"
+  beside = [tmp_path / "1", tmp_path / "checkpoints" / "1" / "x",
+            tmp_path / "run2" / "checkpoints" / "1" / "x"]
+  for path in beside:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("not the run's")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   cmd = [sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir", str(workdir),
          "--config.train.log_every=1", "--config.train.ckpt_every=1"]
@@ -350,6 +357,7 @@ def test_sigkill_during_saves_leaves_the_last_complete_checkpoint(tmp_path):
   assert "passing over" in out.stderr and f"resuming from step {done[-1]}" in out.stderr
   assert all(name in out.stderr for name in partial), out.stderr[-2000:]
   assert helpers.read_metrics(str(workdir))[-1]["step"] == done[-1] + 1
+  assert all(path.read_text() == "not the run's" for path in beside)
 
 
 def test_resume_across_processes_with_data_workers_is_exact(tmp_path):
