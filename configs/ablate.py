@@ -16,6 +16,8 @@ from configs import default
 def get_config(arg: str | None = None):
   run = default.get_config()
   run.train.steps = 1000
+  # The lr its README table was trained with (the default run's is 2e-3).
+  run.optim.lr = 1e-3
   run.train.ckpt_every = 250
   run.train.progress = False
   run.sample.shapes = "8x32x32"  # one sample video per arm; the evaluators sample the rest

@@ -26,6 +26,8 @@ def get_config(arg: str | None = None):
   # Durations of 8 to 16 frames (256 to 512 tokens): one row holds one long or two short videos.
   c.data.frames = (8, 16)
   c.train.steps = 3000
+  # The lr its README table was trained with (the default run's is 2e-3).
+  c.optim.lr = 1e-3
   c.model.caption.mode = "tokens"
   c.model.caption.length = 5  # "a <colour> <shape> moving <direction>": one object per video
   c.model.caption.vocab = 32  # the source's 20 words and padding, with room
