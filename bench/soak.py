@@ -5,12 +5,13 @@
 
 Runs ``train.py --config configs/tiny.py`` in a child process for ``--steps`` steps, saving a
 checkpoint every ``--ckpt-every`` steps and keeping ``--keep``, and samples the child's resident
-memory (VmRSS) and the checkpoint directory's size twice a second. Prints the peak RSS of the
-first tenth of the run after warm-up (the first tenth) and of the last tenth, the largest
-checkpoint footprint after the first ``--keep`` saves against the last, and the number of
-checkpoints left, with target lines. Peaks of windows, not single samples: the trainer hands
-freed heap pages back at every checkpoint (vdit_jax/hostmem.py), so RSS swings within a save
-cycle by what a step allocates and frees, and a single sample lands anywhere in that swing.
+memory (VmRSS) and the checkpoint directory's size twice a second. Prints the peak RSS over
+the tenth of the run that follows warm-up (its first tenth) and over the last tenth of training,
+the largest checkpoint footprint after the first ``--keep`` saves against the last, and the
+number of checkpoints left, with target lines. Peaks of windows, not single samples: the
+trainer hands freed heap pages back at every checkpoint (vdit_jax/hostmem.py), so RSS swings
+within a save cycle by what a step allocates and frees, and a single sample lands anywhere in
+that swing.
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ def main():
   # Training only: from the last metrics line (step == steps) on, the run writes its final
   # checkpoint and compiles the sampler for its end-of-run videos, which is not growth.
   warm = [s for s in samples if steps // 10 <= s[0] < steps] or samples
-  first, last = window(warm, warm[0][0], steps // 10), window(warm, warm[-1][0] - steps // 10, steps)
+  tenth = steps // 10
+  first, last = window(warm, warm[0][0], tenth), window(warm, warm[-1][0] - tenth, steps)
   rss_warm, rss_end = peak(first), peak(last)
   full = [s[2] for s in samples if s[0] >= args.keep * args.ckpt_every] or [0.0]
   growth = rss_end - rss_warm

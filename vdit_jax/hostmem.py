@@ -23,9 +23,9 @@ The price of keeping freed memory is that glibc never gives back what bursts of 
 allocations leave behind: a checkpoint save (orbax and tensorstore, in several threads) frees
 most of what it allocates, but the freed chunks stay scattered in the one heap, the next save
 finds no hole in the right place, and the heap grows by some KB per save. ``release_free_memory``
-(``malloc_trim``: merge the free chunks, hand their pages back) undoes that; the trainer calls it
-once per checkpoint, where it costs one round of page faults that the save's own work dwarfs
-(bench/README.md, ``bench/soak.py``).
+(``malloc_trim``: merge the free chunks, hand their pages back) undoes that. The trainer calls it
+once per checkpoint, so the page faults of touching the released memory again come once per
+``train.ckpt_every`` steps, not every step (bench/README.md, ``bench/soak.py``).
 """
 
 from __future__ import annotations
