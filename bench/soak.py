@@ -109,8 +109,8 @@ def main():
     kept = sorted(n for n in os.listdir(ckpts) if n.isdigit())
   # Training only: from the last metrics line (step == steps) on, the run writes its final
   # checkpoint and compiles the sampler for its end-of-run videos, which is not growth.
-  warm = [s for s in samples if steps // 10 <= s[0] < steps] or samples
   tenth = steps // 10
+  warm = [s for s in samples if tenth <= s[0] < steps] or samples
   first, last = window(warm, warm[0][0], tenth), window(warm, warm[-1][0] - tenth, steps)
   rss_warm, rss_end = peak(first), peak(last)
   full = [s[2] for s in samples if s[0] >= args.keep * args.ckpt_every] or [0.0]
