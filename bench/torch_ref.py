@@ -94,16 +94,44 @@ def cpu_threads() -> int:
   return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
+def cpu_model() -> str:
+  """The CPU's model name and whether it has AVX-512 (which decides much of XLA:CPU's and
+  torch's matmul speed), from ``/proc/cpuinfo`` where there is one."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      info = f.read()
+  except OSError:
+    return "unknown (no /proc/cpuinfo)"
+  name = re.search(r"^model name\s*:\s*(.*)$", info, re.M)
+  flags = re.search(r"^flags\s*:\s*(.*)$", info, re.M)
+  avx512 = bool(flags) and "avx512f" in flags.group(1).split()
+  return (f"{name.group(1).strip() if name else 'unknown model'}, {cpu_threads()} usable, "
+          f"AVX-512 {'yes' if avx512 else 'no'}")
+
+
 def median_time(fn, steps: int, warmup: int = 1) -> tuple[float, list[float]]:
   """``fn()`` must return only once its work is done."""
+  return timed_steps(fn, steps, warmup)[:2]
+
+
+def timed_steps(fn, steps: int, warmup: int = 1) -> tuple[float, list[float], float]:
+  """``(median seconds, each step's seconds, cores busy)`` of ``fn()`` after ``warmup`` calls.
+
+  Cores busy: the process's CPU time over the wall time of the timed steps, so 2.0 on two
+  cores means neither idled. A profiler trace cannot tell this: the workers of XLA:CPU's
+  library matmuls (its ``ynn_fusion`` operations) record no events, so their operations look
+  single-threaded there.
+  """
   for _ in range(warmup):
     fn()
   times = []
+  cpu0, wall0 = time.process_time(), time.perf_counter()
   for _ in range(steps):
     t0 = time.perf_counter()
     fn()
     times.append(time.perf_counter() - t0)
-  return float(statistics.median(times)), times
+  cores = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
+  return float(statistics.median(times)), times, cores
 
 
 # ----------------------------------------------------------------------------- torch side
@@ -160,10 +188,11 @@ def torch_step_fn(model, x0, label, grid):
 def one_torch(variant: str, quick: bool, steps: int) -> dict:
   torch, torch_dit = import_torch()
   model, x0, label, grid = torch_setup(variant, quick)
-  med, times = median_time(torch_step_fn(model, x0, label, grid), steps)
+  med, times, cores = timed_steps(torch_step_fn(model, x0, label, grid), steps)
   return {"params": torch_dit.count_params(model),
           "fwd_flops": torch_forward_flops(model, x0, label, grid), "median": med,
-          "times": times, "threads": torch.get_num_threads(), "version": torch.__version__}
+          "times": times, "cores": cores, "threads": torch.get_num_threads(),
+          "version": torch.__version__}
 
 
 # ----------------------------------------------------------------------------- vdit side
@@ -196,10 +225,10 @@ def one_vdit(variant: str, quick: bool, steps: int) -> dict:
 
   step, config, batch = vdit_setup(variant, quick)
   fn, params = step.vdit_grad_fn(config)
-  med, times = median_time(lambda: jax.block_until_ready(fn(params, batch)), steps)
+  med, times, cores = timed_steps(lambda: jax.block_until_ready(fn(params, batch)), steps)
   return {"params": int(sum(x.size for x in jax.tree.leaves(params))),
           "fwd_flops": float(step.p0_forward_flops(config, batch)), "median": med,
-          "times": times, "threads": cpu_threads(), "version": jax.__version__,
+          "times": times, "cores": cores, "threads": cpu_threads(), "version": jax.__version__,
           "backend": config.model.attention_backend}
 
 
@@ -236,15 +265,19 @@ def compare(args) -> None:
   print(f"torch {first['torch', 'full']['version']} with {first['torch', 'full']['threads']} "
         f"threads; jax {first['vdit', 'full']['version']} on {first['vdit', 'full']['threads']} "
         "CPUs")
-  print(f"{'model':28s} {'s/step':>8s} {'min..max':>15s} {'GFLOP':>8s} {'GFLOP/s':>8s}")
+  print(f"CPU: {cpu_model()}")
+  print(f"{'model':28s} {'s/step':>8s} {'min..max':>15s} {'GFLOP':>8s} {'GFLOP/s':>8s} "
+        f"{'cores':>6s}")
   medians = {}
   for key in ORDER:
     sec = [r["median"] for r in runs[key]]
     medians[key] = statistics.median(sec)
     # The analytic count (model.forward_flops), the same for both frameworks: 3x the forward.
     gflop = 3 * first["vdit", key[1]]["fwd_flops"] / 1e9
+    cores = statistics.mean(r.get("cores", float("nan")) for r in runs[key])
     print(f"{LABELS[key]:28s} {medians[key]:8.3f} {min(sec):7.3f}..{max(sec):<7.3f} "
-          f"{gflop:8.1f} {gflop / medians[key]:8.1f}")
+          f"{gflop:8.1f} {gflop / medians[key]:8.1f} {cores:6.2f}")
+  print("cores: CPU time over wall time in the timed steps (mean over the processes)")
   print("\nparameters and forward GFLOP (vdit: model.forward_flops; torch: "
         "torch.utils.flop_counter, which also counts the adaLN and timestep layers on [B, D]):")
   for variant in ("full", "alternating"):

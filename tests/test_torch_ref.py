@@ -135,6 +135,7 @@ def test_torch_timing_process_reports_json(ref):
 
   result = json.loads(out.stdout.splitlines()[-1])
   assert result["params"] == 5_006_864 and result["median"] > 0 and result["threads"] >= 1
+  assert 0 < result["cores"] <= result["threads"] + 0.5  # CPU time over wall time
 
 
 def test_compare_prints_the_table_and_both_targets(ref, monkeypatch, capsys):
@@ -144,7 +145,7 @@ def test_compare_prints_the_table_and_both_targets(ref, monkeypatch, capsys):
     fw, variant = flags[1].split(":")
     median = {"vdit": 2.0, "torch": 1.0}[fw] * {"full": 1.0, "alternating": 0.5}[variant]
     return {"params": 5_006_864, "fwd_flops": 3.7e9, "median": median, "times": [median],
-            "threads": 2, "version": "x"}, ""
+            "cores": 1.5, "threads": 2, "version": "x"}, ""
 
   monkeypatch.setattr(ref, "run_child", fake_child)
   ref.compare(argparse.Namespace(quick=True, processes=2, steps=1))
@@ -154,4 +155,5 @@ def test_compare_prints_the_table_and_both_targets(ref, monkeypatch, capsys):
       "target torch_full3d_vs_pytorch_sdpa", "target torch_alternating_vs_pytorch_alternating"]
   assert all(TARGET.match(line) for line in targets), targets
   assert all(": 2 (goal <= 1) FAIL" in line for line in targets), targets
-  assert any(line.startswith("torch full (SDPA)") for line in lines)
+  assert any(line.startswith("torch full (SDPA)") and line.endswith(" 1.50") for line in lines)
+  assert any(line.startswith("CPU: ") for line in lines)
