@@ -44,6 +44,22 @@ def test_add_noise_endpoints_and_velocity_identities():
   assert np.array_equal(x_m[:, 1::2], np.asarray(eps)[:, 1::2])
 
 
+def test_uniform_share_of_training_t_reaches_the_low_noise_end():
+  """A t_uniform share draws t uniformly (before the shift), so the last sampling steps near
+  t = 0 get trained; share 0 is the plain logit-normal, draw for draw."""
+  key = jax.random.key(3)
+  grid = jnp.tile(jnp.array([4, 8, 8], jnp.int32), (1, 20000, 1))  # 256 tokens: shift 1
+  plain = np.asarray(diffusion.sample_t(key, grid, diffusion_cfg()))
+  np.testing.assert_allclose(plain, jax.nn.sigmoid(jax.random.normal(key, (1, 20000))), rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(diffusion.sample_t(key, grid, diffusion_cfg(
+      t_uniform=0.0))), plain)
+  low = lambda share: float(np.mean(np.asarray(diffusion.sample_t(
+      key, grid, diffusion_cfg(t_uniform=share))) < 1 / 30))
+  assert low(0.0) < 0.002  # logit-normal: 0.04% of draws in the last of 30 steps
+  assert abs(low(1.0) - 1 / 30) < 0.006
+  assert abs(low(0.3) - (0.3 / 30 + 0.7 * 0.0004)) < 0.004
+
+
 def test_shift_t_end_points_monotone_and_direction():
   t = jnp.linspace(0.0, 1.0, 101)
   for shift in (0.25, 0.5, 1.0, 2.0, 4.0):

@@ -362,6 +362,24 @@ def test_label_embedding_is_not_swamped_by_the_timestep():
   assert 0.3 < ratio < 10, ratio
 
 
+def test_factored_labels_share_each_digits_embedding():
+  """With model.label_factors (3, 6) a label is shape * 6 + colour and its embedding the sum of
+  a shape row and a colour row: swapping colours between two labels keeps their sum, labels
+  differ only where a digit does, and the null label keeps a row of its own."""
+  model = model_lib.build_model(helpers.tiny_config("full3d", **{"model.label_factors": (3, 6)}),
+                                seed=0)
+  assert model.label_embed.num_embeddings == 3 + 6 + 1
+  e = lambda shape, colour: model.embed_label(jnp.array([[shape * 6 + colour]]))[0, 0]
+  np.testing.assert_allclose(e(0, 1) + e(2, 4), e(0, 4) + e(2, 1), atol=1e-5)
+  np.testing.assert_allclose(e(1, 5) - e(1, 2), e(0, 5) - e(0, 2), atol=1e-5)
+  assert not np.allclose(e(0, 1), e(1, 1)) and not np.allclose(e(0, 1), e(0, 2))
+  null = model.embed_label(jnp.array([[18]]))[0, 0]
+  np.testing.assert_array_equal(null, model.label_embed.embedding[...][-1])
+  # unit scale per label, as the one-row-per-label table: not swamped by the timestep
+  norms = jnp.linalg.norm(model.embed_label(jnp.arange(18)[None]), axis=-1)
+  assert 0.5 < float(norms.mean()) / np.sqrt(model.cfg.width) < 1.5
+
+
 @pytest.mark.parametrize("block", BLOCKS)
 def test_remat_changes_memory_not_values(block):
   """model.remat recomputes each block in the backward pass: same loss and gradients, and the

@@ -5,6 +5,7 @@ misspelt override (``--config.model.widht=8``) fails at once instead of being ig
 """
 
 import json
+import math
 import os
 
 import ml_collections
@@ -72,6 +73,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.qk_norm = True  # RMS-normalise queries and keys (stabilises attention logits)
   m.rope_theta = 10000.0  # base of the 3D rotary frequencies
   m.num_classes = 18  # labels are 0..num_classes-1; num_classes itself is the null label
+  # () = one embedding per label. (a, b, ...) = the label is a mixed-radix number with these
+  # digits (product num_classes), each digit its own embedding table, summed: labels that share
+  # a digit share its embedding. synthetic_shapes: (3, 6), its label is shape * 6 + colour.
+  m.label_factors = ()
   # Captions, read by a cross-attention sublayer from each video's tokens to its own caption
   mc = m.caption = ml_collections.ConfigDict()
   # none | tokens (the source's caption text; a word tokenizer from the training captions, saved
@@ -99,6 +104,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   f = c.diffusion = ml_collections.ConfigDict()
   f.t_mean = 0.0  # logit-normal location of the training t
   f.t_std = 1.0  # logit-normal scale
+  f.t_uniform = 0.0  # share of videos whose t (before the shift) is uniform, not logit-normal
   f.shift_base_tokens = 256  # token count at which the timestep shift is 1
   f.shift_power = 0.5  # shift = (tokens / shift_base_tokens) ** shift_power
   f.loss_weighting = "video"  # video: mean per video then over videos; token: mean over all tokens
@@ -205,6 +211,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      f"{m.attention_block}: use a divisor of seq_len, or 0 for the default")
   if len(m.patch) != 3 or any(int(p) < 1 for p in m.patch):
     raise ValueError(f"model.patch={tuple(m.patch)} must be three positive sizes (pt, ph, pw)")
+  factors = tuple(m.label_factors)
+  if factors and (any(int(f) < 2 for f in factors) or math.prod(factors) != m.num_classes):
+    raise ValueError(f"model.label_factors={factors} must be sizes >= 2 whose product is "
+                     f"model.num_classes={m.num_classes}, or () for one embedding per label")
   if m.head_dim % 2:
     raise ValueError(f"model.head_dim={m.head_dim} must be even (rotary pairs)")
   if m.dtype not in ("float32", "bfloat16"):

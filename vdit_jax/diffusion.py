@@ -34,8 +34,19 @@ def video_shift(seg_grid_BS3: jax.Array, cfg) -> jax.Array:
 
 
 def sample_t(key: jax.Array, seg_grid_BS3: jax.Array, cfg) -> jax.Array:
-  """Per-video training t ``[B, S]``: logit-normal, then shifted by token count."""
-  u = jax.nn.sigmoid(cfg.t_mean + cfg.t_std * jax.random.normal(key, seg_grid_BS3.shape[:2]))
+  """Per-video training t ``[B, S]``: logit-normal (a ``t_uniform`` share uniform), then shifted.
+
+  The sampler visits the shifted uniform grid, so a uniform share trains every sampling step
+  with some weight: the logit-normal alone puts almost no mass near t = 0, where the last steps
+  remove the remaining noise and sharpen edges (about 0.04% of its draws land in the last of
+  30 steps, 0.7% with a 0.2 uniform share).
+  """
+  shape = seg_grid_BS3.shape[:2]
+  u = jax.nn.sigmoid(cfg.t_mean + cfg.t_std * jax.random.normal(key, shape))
+  share = cfg.get("t_uniform", 0.0)
+  if share > 0:
+    k_u, k_pick = jax.random.split(jax.random.fold_in(key, 1))
+    u = jnp.where(jax.random.uniform(k_pick, shape) < share, jax.random.uniform(k_u, shape), u)
   return shift_t(u, video_shift(seg_grid_BS3, cfg))
 
 

@@ -439,7 +439,10 @@ class VideoDiT(nnx.Module):
     # num_classes + 1 rows: the last one is the null label used for guidance. Unit scale, like
     # the timestep features' MLP output: a 0.02-scale table stays swamped by the timestep
     # embedding for thousands of steps and the label is then all but ignored.
-    self.label_embed = nnx.Embed(cfg.num_classes + 1, D,
+    # With model.label_factors the table holds one row per digit value instead (and the null).
+    self.label_factors = tuple(int(f) for f in cfg.get("label_factors", ()))
+    rows = sum(self.label_factors) if self.label_factors else cfg.num_classes
+    self.label_embed = nnx.Embed(rows + 1, D,
                                  embedding_init=_init(("vocab", "embed"),
                                                       nnx.initializers.normal(1.0)),
                                  rngs=rngs)
@@ -460,6 +463,20 @@ class VideoDiT(nnx.Module):
     self.final = nnx.Linear(D, token_size, kernel_init=_init(("embed", "token"), _ZEROS),
                             bias_init=_init(("token",), _ZEROS), dtype=self.dtype, rngs=rngs)
 
+  def embed_label(self, label_BS: jax.Array) -> jax.Array:
+    """``[B, S, D]``: the label's row, or with ``label_factors`` its digits' rows summed (over
+    the square root of their count, so every label's embedding keeps unit scale)."""
+    if not self.label_factors:
+      return self.label_embed(label_BS)
+    null = self.label_embed.num_embeddings - 1
+    rest, offset, total = label_BS, sum(self.label_factors), 0.0
+    for f in reversed(self.label_factors):  # the last digit varies fastest
+      offset -= f
+      total = total + self.label_embed(offset + rest % f)
+      rest = rest // f
+    total = total / math.sqrt(len(self.label_factors))
+    return jnp.where((label_BS == self.cfg.num_classes)[..., None], self.label_embed(jnp.full_like(label_BS, null)), total)
+
   def __call__(self, tokens_BLP: jax.Array, t_BS: jax.Array,
                cond: cond_lib.Conditioning | jax.Array, segment_ids_BL: jax.Array,
                coords_BL3: jax.Array, layouts: dict | None = None) -> jax.Array:
@@ -471,7 +488,7 @@ class VideoDiT(nnx.Module):
     x_BLD = project("blp,pd->bld", tokens_BLP.astype(self.dtype),
                     self.embed.kernel[...].astype(self.dtype))
     x_BLD = constrain(x_BLD + self.embed.bias[...].astype(self.dtype), _ACT)
-    extra_BSD = self.label_embed(cond.label)
+    extra_BSD = self.embed_label(cond.label)
     captions = None
     if self.caption_encoder is not None:
       if cond.caption is None or cond.caption_mask is None:
