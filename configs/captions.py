@@ -28,6 +28,7 @@ def get_config(arg: str | None = None):
   c.train.steps = 3000
   # The lr its README table was trained with (the default run's is 2e-3).
   c.optim.lr = 1e-3
+  c.model.label_factors = ()  # one embedding per label, as its README table was trained
   c.model.caption.mode = "tokens"
   c.model.caption.length = 5  # "a <colour> <shape> moving <direction>": one object per video
   c.model.caption.vocab = 32  # the source's 20 words and padding, with room

@@ -21,6 +21,7 @@ def get_config(arg: str | None = None):
   c.data.num_objects = (1, 2)
   c.data.object_size = (0.5, 0.7)  # a digit's box as a fraction of the shorter side
   c.model.num_classes = 10
+  c.model.label_factors = ()  # the default's (3, 6) is synthetic_shapes' shape x colour
   c.sample.labels = "3,7,0"
   # The evaluators score synthetic_shapes; this source keeps every video for training.
   c.data.heldout = 0

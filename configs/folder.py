@@ -20,6 +20,7 @@ def get_config(arg: str | None = None):
   c = default.get_config(arg)
   c.unlock()
   c.data.source = "video_folder"
+  c.model.label_factors = ()  # the default's (3, 6) is synthetic_shapes' shape x colour
   c.data.path = ""  # required: --config.data.path=/your/folder
   c.data.frame_stride = 2
   c.data.worker_count = 2  # decoding is slower than rendering: keep two processes on it

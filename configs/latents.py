@@ -27,6 +27,7 @@ def get_config(arg: str | None = None):
   c.data.max_segments = 4
   c.model.patch = (1, 2, 2)
   c.model.num_classes = 18
+  c.model.label_factors = ()  # the default's (3, 6) is synthetic_shapes' shape x colour
   c.sample.shapes = "8x16x16,8x12x20"
   # The evaluators score synthetic_shapes; this source keeps every video for training.
   c.data.heldout = 0
