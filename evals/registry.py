@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from vdit_jax import backends as backends_lib
+from vdit_jax import diffusion
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +86,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if need < 1 or need > held:
       raise ValueError(f"evals.{n}.videos={need} must be between 1 and data.heldout={held} "
                        f"(the indices never trained on): set data.heldout >= {max(need, 1)}")
+  if "temporal" in chosen:
+    diffusion.check_sampler(config.evals.temporal.get("sampler", "euler"))
   if "temporal" in chosen and config.data.source != "synthetic_shapes":
     raise ValueError(f"the temporal evaluator scores synthetic_shapes videos (their colours and "
                      f"shapes), not data.source={config.data.source!r}: drop it from evals.names")

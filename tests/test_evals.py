@@ -121,6 +121,8 @@ def test_held_out_loss_is_a_fixed_function_of_the_model(evaluated_run):
     ({"evals.heldout.every": -1}, "every"),
     ({"evals.names": "temporal", "data.source": "moving_digits", "evals.temporal.videos": 4},
      "synthetic_shapes"),
+    ({"evals.names": "temporal", "evals.temporal.videos": 4, "evals.temporal.sampler": "rk4"},
+     "sampler 'rk4' is unknown"),
 ])
 def test_bad_evaluator_settings_fail_before_anything_is_compiled(tmp_path, fields, message):
   with pytest.raises(ValueError, match=message):
@@ -151,3 +153,28 @@ def test_temporal_evaluator_scores_samples_next_to_real_videos(evaluated_run, tm
   assert result.scalars["fd"] > 0 and np.isfinite(result.scalars["fd"])
   # data.heldout=12 holds a second real set of 6: the distance a perfect model would score
   assert result.scalars["fd_real"] >= 0 and np.isfinite(result.scalars["fd_real"])
+
+
+def test_rescoring_a_checkpoint_matches_the_run_and_keeps_its_results(evaluated_run, tmp_path):
+  """evaluate.py's rescore: the held-out loss of checkpoint 4 restored afresh equals what the
+  training run measured there, written to a folder of its own; bad settings fail first."""
+  from evals import rescore
+
+  own = registry.result_path(evaluated_run, 4)
+  with open(own) as f:
+    before = f.read()
+  path, scalars = rescore.rescore(evaluated_run, step=4, names="heldout",
+                                  out=str(tmp_path / "again"))
+  assert path == registry.result_path(str(tmp_path / "again"), 4) and os.path.exists(path)
+  assert scalars["heldout/loss"] == pytest.approx(json.loads(before)["scalars"]["heldout/loss"],
+                                                  rel=1e-5)
+  with open(own) as f:
+    assert f.read() == before  # the run's own result is untouched
+  with pytest.raises(ValueError, match="sampler 'rk4' is unknown"):
+    rescore.rescore(evaluated_run, names="temporal", sampler="rk4", videos=6,
+                    out=str(tmp_path / "x"))
+  with pytest.raises(ValueError, match=r"available steps \[2, 4\]"):
+    rescore.rescore(evaluated_run, step=3, out=str(tmp_path / "x"))
+  assert not os.path.exists(tmp_path / "x")
+  assert rescore.settings_name("temporal", sampler="heun", steps=60, cfg=None) == (
+      "temporal_sampler-heun_steps-60")

@@ -187,6 +187,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   e.temporal.videos = 36  # videos sampled, with the sizes and labels of as many held-out ones
   e.temporal.steps = 30  # sampling steps
   e.temporal.cfg = 3.0  # guidance scale
+  e.temporal.sampler = "euler"  # euler | heun (diffusion.SAMPLERS)
   e.temporal.fd = True  # also the Frechet distance to real videos (evals.features' network)
 
   return c

@@ -475,7 +475,8 @@ class VideoDiT(nnx.Module):
       total = total + self.label_embed(offset + rest % f)
       rest = rest // f
     total = total / math.sqrt(len(self.label_factors))
-    return jnp.where((label_BS == self.cfg.num_classes)[..., None], self.label_embed(jnp.full_like(label_BS, null)), total)
+    is_null = (label_BS == self.cfg.num_classes)[..., None]
+    return jnp.where(is_null, self.label_embed(jnp.full_like(label_BS, null)), total)
 
   def __call__(self, tokens_BLP: jax.Array, t_BS: jax.Array,
                cond: cond_lib.Conditioning | jax.Array, segment_ids_BL: jax.Array,

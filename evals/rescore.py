@@ -1,0 +1,74 @@
+"""Scores a saved checkpoint with the run's evaluators, with other evaluator settings if asked:
+another sampler, step count or guidance for ``temporal``, more videos, other evaluators.
+
+The results go to ``<out>/evals/step_<N>.json`` (default ``out``: ``workdir/rescored/<settings>``),
+never over what the training run wrote, so one checkpoint can be compared under several
+settings. ``evaluate.py`` is the command line.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+
+from evals import registry
+from vdit_jax import backends as backends_lib
+from vdit_jax import checkpoint as ckpt_lib
+from vdit_jax import sharding as shard_lib
+from vdit_jax import trainer
+
+# ``rescore``'s keyword -> the field of ``config.evals.temporal`` it sets.
+TEMPORAL_FIELDS = {"sampler": "sampler", "steps": "steps", "cfg": "cfg", "videos": "videos"}
+
+
+def settings_name(names: str, **temporal: Any) -> str:
+  """The default output folder's name: ``"temporal_sampler-heun_steps-60"``."""
+  given = "_".join(f"{k}-{v}" for k, v in sorted(temporal.items()) if v is not None)
+  return "_".join(n.strip() for n in names.split(",") if n.strip()) + (f"_{given}" if given else "")
+
+
+def rescore(workdir: str, step: int | None = None, names: str | None = None,
+            out: str | None = None, **temporal: Any) -> tuple[str, dict[str, float]]:
+  """Runs the evaluators ``names`` (default: the run's ``evals.names``) on checkpoint ``step``
+  (default: the newest) of ``workdir``; ``temporal``: ``sampler``, ``steps``, ``cfg``,
+  ``videos`` for the ``temporal`` evaluator (None keeps the run's). Returns the result file's
+  path and its scalars. Bad settings fail before anything is restored or compiled."""
+  unknown = set(temporal) - set(TEMPORAL_FIELDS)
+  if unknown:
+    raise TypeError(f"rescore() got unknown settings {sorted(unknown)}: use {list(TEMPORAL_FIELDS)}")
+  mngr = ckpt_lib.manager(workdir, read_only=True)
+  try:
+    steps = mngr.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {ckpt_lib.checkpoint_dir(workdir)}: train first")
+    step = max(steps) if step is None else int(step)
+    if step not in steps:
+      raise ValueError(f"no checkpoint for step {step} in {workdir}: available steps "
+                       f"{sorted(steps)}")
+    config = ckpt_lib.read_config(mngr, step)
+    config.unlock()
+    if names is not None:
+      config.evals.names = names
+    t = config.evals.temporal
+    for key, value in temporal.items():
+      if value is not None:
+        t[TEMPORAL_FIELDS[key]] = type(t[TEMPORAL_FIELDS[key]])(value)
+    registry.validate(config)  # names, video counts, the sampler
+    chosen = registry.names(config)
+    if not chosen:
+      raise ValueError(f"the run at {workdir} names no evaluators: pass some, e.g. "
+                       "heldout,temporal")
+    out = out or os.path.join(workdir, "rescored", settings_name(",".join(chosen), **temporal))
+    mesh = shard_lib.make_mesh(config.mesh)
+    backend = backends_lib.resolve(config.model, config.data.max_segments)
+    with jax.set_mesh(mesh), shard_lib.axis_rules(config.mesh.rules):
+      graphdef, target, _ = trainer.abstract_state(config, mesh, backend)
+      # The evaluators read only the EMA params; the rest of the state stays on disk.
+      state = {"ema": ckpt_lib.restore_subtree(mngr, step, "ema", target["ema"])}
+      ctx = registry.EvalContext(config, graphdef, backend, mesh)
+      scalars = registry.Evaluators(ctx, out, jax.process_index() == 0).run(step, step, state)
+  finally:
+    mngr.close()
+  return registry.result_path(out, step), scalars
