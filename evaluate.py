@@ -2,6 +2,7 @@
 
   python evaluate.py --workdir runs/default
   python evaluate.py --workdir runs/default --evals temporal --sampler heun --steps 60 --cfg 4.5
+  python evaluate.py --workdir runs/default --evals heldout --label_t 0.7
 
 Restores the EMA params of a checkpoint (the newest unless --step), runs the evaluators named
 by --evals (default: the run's config.evals.names) and prints their scores; the results, with
@@ -22,6 +23,8 @@ _SAMPLER = flags.DEFINE_string("sampler", None, "temporal: euler or heun (defaul
 _STEPS = flags.DEFINE_integer("steps", None, "temporal: sampling steps (default: the run's)")
 _CFG = flags.DEFINE_float("cfg", None, "temporal: guidance scale (default: the run's)")
 _VIDEOS = flags.DEFINE_integer("videos", None, "temporal: videos sampled (default: the run's)")
+_LABEL_T = flags.DEFINE_float("label_t", None, "heldout: also the loss with each part of the "
+                              "label changed, at this t (default: the run's)")
 _OUT = flags.DEFINE_string("out", None, "output folder (default: WORKDIR/rescored/<settings>)")
 
 
@@ -33,7 +36,7 @@ def main(argv):
 
   path, scalars = rescore.rescore(_WORKDIR.value, _STEP.value, _EVALS.value, _OUT.value,
                                   sampler=_SAMPLER.value, steps=_STEPS.value, cfg=_CFG.value,
-                                  videos=_VIDEOS.value)
+                                  videos=_VIDEOS.value, label_t=_LABEL_T.value)
   for name, value in sorted(scalars.items()):
     print(f"{name:40s} {value:.4g}")
   print(path)

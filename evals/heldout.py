@@ -7,11 +7,19 @@ on it differ mostly by that noise. Here every call sees the same videos (the sou
 noise, so the only thing that changes between calls and between runs of the same data config
 is the model. Reported per t (``loss_t0.3``: the t-bin), per video size (``loss_8x32x32``) and
 overall (``loss``: the mean over videos and t values).
+
+With ``evals.heldout.label_t`` > 0 it also measures how much the model uses its label: the loss
+at that t with each digit of every video's label changed to the next value (``label_digits``:
+shape and colour for ``synthetic_shapes``, else ``model.label_factors``) and with the null label,
+minus the loss with the true label (``label_gap_shape``, ``label_gap_colour``,
+``label_gap_null``). A gap near 0 means the model draws the same thing whatever that part of
+the label says.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections import defaultdict
 from typing import Any
 
@@ -45,6 +53,34 @@ def per_video_losses(params, graphdef, batch, t, eps_BLP) -> jax.Array:
   return sums_BS / jnp.maximum(jnp.sum(onehot_BLS, axis=1), 1.0)
 
 
+def label_digits(config) -> list[tuple[str, int]]:
+  """``(name, size)`` of each digit of a label (the last varies fastest): ``synthetic_shapes``'
+  shape and colour whatever the model embeds, else ``model.label_factors`` (none: [])."""
+  if config.data.source == "synthetic_shapes":
+    from data import synthetic_shapes
+    return [("shape", len(synthetic_shapes.SHAPES)), ("colour", len(synthetic_shapes.COLORS))]
+  return [(f"factor{i}", int(f)) for i, f in enumerate(config.model.label_factors)]
+
+
+def change_label(label_BS: jax.Array, digit: int, sizes: tuple[int, ...],
+                 num_classes: int) -> jax.Array:
+  """Every real label with digit ``digit`` moved to its next value (-1: the null label);
+  the null label of empty slots stays."""
+  if digit < 0:
+    new = jnp.full_like(label_BS, num_classes)
+  else:
+    step = math.prod(sizes[digit + 1:])
+    value = (label_BS // step) % sizes[digit]
+    new = label_BS + ((value + 1) % sizes[digit] - value) * step
+  return jnp.where(label_BS < num_classes, new, label_BS)
+
+
+def relabeled_losses(params, graphdef, batch, t, eps_BLP, digit, sizes, num_classes):
+  """``per_video_losses`` with ``change_label`` applied to the batch's labels."""
+  batch = dict(batch, seg_label=change_label(batch["seg_label"], digit, sizes, num_classes))
+  return per_video_losses(params, graphdef, batch, t, eps_BLP)
+
+
 class HeldoutLoss:
   """``evals.heldout``: see the module docstring."""
 
@@ -75,6 +111,20 @@ class HeldoutLoss:
                          for row in np.asarray(batch["seg_grid"])])
     self.noise_sharding = self.shardings["tokens"]
     self._fn = jax.jit(functools.partial(per_video_losses, graphdef=ctx.graphdef))
+    self.label_t = float(cfg.get("label_t", 0.0))
+    if not 0.0 <= self.label_t < 1.0:
+      raise ValueError(f"evals.heldout.label_t={self.label_t} must be in (0, 1), or 0 for none")
+    self.num_classes = int(config.model.num_classes)
+    self.digits = label_digits(config)
+    sizes = tuple(n for _, n in self.digits)
+    if self.digits and math.prod(sizes) != self.num_classes:
+      raise ValueError(f"the label digits {self.digits} of data.source={config.data.source} "
+                       f"do not make model.num_classes={self.num_classes} labels")
+    # One compiled forward per change: -1 is the null label, then each digit in turn.
+    self._changed = {
+        d: jax.jit(functools.partial(relabeled_losses, graphdef=ctx.graphdef, digit=d,
+                                     sizes=sizes, num_classes=self.num_classes))
+        for d in range(-1, len(self.digits))} if self.label_t else {}
 
   def __call__(self, state: dict[str, Any], step: int) -> EvalResult:
     del step
@@ -101,4 +151,26 @@ class HeldoutLoss:
     scalars = {"loss": float(np.mean(per_video))}
     scalars.update({f"loss_t{t:g}": float(np.mean(v)) for t, v in by_t.items()})
     scalars.update({f"loss_{size}": float(np.mean(v)) for size, v in sorted(by_size.items())})
-    return EvalResult(scalars, {"loss": per_video})
+    out = EvalResult(scalars, {"loss": per_video})
+    if self._changed:
+      self._label_gaps(state, out)
+    return out
+
+  def _label_gaps(self, state: dict[str, Any], out: EvalResult) -> None:
+    """Adds ``label_gap_<part>``: the loss at ``label_t`` with that part of the label changed,
+    minus with the true label, per video with a real label (with the noise of each batch's
+    first t)."""
+    names = {-1: "null", **{i: name for i, (name, _) in enumerate(self.digits)}}
+    gaps: dict[int, list[float]] = defaultdict(list)
+    for batch, noises in zip(self.batches, self.noise):
+      eps = jax.make_array_from_process_local_data(self.noise_sharding, noises[0])
+      get = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)
+                                 if jax.process_count() > 1 else jax.device_get(x))
+      true = get(self._fn(state["ema"], batch=batch, t=self.label_t, eps_BLP=eps))
+      real = get(batch["seg_label"]) < self.num_classes
+      for d, fn in self._changed.items():
+        changed = get(fn(state["ema"], batch=batch, t=self.label_t, eps_BLP=eps))
+        gaps[d] += [float(x) for x in (changed - true)[real]]
+    for d, values in gaps.items():
+      out.scalars[f"label_gap_{names[d]}"] = float(np.mean(values))
+      out.per_video[f"label_gap_{names[d]}"] = values

@@ -1,5 +1,6 @@
 """Scores a saved checkpoint with the run's evaluators, with other evaluator settings if asked:
-another sampler, step count or guidance for ``temporal``, more videos, other evaluators.
+another sampler, step count or guidance for ``temporal``, more videos, the label use of
+``heldout``, other evaluators.
 
 The results go to ``<out>/evals/step_<N>.json`` (default ``out``: ``workdir/rescored/<settings>``),
 never over what the training run wrote, so one checkpoint can be compared under several
@@ -19,25 +20,28 @@ from vdit_jax import checkpoint as ckpt_lib
 from vdit_jax import sharding as shard_lib
 from vdit_jax import trainer
 
-# ``rescore``'s keyword -> the field of ``config.evals.temporal`` it sets.
-TEMPORAL_FIELDS = {"sampler": "sampler", "steps": "steps", "cfg": "cfg", "videos": "videos"}
+# ``rescore``'s keyword -> the evaluator and the field of its ``config.evals.<name>`` it sets.
+FIELDS = {"sampler": ("temporal", "sampler"), "steps": ("temporal", "steps"),
+          "cfg": ("temporal", "cfg"), "videos": ("temporal", "videos"),
+          "label_t": ("heldout", "label_t")}
 
 
-def settings_name(names: str, **temporal: Any) -> str:
+def settings_name(names: str, **settings: Any) -> str:
   """The default output folder's name: ``"temporal_sampler-heun_steps-60"``."""
-  given = "_".join(f"{k}-{v}" for k, v in sorted(temporal.items()) if v is not None)
+  given = "_".join(f"{k}-{v}" for k, v in sorted(settings.items()) if v is not None)
   return "_".join(n.strip() for n in names.split(",") if n.strip()) + (f"_{given}" if given else "")
 
 
 def rescore(workdir: str, step: int | None = None, names: str | None = None,
-            out: str | None = None, **temporal: Any) -> tuple[str, dict[str, float]]:
+            out: str | None = None, **settings: Any) -> tuple[str, dict[str, float]]:
   """Runs the evaluators ``names`` (default: the run's ``evals.names``) on checkpoint ``step``
-  (default: the newest) of ``workdir``; ``temporal``: ``sampler``, ``steps``, ``cfg``,
-  ``videos`` for the ``temporal`` evaluator (None keeps the run's). Returns the result file's
-  path and its scalars. Bad settings fail before anything is restored or compiled."""
-  unknown = set(temporal) - set(TEMPORAL_FIELDS)
+  (default: the newest) of ``workdir``; ``settings``: ``sampler``, ``steps``, ``cfg``,
+  ``videos`` for ``temporal``, ``label_t`` for ``heldout`` (None keeps the run's). Returns the
+  result file's path and its scalars. Bad settings fail before anything is restored or
+  compiled."""
+  unknown = set(settings) - set(FIELDS)
   if unknown:
-    raise TypeError(f"rescore() got unknown settings {sorted(unknown)}: use {list(TEMPORAL_FIELDS)}")
+    raise TypeError(f"rescore() got unknown settings {sorted(unknown)}: use {list(FIELDS)}")
   mngr = ckpt_lib.manager(workdir, read_only=True)
   try:
     steps = mngr.all_steps()
@@ -51,16 +55,19 @@ def rescore(workdir: str, step: int | None = None, names: str | None = None,
     config.unlock()
     if names is not None:
       config.evals.names = names
-    t = config.evals.temporal
-    for key, value in temporal.items():
+    for key, value in settings.items():
       if value is not None:
-        t[TEMPORAL_FIELDS[key]] = type(t[TEMPORAL_FIELDS[key]])(value)
+        group = config.evals[FIELDS[key][0]]
+        field = FIELDS[key][1]
+        # A run saved before the field existed lacks it: take the type of the default's.
+        kind = type(group[field]) if field in group else type(value)
+        group[field] = kind(value)
     registry.validate(config)  # names, video counts, the sampler
     chosen = registry.names(config)
     if not chosen:
       raise ValueError(f"the run at {workdir} names no evaluators: pass some, e.g. "
                        "heldout,temporal")
-    out = out or os.path.join(workdir, "rescored", settings_name(",".join(chosen), **temporal))
+    out = out or os.path.join(workdir, "rescored", settings_name(",".join(chosen), **settings))
     mesh = shard_lib.make_mesh(config.mesh)
     backend = backends_lib.resolve(config.model, config.data.max_segments)
     with jax.set_mesh(mesh), shard_lib.axis_rules(config.mesh.rules):

@@ -7,6 +7,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -178,3 +179,30 @@ def test_rescoring_a_checkpoint_matches_the_run_and_keeps_its_results(evaluated_
   assert not os.path.exists(tmp_path / "x")
   assert rescore.settings_name("temporal", sampler="heun", steps=60, cfg=None) == (
       "temporal_sampler-heun_steps-60")
+
+
+def test_change_label_moves_one_digit_and_keeps_empty_slots():
+  lab = jnp.array([[0, 7, 17, 18]])  # red circle, green square, magenta triangle, null
+  sizes = (3, 6)  # label = shape * 6 + colour
+  assert heldout.change_label(lab, 0, sizes, 18).tolist() == [[6, 13, 5, 18]]  # next shape
+  assert heldout.change_label(lab, 1, sizes, 18).tolist() == [[1, 8, 12, 18]]  # next colour
+  assert heldout.change_label(lab, -1, sizes, 18).tolist() == [[18, 18, 18, 18]]
+
+
+def test_label_gaps_are_zero_for_a_model_blind_to_its_label(evaluated_run):
+  """label_gap_*: the held-out loss with a part of the label changed, less the true label's.
+  Exactly 0 when every label embeds the same; not 0 for the trained model's own table."""
+  config = _config(**{"evals.heldout.label_t": 0.6})
+  state = helpers.restore_state(evaluated_run, 4)
+  with _evaluating(config) as ctx:
+    ev = heldout.HeldoutLoss(ctx)
+    seen = ev(state, 4)
+    # Every row of the label table (the null one too) made the first row: no label is visible.
+    blind_ema = jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.broadcast_to(x[:1], x.shape) if "label_embed" in str(path) else x,
+        state["ema"])
+    blind = ev(dict(state, ema=blind_ema), 4)
+  for part in ("shape", "colour", "null"):
+    assert len(seen.per_video[f"label_gap_{part}"]) == 10  # every held-out video has a label
+    assert seen.scalars[f"label_gap_{part}"] != 0.0
+    assert blind.scalars[f"label_gap_{part}"] == 0.0
