@@ -53,6 +53,12 @@ def per_video_losses(params, graphdef, batch, t, eps_BLP) -> jax.Array:
   return sums_BS / jnp.maximum(jnp.sum(onehot_BLS, axis=1), 1.0)
 
 
+def _on_host(x: jax.Array) -> np.ndarray:
+  """A global array whole on every process's host."""
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True) if jax.process_count() > 1
+                    else jax.device_get(x))
+
+
 def label_digits(config) -> list[tuple[str, int]]:
   """``(name, size)`` of each digit of a label (the last varies fastest): ``synthetic_shapes``'
   shape and colour whatever the model embeds, else ``model.label_factors`` (none: [])."""
@@ -135,10 +141,7 @@ class HeldoutLoss:
       losses = []
       for t, eps in zip(self.t_values, noises):
         eps = jax.make_array_from_process_local_data(self.noise_sharding, eps)
-        out = self._fn(state["ema"], batch=batch, t=t, eps_BLP=eps)
-        out = (multihost_utils.process_allgather(out, tiled=True) if jax.process_count() > 1
-               else jax.device_get(out))
-        losses.append(np.asarray(out))
+        losses.append(_on_host(self._fn(state["ema"], batch=batch, t=t, eps_BLP=eps)))
       for r, row in enumerate(sizes):
         for s, size in enumerate(row):
           if size is None:
@@ -164,12 +167,10 @@ class HeldoutLoss:
     gaps: dict[int, list[float]] = defaultdict(list)
     for batch, noises in zip(self.batches, self.noise):
       eps = jax.make_array_from_process_local_data(self.noise_sharding, noises[0])
-      get = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)
-                                 if jax.process_count() > 1 else jax.device_get(x))
-      true = get(self._fn(state["ema"], batch=batch, t=self.label_t, eps_BLP=eps))
-      real = get(batch["seg_label"]) < self.num_classes
+      true = _on_host(self._fn(state["ema"], batch=batch, t=self.label_t, eps_BLP=eps))
+      real = _on_host(batch["seg_label"]) < self.num_classes
       for d, fn in self._changed.items():
-        changed = get(fn(state["ema"], batch=batch, t=self.label_t, eps_BLP=eps))
+        changed = _on_host(fn(state["ema"], batch=batch, t=self.label_t, eps_BLP=eps))
         gaps[d] += [float(x) for x in (changed - true)[real]]
     for d, values in gaps.items():
       out.scalars[f"label_gap_{names[d]}"] = float(np.mean(values))

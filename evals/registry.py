@@ -88,9 +88,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
                        f"(the indices never trained on): set data.heldout >= {max(need, 1)}")
   if "temporal" in chosen:
     diffusion.check_sampler(config.evals.temporal.get("sampler", "euler"))
-  if "temporal" in chosen and config.data.source != "synthetic_shapes":
-    raise ValueError(f"the temporal evaluator scores synthetic_shapes videos (their colours and "
-                     f"shapes), not data.source={config.data.source!r}: drop it from evals.names")
+    if config.data.source != "synthetic_shapes":
+      raise ValueError(f"the temporal evaluator scores synthetic_shapes videos (their colours "
+                       f"and shapes), not data.source={config.data.source!r}: drop it from "
+                       "evals.names")
 
 
 def result_path(workdir: str, step: int) -> str:

@@ -44,13 +44,7 @@ def rescore(workdir: str, step: int | None = None, names: str | None = None,
     raise TypeError(f"rescore() got unknown settings {sorted(unknown)}: use {list(FIELDS)}")
   mngr = ckpt_lib.manager(workdir, read_only=True)
   try:
-    steps = mngr.all_steps()
-    if not steps:
-      raise FileNotFoundError(f"no checkpoint in {ckpt_lib.checkpoint_dir(workdir)}: train first")
-    step = max(steps) if step is None else int(step)
-    if step not in steps:
-      raise ValueError(f"no checkpoint for step {step} in {workdir}: available steps "
-                       f"{sorted(steps)}")
+    step = ckpt_lib.saved_step(mngr, workdir, step)
     config = ckpt_lib.read_config(mngr, step)
     config.unlock()
     if names is not None:

@@ -215,6 +215,20 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   return out
 
 
+def saved_step(mngr: ocp.CheckpointManager, workdir: str, step: int | None = None) -> int:
+  """``step`` if ``workdir`` has a checkpoint of it, the newest if ``step`` is None; raises
+  naming what is there otherwise."""
+  steps = mngr.all_steps()
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}: train first "
+                            f"(python train.py --workdir {workdir})")
+  if step is None:
+    return max(steps)
+  if int(step) not in steps:
+    raise ValueError(f"no checkpoint for step {step} in {workdir}: available steps {sorted(steps)}")
+  return int(step)
+
+
 def restore_subtree(mngr: ocp.CheckpointManager, step: int, name: str,
                     abstract_subtree: Any) -> Any:
   """Restores one top-level entry of ``state`` (e.g. ``ema``) without reading the others."""

@@ -299,14 +299,7 @@ def load_model(workdir: str, step: int | None = None,
   Only the EMA params are read from disk; the optimizer state and raw params stay there.
   """
   mngr = ckpt_lib.manager(workdir, read_only=True)
-  steps = mngr.all_steps()
-  if not steps:
-    raise FileNotFoundError(f"no checkpoint in {ckpt_lib.checkpoint_dir(workdir)}: train first "
-                            f"(python train.py --workdir {workdir})")
-  if step is None:
-    step = max(steps)
-  elif step not in steps:
-    raise ValueError(f"no checkpoint for step {step} in {workdir}: available steps {sorted(steps)}")
+  step = ckpt_lib.saved_step(mngr, workdir, step)
   config = ckpt_lib.read_config(mngr, step)
   abstract_model = nnx.eval_shape(lambda: model_lib.build_model(config))
   graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
