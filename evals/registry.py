@@ -86,6 +86,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if need < 1 or need > held:
       raise ValueError(f"evals.{n}.videos={need} must be between 1 and data.heldout={held} "
                        f"(the indices never trained on): set data.heldout >= {max(need, 1)}")
+  if "heldout" in chosen:
+    label_t = float(config.evals.heldout.get("label_t", 0.0))
+    if not 0.0 <= label_t < 1.0:
+      raise ValueError(f"evals.heldout.label_t={label_t} must be in (0, 1), or 0 for none")
   if "temporal" in chosen:
     diffusion.check_sampler(config.evals.temporal.get("sampler", "euler"))
     if config.data.source != "synthetic_shapes":
