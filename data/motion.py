@@ -90,12 +90,21 @@ class MovingSource:
   # and how many of them name one object.
   OBJECT_WORDS: tuple[str, ...] = ()
   OBJECT_NAME_WORDS = 1
+  # The object words by what they say, each a set of words one caption can swap for another
+  # ("red" for "blue"): what ``caption_word_classes`` adds to the directions.
+  OBJECT_WORD_CLASSES: dict[str, tuple[str, ...]] = {}
 
   def caption_vocabulary(self) -> tuple[list[str], int]:
     """Every word this source's captions use, and the most words a caption can have (``a
     <name> moving <direction>`` per object, joined by ``and``)."""
     words = ["a", "and", "moving", *DIRECTIONS, *self.OBJECT_WORDS]
     return sorted(set(words)), self.num_objects[1] * (self.OBJECT_NAME_WORDS + 4) - 1
+
+  def caption_word_classes(self) -> dict[str, tuple[str, ...]]:
+    """Caption words grouped by what they describe (``{"direction": DIRECTIONS, "colour":
+    ...}``): swapping a word for another of its class changes that fact and nothing else, which
+    is how the held-out evaluator measures what the model reads from its captions."""
+    return {**self.OBJECT_WORD_CLASSES, "direction": DIRECTIONS}
 
   def largest_video(self) -> tuple[int, int, int]:
     """The ``(T, H, W)`` with the most pixels this source can draw, to check a token budget."""

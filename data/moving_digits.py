@@ -61,6 +61,7 @@ class MovingDigits(motion.MovingSource):
     self.images, self.digits = _load_digits()
 
   OBJECT_WORDS = tuple(str(d) for d in range(NUM_CLASSES))
+  OBJECT_WORD_CLASSES = {"digit": OBJECT_WORDS}
 
   @classmethod
   def from_config(cls, config) -> "MovingDigits":

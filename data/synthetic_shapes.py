@@ -135,6 +135,7 @@ class SyntheticShapes(motion.MovingSource):
 
   OBJECT_WORDS = (*COLOR_NAMES, *SHAPES)
   OBJECT_NAME_WORDS = 2  # colour and shape
+  OBJECT_WORD_CLASSES = {"colour": COLOR_NAMES, "shape": SHAPES}
 
   @classmethod
   def from_config(cls, config) -> "SyntheticShapes":

@@ -13,7 +13,10 @@ at that t with each digit of every video's label changed to the next value (``la
 shape and colour for ``synthetic_shapes``, else ``model.label_factors``) and with the null label,
 minus the loss with the true label (``label_gap_shape``, ``label_gap_colour``,
 ``label_gap_null``). A gap near 0 means the model draws the same thing whatever that part of
-the label says.
+the label says. A captioned run gets the same for its captions: ``caption_gap_null`` (every
+caption nulled) and, for text captions, ``caption_gap_<class>`` for each class of words the
+source names (``caption_word_classes``: colour, shape, direction for ``synthetic_shapes``), each
+word of the class swapped for the next one, over the videos whose caption has such a word.
 """
 
 from __future__ import annotations
@@ -87,6 +90,32 @@ def relabeled_losses(params, graphdef, batch, t, eps_BLP, digit, sizes, num_clas
   return per_video_losses(params, graphdef, batch, t, eps_BLP)
 
 
+def caption_swaps(tokenizer, classes: dict[str, tuple[str, ...]],
+                  vocab: int) -> dict[str, np.ndarray]:
+  """Per class of caption words (``{"colour": ("red", "blue", ...)}``), an id map ``[vocab]``
+  sending each of the class's words the tokenizer knows to the next of them and every other id
+  to itself. Classes with fewer than two known words change nothing and are left out."""
+  swaps = {}
+  for name, words in classes.items():
+    ids = [tokenizer.ids[w] for w in words if w in tokenizer.ids]
+    if len(ids) < 2:
+      continue
+    id_map = np.arange(vocab, dtype=np.int32)
+    id_map[ids] = np.roll(ids, -1)
+    swaps[name] = id_map
+  return swaps
+
+
+def recaptioned_losses(params, graphdef, batch, t, eps_BLP, id_map):
+  """``per_video_losses`` with the batch's caption word ids sent through ``id_map``, or with
+  every caption nulled when ``id_map`` is None."""
+  if id_map is None:
+    batch = dict(batch, seg_caption_mask=jnp.zeros_like(batch["seg_caption_mask"]))
+  else:
+    batch = dict(batch, seg_caption=id_map[batch["seg_caption"]])
+  return per_video_losses(params, graphdef, batch, t, eps_BLP)
+
+
 class HeldoutLoss:
   """``evals.heldout``: see the module docstring."""
 
@@ -126,6 +155,15 @@ class HeldoutLoss:
         d: jax.jit(functools.partial(relabeled_losses, graphdef=ctx.graphdef, digit=d,
                                      sizes=sizes, num_classes=self.num_classes))
         for d in range(-1, len(self.digits))} if self.label_t else {}
+    # Caption gaps: the null caption, then each class of words the source can swap.
+    self.caption_swaps: dict[str, np.ndarray | None] = {}
+    if self.label_t and config.model.caption.mode != "none":
+      self.caption_swaps["null"] = None
+      classes = getattr(maker.source, "caption_word_classes", None)
+      if maker.captions.tokenizer is not None and classes is not None:
+        self.caption_swaps.update(caption_swaps(maker.captions.tokenizer, classes(),
+                                                int(config.model.caption.vocab)))
+      self._recaptioned = jax.jit(functools.partial(recaptioned_losses, graphdef=ctx.graphdef))
 
   def __call__(self, state: dict[str, Any], step: int) -> EvalResult:
     del step
@@ -152,6 +190,8 @@ class HeldoutLoss:
     out = EvalResult(scalars, {"loss": per_video})
     if self._changed:
       self._label_gaps(state, out)
+    if self.caption_swaps:
+      self._caption_gaps(state, out)
     return out
 
   def _label_gaps(self, state: dict[str, Any], out: EvalResult) -> None:
@@ -170,3 +210,26 @@ class HeldoutLoss:
     for d, values in gaps.items():
       out.scalars[f"label_gap_{names[d]}"] = float(np.mean(values))
       out.per_video[f"label_gap_{names[d]}"] = values
+
+  def _caption_gaps(self, state: dict[str, Any], out: EvalResult) -> None:
+    """Adds ``caption_gap_<class>``: the loss at ``label_t`` with that class of caption words
+    swapped (or every caption nulled), less with the true captions, per video whose caption
+    the change reaches (with the noise of each batch's first t)."""
+    gaps: dict[str, list[float]] = defaultdict(list)
+    for batch, noises in zip(self.batches, self.noise):
+      eps = jax.make_array_from_process_local_data(self.noise_sharding, noises[0])
+      true = _on_host(self._fn(state["ema"], batch=batch, t=self.label_t, eps_BLP=eps))
+      mask = _on_host(batch["seg_caption_mask"])
+      words = _on_host(batch["seg_caption"]) if self.caption_swaps.keys() - {"null"} else None
+      for name, id_map in self.caption_swaps.items():
+        if id_map is None:
+          reached = mask.any(-1)
+        else:
+          reached = ((id_map[words] != words) & mask).any(-1)
+          id_map = jnp.asarray(id_map)
+        changed = _on_host(self._recaptioned(state["ema"], batch=batch, t=self.label_t,
+                                             eps_BLP=eps, id_map=id_map))
+        gaps[name] += [float(x) for x in (changed - true)[reached]]
+    for name, values in gaps.items():
+      out.scalars[f"caption_gap_{name}"] = float(np.mean(values)) if values else float("nan")
+      out.per_video[f"caption_gap_{name}"] = values

@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from data import pipeline
+from data import pipeline, synthetic_shapes
 from evals import heldout, registry
 from tests import helpers
-from vdit_jax import backends, metrics, trainer
+from vdit_jax import backends, metrics, text, trainer
 from vdit_jax import sharding as shard_lib
 
 EVAL_FIELDS = {"data.heldout": 12, "evals.names": "heldout", "evals.heldout.videos": 10,
@@ -207,3 +207,43 @@ def test_label_gaps_are_zero_for_a_model_blind_to_its_label(evaluated_run):
     assert len(seen.per_video[f"label_gap_{part}"]) == 10  # every held-out video has a label
     assert seen.scalars[f"label_gap_{part}"] != 0.0
     assert blind.scalars[f"label_gap_{part}"] == 0.0
+
+
+def test_caption_gaps_are_zero_for_words_the_model_cannot_tell_apart():
+  """caption_gap_*: the held-out loss with one class of caption words swapped (or every caption
+  nulled), less the true captions'. Exactly 0 for a class whose words all embed alike; not 0
+  for the others, nor for the null caption."""
+  config = _config(**{"evals.heldout.label_t": 0.6, "model.caption.mode": "tokens",
+                      "model.caption.length": 5, "model.caption.pooled": True})
+  with _evaluating(config) as ctx:
+    _, state = trainer.init_state(config, ctx.backend)
+    # Every parameter non-zero: the zero-initialised cross-attention output would hide captions.
+    ema = helpers.random_params_like(state["ema"], seed=2, scale=0.2)
+    ev = heldout.HeldoutLoss(ctx)
+    assert set(ev.caption_swaps) == {"null", "colour", "shape", "direction"}
+    seen = ev({"ema": ema}, 0)
+    tokenizer = pipeline.BatchMaker(config).captions.tokenizer
+    colours = [tokenizer.ids[w] for w in synthetic_shapes.COLOR_NAMES]
+
+    def alike(path, x):  # the caption word table's colour rows made the first colour's
+      if "caption_encoder" in str(path) and "inp" in str(path):
+        return x.at[jnp.array(colours)].set(x[colours[0]])
+      return x
+    colour_blind = ev({"ema": jax.tree_util.tree_map_with_path(alike, ema)}, 0)
+  for part in ("null", "colour", "shape", "direction"):
+    assert len(seen.per_video[f"caption_gap_{part}"]) == 10  # every held-out video has a caption
+    assert seen.scalars[f"caption_gap_{part}"] != 0.0
+  assert colour_blind.scalars["caption_gap_colour"] == 0.0
+  assert colour_blind.scalars["caption_gap_direction"] != 0.0
+
+
+def test_caption_swaps_move_each_known_word_of_a_class_to_the_next():
+  tokenizer = text.Tokenizer(["a", "red", "blue", "green", "up"])
+  swaps = heldout.caption_swaps(tokenizer, {"colour": ("red", "green", "blue", "cyan"),
+                                            "direction": ("up", "down")}, vocab=8)
+  assert list(swaps) == ["colour"]  # "down" is unknown: one direction word swaps with nothing
+  ids = tokenizer.ids
+  id_map = swaps["colour"]
+  assert [id_map[ids[w]] for w in ("red", "green", "blue", "a", "up")] == [
+      ids["green"], ids["blue"], ids["red"], ids["a"], ids["up"]]
+  assert id_map[0] == 0 and id_map[7] == 7  # padding and unused ids stay

@@ -183,7 +183,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   e.heldout.videos = 64  # held-out videos scored (the first of the data.heldout indices)
   e.heldout.t_values = (0.1, 0.3, 0.5, 0.7, 0.9)  # the fixed grid of t (each a t-bin)
   # > 0: also the loss at this t with each part of the label changed and with the null label,
-  # less the true label's (label_gap_shape, _colour, _null): how much the model uses each part
+  # less the true label's (label_gap_shape, _colour, _null): how much the model uses each part;
+  # with captions, the same per class of caption words swapped (caption_gap_colour, _shape,
+  # _direction) and with every caption nulled (caption_gap_null)
   e.heldout.label_t = 0.0
   e.temporal = ml_collections.ConfigDict()  # temporal consistency of sampled videos
   e.temporal.every = 0  # steps between runs (0 = only after the last step)
