@@ -56,10 +56,16 @@ def _temporal(ctx: EvalContext) -> Evaluator:
   return temporal.TemporalConsistency(ctx)
 
 
+def _redraw(ctx: EvalContext) -> Evaluator:
+  from evals import redraw
+  return redraw.Redraw(ctx)
+
+
 # name -> constructor; each name has its settings in ``config.evals.<name>`` (``every`` at least).
 EVALUATORS: dict[str, Callable[[EvalContext], Evaluator]] = {
     "heldout": _heldout,
     "temporal": _temporal,
+    "redraw": _redraw,
 }
 
 
@@ -90,12 +96,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
     label_t = float(config.evals.heldout.get("label_t", 0.0))
     if not 0.0 <= label_t < 1.0:
       raise ValueError(f"evals.heldout.label_t={label_t} must be in (0, 1), or 0 for none")
-  if "temporal" in chosen:
-    diffusion.check_sampler(config.evals.temporal.get("sampler", "euler"))
+  for n in ("temporal", "redraw"):
+    if n not in chosen:
+      continue
+    diffusion.check_sampler(config.evals[n].get("sampler", "euler"))
     if config.data.source != "synthetic_shapes":
-      raise ValueError(f"the temporal evaluator scores synthetic_shapes videos (their colours "
+      raise ValueError(f"the {n} evaluator scores synthetic_shapes videos (their colours "
                        f"and shapes), not data.source={config.data.source!r}: drop it from "
                        "evals.names")
+  if "redraw" in chosen:
+    ts = tuple(config.evals.redraw.t_values)
+    if not ts or not all(0.0 < float(t) <= 1.0 for t in ts):
+      raise ValueError(f"evals.redraw.t_values={ts} must be values in (0, 1]")
 
 
 def result_path(workdir: str, step: int) -> str:

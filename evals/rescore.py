@@ -17,6 +17,7 @@ import jax
 from evals import registry
 from vdit_jax import backends as backends_lib
 from vdit_jax import checkpoint as ckpt_lib
+from vdit_jax import config as config_lib
 from vdit_jax import sharding as shard_lib
 from vdit_jax import trainer
 
@@ -49,6 +50,12 @@ def rescore(workdir: str, step: int | None = None, names: str | None = None,
     config.unlock()
     if names is not None:
       config.evals.names = names
+      # Evaluators newer than the run take their default settings.
+      defaults = config_lib.get_base_config().evals
+      for n in names.split(","):
+        n = n.strip()
+        if n and n not in config.evals and n in defaults:
+          config.evals[n] = defaults[n]
     for key, value in settings.items():
       if value is not None:
         group = config.evals[FIELDS[key][0]]

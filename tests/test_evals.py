@@ -247,3 +247,26 @@ def test_caption_swaps_move_each_known_word_of_a_class_to_the_next():
   assert [id_map[ids[w]] for w in ("red", "green", "blue", "a", "up")] == [
       ids["green"], ids["blue"], ids["red"], ids["a"], ids["up"]]
   assert id_map[0] == 0 and id_map[7] == 7  # padding and unused ids stay
+
+
+def test_redraw_scores_videos_redrawn_from_each_t(evaluated_run):
+  """evals.redraw: every temporal metric per t, next to the real videos' own scores; bad t
+  values fail before anything is built."""
+  config = _config(**{"evals.names": "redraw", "evals.redraw.videos": 4,
+                      "evals.redraw.t_values": (0.05, 1.0), "evals.redraw.steps": 2})
+  registry.validate(config)
+  state = helpers.restore_state(evaluated_run, 4)
+  with _evaluating(config) as ctx:
+    result = registry.EVALUATORS["redraw"](ctx)(state, 4)
+  for t in ("0.05", "1"):
+    assert len(result.per_video[f"shape_drift_t{t}"]) == 4
+    assert np.isfinite(result.scalars[f"colour_flicker_t{t}"])
+  assert "real_shape_drift" in result.scalars
+  # Redrawn from little noise the videos keep their colours: far closer to real than from noise.
+  real = result.scalars["real_colour_flicker"]
+  assert (abs(result.scalars["colour_flicker_t0.05"] - real)
+          < abs(result.scalars["colour_flicker_t1"] - real))
+  for bad in ((), (0.0, 0.5), (1.5,)):
+    with pytest.raises(ValueError, match="evals.redraw.t_values"):
+      registry.validate(_config(**{"evals.names": "redraw", "evals.redraw.videos": 4,
+                                   "evals.redraw.t_values": bad}))

@@ -194,6 +194,15 @@ def get_base_config() -> ml_collections.ConfigDict:
   e.temporal.cfg = 3.0  # guidance scale
   e.temporal.sampler = "euler"  # euler | heun (diffusion.SAMPLERS)
   e.temporal.fd = True  # also the Frechet distance to real videos (evals.features' network)
+  # held-out real videos noised to each t and denoised back, scored like temporal's samples:
+  # at which noise levels the model breaks outlines, colours or objects it is given
+  e.redraw = ml_collections.ConfigDict()
+  e.redraw.every = 0  # steps between runs (0 = only after the last step)
+  e.redraw.videos = 24  # held-out videos redrawn, with their labels (and captions)
+  e.redraw.t_values = (0.25, 0.5, 0.75, 1.0)  # t the videos are noised to (1: plain sampling)
+  e.redraw.steps = 30  # sampling steps of the whole grid from t = 1 (those below t are taken)
+  e.redraw.cfg = 3.0  # guidance scale
+  e.redraw.sampler = "euler"  # euler | heun (diffusion.SAMPLERS)
 
   return c
 

@@ -28,6 +28,11 @@ def shift_t(t: jax.Array, shift: jax.Array) -> jax.Array:
   return shift * t / (1.0 + (shift - 1.0) * t)
 
 
+def unshift_t(t: jax.Array, shift: jax.Array) -> jax.Array:
+  """The inverse of ``shift_t``: the u with ``shift_t(u, shift) == t``."""
+  return t / (shift - (shift - 1.0) * t)
+
+
 def video_shift(seg_grid_BS3: jax.Array, cfg) -> jax.Array:
   """The timestep shift of each video from its token count (``config.diffusion``)."""
   return (jnp.maximum(tokens_per_video(seg_grid_BS3), 1.0) / cfg.shift_base_tokens) ** cfg.shift_power
@@ -106,7 +111,8 @@ def sample_euler(velocity: Callable[[jax.Array, jax.Array], jax.Array], noise_BL
 def integrate(velocity: Callable[[jax.Array, jax.Array], jax.Array], noise_BLP: jax.Array,
               segment_ids_BL: jax.Array, shift_BS: jax.Array, num_steps: int,
               method: str = "euler", given_BL: jax.Array | None = None,
-              on_step: Callable[[jax.Array], None] | None = None) -> jax.Array:
+              on_step: Callable[[jax.Array], None] | None = None,
+              start_BS: jax.Array | None = None) -> jax.Array:
   """Integrates ``dx/dt = v(x, t)`` from t = 1 (noise) to t = 0 in ``num_steps`` steps.
 
   Every video follows the uniform grid shifted by its own ``shift`` (the schedule training
@@ -119,15 +125,18 @@ def integrate(velocity: Callable[[jax.Array, jax.Array], jax.Array], noise_BLP: 
   ``given_BL``: tokens that are given (clean conditioning frames, already in ``noise_BLP``):
   their velocity is taken as zero, so they come back exactly as they went in. ``on_step(i)``
   runs on the host after step i (a progress bar), through ``jax.debug.callback``.
+  ``start_BS``: where on the unshifted grid each video starts (``unshift_t`` of its t; None: 1,
+  pure noise), for ``noise_BLP`` already noised to that t; the steps then cover the rest.
   """
   check_sampler(method)
   if given_BL is not None:
     inner = velocity
     velocity = lambda x, t: jnp.where(given_BL[..., None], 0.0, inner(x, t))
 
+  u0_BS = jnp.ones(shift_BS.shape, jnp.float32) if start_BS is None else start_BS
+
   def t_at(i):
-    u = 1.0 - i / num_steps
-    return shift_t(jnp.full(shift_BS.shape, u, jnp.float32), shift_BS)
+    return shift_t(u0_BS * (1.0 - i / num_steps), shift_BS)
 
   def body(i, x_BLP):
     t_now, t_next = t_at(i), t_at(i + 1)

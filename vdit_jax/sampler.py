@@ -284,12 +284,44 @@ def _progress_bar(total: int, show: bool):
 
 @nnx.jit(static_argnums=(7, 8, 9, 10, 11, 12))
 def _integrate(model, noise, segment_ids, coords, cond, shift, layouts, null_label, cfg_scale,
-               num_steps, method, progress, caption_cfg):
+               num_steps, method, progress, caption_cfg, start=None):
   velocity = diffusion.guided(model, cond, segment_ids, coords, null_label, cfg_scale,
                               layouts=layouts, caption_scale=caption_cfg)
   given = cond_lib.given_tokens(cond, segment_ids, coords)
   return diffusion.integrate(velocity, noise, segment_ids, shift, num_steps, method, given,
-                             on_step=_tick if progress else None)
+                             on_step=_tick if progress else None, start_BS=start)
+
+
+def redraw(model: model_lib.VideoDiT, config: ml_collections.ConfigDict,
+           videos: list[np.ndarray], labels: list[int], t: float, cfg_scale: float = 3.0,
+           num_steps: int = 30, seed: int = 0, method: str = "euler", captions=None,
+           tokenizer: text.Tokenizer | None = None) -> list[np.ndarray]:
+  """``videos`` ``[T, H, W, C]`` in [-1, 1] noised to ``t`` (the same noise ``sample`` draws for
+  their shapes and ``seed``) and denoised back by the model: the part of ``sample``'s path below
+  ``t``, started from real videos. ``t = 1`` is ``sample`` itself; a small ``t`` gives the videos
+  back nearly unchanged. The row takes as many of ``num_steps`` as ``sample``'s shifted grid
+  has below ``t`` (for its largest video; at least one)."""
+  diffusion.check_sampler(method)
+  if not 0.0 < t <= 1.0:
+    raise ValueError(f"redraw t={t} must be in (0, 1]")
+  shapes = [tuple(int(d) for d in v.shape[:3]) for v in videos]
+  row = pack_request(model, config, shapes, labels, seed, captions, tokenizer)
+  patch = tuple(config.model.patch)
+  seg = np.asarray(row.batch["segment_ids"][0])
+  x0 = np.zeros(row.noise.shape, np.float32)
+  for s, video in enumerate(videos):
+    x0[0, seg == s + 1] = tokens_lib.patchify_np(np.asarray(video, np.float32), patch)
+  start = diffusion.unshift_t(jnp.float32(t), row.shift)  # [1, S]: each video's own u
+  real = np.prod(np.asarray(row.batch["seg_grid"]), axis=-1) > 0
+  steps = max(1, int(round(num_steps * float(np.asarray(start)[real].max()))))
+  x_t = (1.0 - t) * jnp.asarray(x0) + t * row.noise
+  out = _integrate(model, x_t, row.segment_ids, row.coords, row.cond, row.shift, row.layouts,
+                   config.model.num_classes, float(cfg_scale), steps, method, False, None,
+                   start)
+  out = np.asarray(jax.device_get(out))
+  C = config.data.channels
+  toks = tokens_lib.unpack_row(out[0], row.batch["segment_ids"][0], row.batch["seg_grid"][0])
+  return [tokens_lib.unpatchify_np(x, g, patch, C) for x, g in zip(toks, row.grids)]
 
 
 def load_model(workdir: str, step: int | None = None,
