@@ -13,12 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
-import numpy as np
-from flax import nnx
-from jax.experimental import multihost_utils
-
-from evals import video_metrics
+from evals import temporal, video_metrics
 from evals.registry import EvalContext, EvalResult
 
 
@@ -26,37 +21,27 @@ class Redraw:
   """``evals.redraw``: see the module docstring."""
 
   def __init__(self, ctx: EvalContext):
-    from data import pipeline  # evaluators sit on the scripts' side of the arrow
     self.config = ctx.config
     self.graphdef = ctx.graphdef
     cfg = ctx.config.evals.redraw
     self.t_values = tuple(float(t) for t in cfg.t_values)
-    maker = pipeline.BatchMaker(ctx.config, backend=ctx.backend)
-    real = [maker.source[i] for i in maker.heldout_indices(int(cfg.videos))]
-    self.videos = [item["video"] for item in real]
-    self.labels = [int(item["label"]) for item in real]
-    mode = ctx.config.model.caption.mode
-    self.tokenizer = maker.captions.tokenizer
-    self.captions = (None if mode == "none" else
-                     [item.get("caption" if mode == "tokens" else "caption_embedding")
-                      for item in real])
-    self.real_scores = video_metrics.score_videos(self.videos, self.labels)
+    self.real = temporal.held_out(ctx, int(cfg.videos))
+    self.real_scores = video_metrics.score_videos(self.real.videos, self.real.labels)
 
   def __call__(self, state: dict[str, Any], step: int) -> EvalResult:
     del step
     from vdit_jax import sampler
     cfg = self.config.evals.redraw
-    ema = state["ema"]
-    ema = multihost_utils.process_allgather(ema, tiled=True) if jax.process_count() > 1 else ema
-    model = nnx.merge(self.graphdef, jax.device_get(ema))
+    model = temporal.ema_model(self.graphdef, state)
+    real = self.real
     scalars: dict[str, float] = {}
     per_video: dict[str, list[float]] = {}
     for t in self.t_values:
-      videos = sampler.redraw(model, self.config, self.videos, self.labels, t,
+      videos = sampler.redraw(model, self.config, real.videos, real.labels, t,
                               cfg_scale=float(cfg.cfg), num_steps=int(cfg.steps),
                               seed=int(self.config.seed), method=cfg.sampler,
-                              captions=self.captions, tokenizer=self.tokenizer)
-      for name, values in video_metrics.score_videos(videos, self.labels).items():
+                              captions=real.captions, tokenizer=real.tokenizer)
+      for name, values in video_metrics.score_videos(videos, real.labels).items():
         mean, half = video_metrics.summarize(values)
         scalars[f"{name}_t{t:g}"] = mean
         scalars[f"{name}_t{t:g}_ci"] = half

@@ -15,7 +15,7 @@ floor a perfect model would reach.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -26,27 +26,49 @@ from evals import video_metrics
 from evals.registry import EvalContext, EvalResult
 
 
+class HeldOut(NamedTuple):
+  """The source's first held-out videos with what each is conditioned on, as the sampler takes
+  it (``captions`` None without captions), and the batch maker that drew them."""
+  videos: list[np.ndarray]
+  labels: list[int]
+  captions: list | None
+  tokenizer: Any
+  maker: Any
+
+
+def held_out(ctx: EvalContext, count: int) -> HeldOut:
+  from data import pipeline  # evaluators sit on the scripts' side of the arrow
+  maker = pipeline.BatchMaker(ctx.config, backend=ctx.backend)
+  real = [maker.source[i] for i in maker.heldout_indices(count)]
+  mode = ctx.config.model.caption.mode
+  captions = (None if mode == "none" else
+              [item.get("caption" if mode == "tokens" else "caption_embedding") for item in real])
+  return HeldOut([item["video"] for item in real], [int(item["label"]) for item in real],
+                 captions, maker.captions.tokenizer, maker)
+
+
+def ema_model(graphdef: nnx.GraphDef, state: dict[str, Any]) -> nnx.Module:
+  """The EMA model on this host, whole (gathered from every process where it is spread)."""
+  ema = state["ema"]
+  ema = multihost_utils.process_allgather(ema, tiled=True) if jax.process_count() > 1 else ema
+  return nnx.merge(graphdef, jax.device_get(ema))
+
+
 class TemporalConsistency:
   """``evals.temporal``: see the module docstring."""
 
   def __init__(self, ctx: EvalContext):
-    from data import pipeline  # evaluators sit on the scripts' side of the arrow
     self.config = ctx.config
     self.graphdef = ctx.graphdef
     cfg = ctx.config.evals.temporal
     self.count = int(cfg.videos)
-    maker = pipeline.BatchMaker(ctx.config, backend=ctx.backend)
+    real = held_out(ctx, self.count)
+    maker = real.maker
     held = len(maker.source) - maker.train_videos
-    indices = maker.heldout_indices(self.count)
-    real = [maker.source[i] for i in indices]
-    self.shapes = [tuple(int(d) for d in item["video"].shape[:3]) for item in real]
-    self.labels = [int(item["label"]) for item in real]
+    videos, self.labels = real.videos, real.labels
+    self.shapes = [tuple(int(d) for d in v.shape[:3]) for v in videos]
     mode = ctx.config.model.caption.mode
-    self.tokenizer = maker.captions.tokenizer
-    self.captions = (None if mode == "none" else
-                     [item.get("caption" if mode == "tokens" else "caption_embedding")
-                      for item in real])
-    videos = [item["video"] for item in real]
+    self.tokenizer, self.captions = real.tokenizer, real.captions
     self.real_scores = video_metrics.score_videos(videos, self.labels)
     # With text captions the samples must also move the way their captions say.
     self.directions = ([video_metrics.caption_direction(c) for c in self.captions]
@@ -68,10 +90,8 @@ class TemporalConsistency:
   def sample(self, state: dict[str, Any]) -> list[np.ndarray]:
     """Videos ``[T, H, W, C]`` of the EMA model: one per held-out size and label."""
     from vdit_jax import sampler
-    ema = state["ema"]
-    # Every process samples the same videos from the whole EMA (gathered where it is spread).
-    ema = multihost_utils.process_allgather(ema, tiled=True) if jax.process_count() > 1 else ema
-    model = nnx.merge(self.graphdef, jax.device_get(ema))
+    # Every process samples the same videos from the whole EMA.
+    model = ema_model(self.graphdef, state)
     cfg = self.config.evals.temporal
     return sampler.sample(model, self.config, self.shapes, self.labels, cfg_scale=float(cfg.cfg),
                           num_steps=int(cfg.steps), seed=int(self.config.seed),
