@@ -200,10 +200,7 @@ def sample(model: model_lib.VideoDiT, config: ml_collections.ConfigDict,
                      row.layouts, config.model.num_classes, float(cfg_scale), int(num_steps),
                      method, bool(progress),
                      None if caption_cfg is None else float(caption_cfg))
-    out = np.asarray(jax.device_get(out))
-  patch, C = tuple(config.model.patch), config.data.channels
-  videos = tokens_lib.unpack_row(out[0], row.batch["segment_ids"][0], row.batch["seg_grid"][0])
-  return [tokens_lib.unpatchify_np(toks, g, patch, C) for toks, g in zip(videos, row.grids)]
+    return row.videos(out, config)  # waits for the last step while the bar is open
 
 
 class Request(NamedTuple):
@@ -217,6 +214,13 @@ class Request(NamedTuple):
   layouts: Any
   batch: dict
   grids: list
+
+  def videos(self, out_BLP: jax.Array, config: ml_collections.ConfigDict) -> list[np.ndarray]:
+    """The sampled row ``out_BLP`` as one ``[T, H, W, C]`` video per request, in order."""
+    out = np.asarray(jax.device_get(out_BLP))
+    toks = tokens_lib.unpack_row(out[0], self.batch["segment_ids"][0], self.batch["seg_grid"][0])
+    return [tokens_lib.unpatchify_np(x, g, tuple(config.model.patch), config.data.channels)
+            for x, g in zip(toks, self.grids)]
 
 
 def pack_request(model: model_lib.VideoDiT, config: ml_collections.ConfigDict,
@@ -318,10 +322,7 @@ def redraw(model: model_lib.VideoDiT, config: ml_collections.ConfigDict,
   out = _integrate(model, x_t, row.segment_ids, row.coords, row.cond, row.shift, row.layouts,
                    config.model.num_classes, float(cfg_scale), steps, method, False, None,
                    start)
-  out = np.asarray(jax.device_get(out))
-  C = config.data.channels
-  toks = tokens_lib.unpack_row(out[0], row.batch["segment_ids"][0], row.batch["seg_grid"][0])
-  return [tokens_lib.unpatchify_np(x, g, patch, C) for x, g in zip(toks, row.grids)]
+  return row.videos(out, config)
 
 
 def load_model(workdir: str, step: int | None = None,
