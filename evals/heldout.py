@@ -188,37 +188,28 @@ class HeldoutLoss:
     scalars.update({f"loss_t{t:g}": float(np.mean(v)) for t, v in by_t.items()})
     scalars.update({f"loss_{size}": float(np.mean(v)) for size, v in sorted(by_size.items())})
     out = EvalResult(scalars, {"loss": per_video})
-    if self._changed:
-      self._label_gaps(state, out)
-    if self.caption_swaps:
-      self._caption_gaps(state, out)
+    if self._changed or self.caption_swaps:
+      self._gaps(state, out)
     return out
 
-  def _label_gaps(self, state: dict[str, Any], out: EvalResult) -> None:
+  def _gaps(self, state: dict[str, Any], out: EvalResult) -> None:
     """Adds ``label_gap_<part>``: the loss at ``label_t`` with that part of the label changed,
-    minus with the true label, per video with a real label (with the noise of each batch's
-    first t)."""
+    minus with the true label, per video with a real label; and ``caption_gap_<class>``: the
+    same with that class of caption words swapped (or every caption nulled), per video whose
+    caption the change reaches. One true-label loss per batch serves both (with the noise of
+    each batch's first t)."""
     names = {-1: "null", **{i: name for i, (name, _) in enumerate(self.digits)}}
-    gaps: dict[int, list[float]] = defaultdict(list)
-    for batch, noises in zip(self.batches, self.noise):
-      eps = jax.make_array_from_process_local_data(self.noise_sharding, noises[0])
-      true = _on_host(self._fn(state["ema"], batch=batch, t=self.label_t, eps_BLP=eps))
-      real = _on_host(batch["seg_label"]) < self.num_classes
-      for d, fn in self._changed.items():
-        changed = _on_host(fn(state["ema"], batch=batch, t=self.label_t, eps_BLP=eps))
-        gaps[d] += [float(x) for x in (changed - true)[real]]
-    for d, values in gaps.items():
-      out.scalars[f"label_gap_{names[d]}"] = float(np.mean(values))
-      out.per_video[f"label_gap_{names[d]}"] = values
-
-  def _caption_gaps(self, state: dict[str, Any], out: EvalResult) -> None:
-    """Adds ``caption_gap_<class>``: the loss at ``label_t`` with that class of caption words
-    swapped (or every caption nulled), less with the true captions, per video whose caption
-    the change reaches (with the noise of each batch's first t)."""
     gaps: dict[str, list[float]] = defaultdict(list)
     for batch, noises in zip(self.batches, self.noise):
       eps = jax.make_array_from_process_local_data(self.noise_sharding, noises[0])
-      true = _on_host(self._fn(state["ema"], batch=batch, t=self.label_t, eps_BLP=eps))
+      loss = lambda fn, **kw: _on_host(fn(state["ema"], batch=batch, t=self.label_t,
+                                          eps_BLP=eps, **kw))
+      true = loss(self._fn)
+      real = _on_host(batch["seg_label"]) < self.num_classes
+      for d, fn in self._changed.items():
+        gaps[f"label_gap_{names[d]}"] += [float(x) for x in (loss(fn) - true)[real]]
+      if not self.caption_swaps:
+        continue
       mask = _on_host(batch["seg_caption_mask"])
       words = _on_host(batch["seg_caption"]) if self.caption_swaps.keys() - {"null"} else None
       for name, id_map in self.caption_swaps.items():
@@ -227,9 +218,8 @@ class HeldoutLoss:
         else:
           reached = ((id_map[words] != words) & mask).any(-1)
           id_map = jnp.asarray(id_map)
-        changed = _on_host(self._recaptioned(state["ema"], batch=batch, t=self.label_t,
-                                             eps_BLP=eps, id_map=id_map))
-        gaps[name] += [float(x) for x in (changed - true)[reached]]
-    for name, values in gaps.items():
-      out.scalars[f"caption_gap_{name}"] = float(np.mean(values)) if values else float("nan")
-      out.per_video[f"caption_gap_{name}"] = values
+        changed = loss(self._recaptioned, id_map=id_map)
+        gaps[f"caption_gap_{name}"] += [float(x) for x in (changed - true)[reached]]
+    for key, values in gaps.items():
+      out.scalars[key] = float(np.mean(values)) if values else float("nan")
+      out.per_video[key] = values
