@@ -93,6 +93,39 @@ def test_packed_equals_alone(block):
   assert not np.allclose(_run(block, params, other_t)[0], out_alone[0], atol=1e-3)
 
 
+def test_fractional_positions_are_per_video():
+  """Each token's patch centre as a fraction of its own video's grid; padding sits at 0.5."""
+  seg = np.array([[1] * 12 + [2] * 4 + [0] * 2])
+  coords = np.concatenate([tok.grid_coords((2, 2, 3)), tok.grid_coords((1, 2, 2)),
+                           np.array([[3, 3, 3], [0, 0, 0]])])[None]
+  frac = np.asarray(model_lib.fractional_positions(jnp.asarray(coords), jnp.asarray(seg), 3))
+  np.testing.assert_allclose(frac[0, 0], [0.25, 0.25, 1 / 6])
+  np.testing.assert_allclose(frac[0, 11], [0.75, 0.75, 5 / 6])
+  np.testing.assert_allclose(frac[0, 15], [0.5, 0.75, 0.75])  # the same coords, a smaller grid
+  np.testing.assert_allclose(frac[0, 16:], 0.5)
+
+
+def test_position_features_keep_videos_apart():
+  """model.frac_pos keeps packed == alone, and its features reach the output (the zero
+  projection it is initialised with gives another output)."""
+  _, _, items, order, packed, alone = packed_case("full3d")
+  config = helpers.tiny_config("full3d", **{"model.frac_pos": 3})
+  graphdef, params = nnx.split(model_lib.build_model(config, seed=0), nnx.Param)
+  params = helpers.random_params_like(params, seed=1, scale=0.1)
+  fwd = jax.jit(lambda p, b: nnx.merge(graphdef, p)(
+      *(jnp.asarray(b[k]) for k in ("tokens", "seg_t", "seg_label", "segment_ids", "coords"))))
+  out_packed, out_alone = np.asarray(fwd(params, packed)), np.asarray(fwd(params, alone))
+  for v in range(len(items)):
+    ref = out_alone[v][alone["segment_ids"][v] == 1]
+    for b, row in enumerate(order):
+      if v in row:
+        got = out_packed[b][packed["segment_ids"][b] == row.index(v) + 1]
+        np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0, err_msg=f"video {v}, row {b}")
+  no_pos = jax.tree.map(lambda x: x, params)
+  no_pos["pos_embed"]["kernel"] = nnx.Param(jnp.zeros_like(params["pos_embed"]["kernel"][...]))
+  assert not np.allclose(np.asarray(fwd(no_pos, alone)), out_alone, atol=1e-3)
+
+
 @pytest.mark.parametrize("block", ALL_BLOCKS)
 def test_padding_does_not_change_real_tokens(block):
   _, params, _, _, packed, _ = packed_case(block)

@@ -77,6 +77,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # digits (product num_classes), each digit its own embedding table, summed: labels that share
   # a digit share its embedding. synthetic_shapes: (3, 6), its label is shape * 6 + colour.
   m.label_factors = ()
+  # k > 0: tokens also see where they sit in their video as a fraction of its extent (sin and
+  # cos of pi * 1..k * fraction per axis); RoPE alone gives only relative positions
+  m.frac_pos = 0
   # Captions, read by a cross-attention sublayer from each video's tokens to its own caption
   mc = m.caption = ml_collections.ConfigDict()
   # none | tokens (the source's caption text; a word tokenizer from the training captions, saved
@@ -232,6 +235,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      f"model.num_classes={m.num_classes}, or () for one embedding per label")
   if m.head_dim % 2:
     raise ValueError(f"model.head_dim={m.head_dim} must be even (rotary pairs)")
+  if int(m.frac_pos) != m.frac_pos or m.frac_pos < 0:
+    raise ValueError(f"model.frac_pos={m.frac_pos} must be a whole number of frequencies >= 0 "
+                     "(0 = no fractional position features)")
   if m.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"model.dtype={m.dtype!r}: use float32 or bfloat16")
   if m.remat_policy not in REMAT_POLICIES:

@@ -409,6 +409,18 @@ class AdaInput(NamedTuple):
 
 
 
+def fractional_positions(coords_BL3: jax.Array, segment_ids_BL: jax.Array,
+                         num_segments: int) -> jax.Array:
+  """``[B, L, 3]``: where each token's patch centre sits in its own video, as a fraction of the
+  video's grid along (t, h, w) in (0, 1); padding gets 0.5. The grids are read off the coords
+  (the largest coordinate of each segment, plus one), so nothing else need be passed."""
+  onehot_BLS = segment_ids_BL[:, :, None] == jnp.arange(1, num_segments + 1)
+  grid_BS3 = jnp.max(jnp.where(onehot_BLS[..., None], coords_BL3[:, :, None, :] + 1, 1), axis=1)
+  grid_BL3 = tokens_lib.per_token(grid_BS3.astype(jnp.float32), segment_ids_BL)
+  return jnp.where(segment_ids_BL[..., None] > 0,
+                   (coords_BL3.astype(jnp.float32) + 0.5) / jnp.maximum(grid_BL3, 1.0), 0.5)
+
+
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
   """Sinusoidal features of ``t`` in [0, 1] (scaled by 1000 so the low frequencies matter)."""
   half = dim // 2
@@ -436,6 +448,15 @@ class VideoDiT(nnx.Module):
                              bias_init=_init(("embed",), _ZEROS), rngs=rngs)
     self.t_mlp2 = nnx.Linear(D, D, kernel_init=_init(("embed", "mlp")),
                              bias_init=_init(("mlp",), _ZEROS), rngs=rngs)
+    # model.frac_pos: each token also gets where it sits in its video as a fraction of the
+    # video's extent (sin and cos of pi * k * fraction, k = 1..frac_pos, per axis), through a
+    # zero-initialised projection. RoPE alone is relative: a token can only infer that it lies
+    # near the frame's left edge or late in the clip through attention, which a prompt such as
+    # "moving left" (the object ends up on the left) needs at high noise, where nothing else
+    # says where anything is.
+    self.frac_pos = int(cfg.frac_pos)
+    self.pos_embed = (nnx.Linear(6 * self.frac_pos, D, kernel_init=_init((None, "embed"), _ZEROS),
+                                 use_bias=False, rngs=rngs) if self.frac_pos else None)
     # num_classes + 1 rows: the last one is the null label used for guidance. Unit scale, like
     # the timestep features' MLP output: a 0.02-scale table stays swamped by the timestep
     # embedding for thousands of steps and the label is then all but ignored.
@@ -488,7 +509,13 @@ class VideoDiT(nnx.Module):
     cond = cond_lib.as_conditioning(cond)
     x_BLD = project("blp,pd->bld", tokens_BLP.astype(self.dtype),
                     self.embed.kernel[...].astype(self.dtype))
-    x_BLD = constrain(x_BLD + self.embed.bias[...].astype(self.dtype), _ACT)
+    x_BLD = x_BLD + self.embed.bias[...].astype(self.dtype)
+    if self.pos_embed is not None:
+      frac_BL3 = fractional_positions(coords_BL3, segment_ids_BL, cond.label.shape[1])
+      args = jnp.pi * frac_BL3[..., None] * jnp.arange(1, self.frac_pos + 1, dtype=jnp.float32)
+      feats = jnp.concatenate([jnp.sin(args), jnp.cos(args)], -1).reshape(*frac_BL3.shape[:2], -1)
+      x_BLD = x_BLD + self.pos_embed(feats).astype(self.dtype)
+    x_BLD = constrain(x_BLD, _ACT)
     extra_BSD = self.embed_label(cond.label)
     captions = None
     if self.caption_encoder is not None:
