@@ -29,6 +29,7 @@ def caption_config(backend="dense", mode="tokens", **fields):
   return helpers.tiny_config(**{"model.caption.mode": mode, "model.caption.length": C,
                                 "model.caption.embed_dim": 6 if mode == "embeddings" else 0,
                                 "model.caption.pooled": True,
+                                "model.caption.encoder_depth": 1,  # the layers' masks too
                                 "model.attention_backend": backend, **fields})
 
 

@@ -89,7 +89,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   mc.length = 16  # C: caption tokens per video (words, or embedding rows)
   mc.vocab = 64  # tokens: embedding rows, at least the vocabulary's words + 1 (padding)
   mc.embed_dim = 0  # embeddings: E, the width of the supplied embeddings
-  mc.encoder_depth = 1  # transformer layers over the caption before the cross-attention
+  # Transformer layers over the caption before the cross-attention. 0: the word (or supplied)
+  # embeddings with learned positions and a norm. One layer trained with the synthetic captions
+  # learned to wash the words out (bench/README.md, "Training runs").
+  mc.encoder_depth = 0
   mc.every = 1  # a cross-attention sublayer in every k-th block (from the first)
   mc.pooled = False  # also add the caption's mean token to adaLN's conditioning vector
   m.dtype = "float32"  # compute dtype (bfloat16 for mixed precision); params stay float32
