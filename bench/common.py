@@ -31,11 +31,24 @@ def loader_rate(config, workers: int, batches: int) -> float:
 def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
   """Median seconds of ``fn()`` over ``repeats`` calls, after ``warmup`` untimed ones (the
   compile). ``fn()`` must return only once its work is done (``jax.block_until_ready``)."""
+  return timed_steps(fn, repeats, warmup)[0]
+
+
+def timed_steps(fn, steps: int, warmup: int = 1) -> tuple[float, list[float], float]:
+  """``(median seconds, each step's seconds, cores busy)`` of ``fn()`` after ``warmup`` calls.
+
+  Cores busy: the process's CPU time over the wall time of the timed steps, so 2.0 on two
+  cores means neither idled. A profiler trace cannot tell this: the workers of XLA:CPU's
+  library matmuls (its ``ynn_fusion`` operations) record no events, so their operations look
+  single-threaded there.
+  """
   for _ in range(warmup):
     fn()
   times = []
-  for _ in range(repeats):
+  cpu0, wall0 = time.process_time(), time.perf_counter()
+  for _ in range(steps):
     t0 = time.perf_counter()
     fn()
     times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+  cores = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
+  return float(statistics.median(times)), times, cores

@@ -56,11 +56,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from common import timed_steps  # noqa: E402  (bench/common.py)
 from vdit_jax import hostmem  # noqa: E402  (standard library only)
 
 INSTALL_HINT = ("bench/torch_ref.py needs PyTorch, which is not installed: "
@@ -112,26 +112,6 @@ def cpu_model() -> str:
 def median_time(fn, steps: int, warmup: int = 1) -> tuple[float, list[float]]:
   """``fn()`` must return only once its work is done."""
   return timed_steps(fn, steps, warmup)[:2]
-
-
-def timed_steps(fn, steps: int, warmup: int = 1) -> tuple[float, list[float], float]:
-  """``(median seconds, each step's seconds, cores busy)`` of ``fn()`` after ``warmup`` calls.
-
-  Cores busy: the process's CPU time over the wall time of the timed steps, so 2.0 on two
-  cores means neither idled. A profiler trace cannot tell this: the workers of XLA:CPU's
-  library matmuls (its ``ynn_fusion`` operations) record no events, so their operations look
-  single-threaded there.
-  """
-  for _ in range(warmup):
-    fn()
-  times = []
-  cpu0, wall0 = time.process_time(), time.perf_counter()
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  cores = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
-  return float(statistics.median(times)), times, cores
 
 
 # ----------------------------------------------------------------------------- torch side
