@@ -78,9 +78,8 @@ def change_label(label_BS: jax.Array, digit: int, sizes: tuple[int, ...],
   if digit < 0:
     new = jnp.full_like(label_BS, num_classes)
   else:
-    step = math.prod(sizes[digit + 1:])
-    value = (label_BS // step) % sizes[digit]
-    new = label_BS + ((value + 1) % sizes[digit] - value) * step
+    value = cond_lib.label_digit(label_BS, digit, sizes)
+    new = label_BS + ((value + 1) % sizes[digit] - value) * math.prod(sizes[digit + 1:])
   return jnp.where(label_BS < num_classes, new, label_BS)
 
 

@@ -22,6 +22,7 @@ call signature changes.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -48,6 +49,12 @@ class Conditioning:
         self, label=jnp.full_like(self.label, null_label),
         caption=None if self.caption is None else jnp.zeros_like(self.caption),
         caption_mask=None if self.caption_mask is None else jnp.zeros_like(self.caption_mask))
+
+
+def label_digit(label: jax.Array, digit: int, sizes: tuple[int, ...]) -> jax.Array:
+  """Digit ``digit`` of labels written in the mixed radix ``sizes`` (the last digit varies
+  fastest: with sizes (3, 6), label = d0 * 6 + d1)."""
+  return (label // math.prod(sizes[digit + 1:])) % sizes[digit]
 
 
 def as_conditioning(cond: Any) -> Conditioning:

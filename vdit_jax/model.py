@@ -490,12 +490,9 @@ class VideoDiT(nnx.Module):
     if not self.label_factors:
       return self.label_embed(label_BS)
     null = self.label_embed.num_embeddings - 1
-    rest, offset, total = label_BS, sum(self.label_factors), 0.0
-    for f in reversed(self.label_factors):  # the last digit varies fastest
-      offset -= f
-      total = total + self.label_embed(offset + rest % f)
-      rest = rest // f
-    total = total / math.sqrt(len(self.label_factors))
+    factors = self.label_factors
+    total = sum(self.label_embed(sum(factors[:i]) + cond_lib.label_digit(label_BS, i, factors))
+                for i in range(len(factors))) / math.sqrt(len(factors))
     is_null = (label_BS == self.cfg.num_classes)[..., None]
     return jnp.where(is_null, self.label_embed(jnp.full_like(label_BS, null)), total)
 
