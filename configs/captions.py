@@ -32,10 +32,11 @@ def get_config(arg: str | None = None):
   c.model.caption.mode = "tokens"
   c.model.caption.length = 5  # "a <colour> <shape> moving <direction>": one object per video
   c.model.caption.vocab = 32  # the source's 20 words and padding, with room
-  # No transformer layer over the words (the base config's model.caption.encoder_depth = 0):
-  # with one, a run shrinks its word outputs from norm 16 to 0.3 (the null token keeps 4.8), so
-  # the eight directions end up 0.15 apart against 15 without it, and it reads even the colour
-  # word a fourteenth as much (bench/README.md).
+  # No transformer layer over the words (the base config's default, said here): with one, a run
+  # shrinks its word outputs from norm 16 to 0.3 (the null token keeps 4.8), so the eight
+  # directions end up 0.15 apart against 15 without it, and it reads even the colour word a
+  # fourteenth as much (bench/README.md).
+  c.model.caption.encoder_depth = 0
   # Without absolute positions the direction word changes nothing (caption_gap_direction 0.0000
   # against 0.0042 with them, bench/README.md, "Training runs").
   c.model.frac_pos = 4
