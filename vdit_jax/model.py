@@ -413,7 +413,8 @@ def fractional_positions(coords_BL3: jax.Array, segment_ids_BL: jax.Array,
                          num_segments: int) -> jax.Array:
   """``[B, L, 3]``: where each token's patch centre sits in its own video, as a fraction of the
   video's grid along (t, h, w) in (0, 1); padding gets 0.5. The grids are read off the coords
-  (the largest coordinate of each segment, plus one), so nothing else need be passed."""
+  (the largest coordinate of each segment, plus one: ``layout.video_grids``' rule, traced here
+  since the model sees no grids), so nothing else need be passed."""
   onehot_BLS = segment_ids_BL[:, :, None] == jnp.arange(1, num_segments + 1)
   grid_BS3 = jnp.max(jnp.where(onehot_BLS[..., None], coords_BL3[:, :, None, :] + 1, 1), axis=1)
   grid_BL3 = tokens_lib.per_token(grid_BS3.astype(jnp.float32), segment_ids_BL)
