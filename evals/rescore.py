@@ -17,7 +17,6 @@ import jax
 from evals import registry
 from vdit_jax import backends as backends_lib
 from vdit_jax import checkpoint as ckpt_lib
-from vdit_jax import config as config_lib
 from vdit_jax import sharding as shard_lib
 from vdit_jax import trainer
 
@@ -48,21 +47,15 @@ def rescore(workdir: str, step: int | None = None, names: str | None = None,
     step = ckpt_lib.saved_step(mngr, workdir, step)
     config = ckpt_lib.read_config(mngr, step)
     config.unlock()
+    # read_config builds on the base config, so evaluators and fields newer than the run are
+    # there with their defaults.
     if names is not None:
       config.evals.names = names
-      # Evaluators newer than the run take their default settings.
-      defaults = config_lib.get_base_config().evals
-      for n in names.split(","):
-        n = n.strip()
-        if n and n not in config.evals and n in defaults:
-          config.evals[n] = defaults[n]
     for key, value in settings.items():
       if value is not None:
         group = config.evals[FIELDS[key][0]]
         field = FIELDS[key][1]
-        # A run saved before the field existed lacks it: take the type of the default's.
-        kind = type(group[field]) if field in group else type(value)
-        group[field] = kind(value)
+        group[field] = type(group[field])(value)
     registry.validate(config)  # names, video counts, the sampler
     chosen = registry.names(config)
     if not chosen:
