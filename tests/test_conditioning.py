@@ -186,6 +186,7 @@ def test_tokenizer_errors_name_the_word_and_the_fix(tmp_path):
     t.encode("a red circle", 2)
   t.save(str(tmp_path))
   assert text.Tokenizer.load(str(tmp_path)) == t
+  assert len({text.Tokenizer.load(str(tmp_path)), t}) == 1  # hashable, as its vocabulary
   text.check_or_save(t, str(tmp_path), True)  # the same vocabulary resumes
   with pytest.raises(ValueError, match="another vocabulary.*new words \\['green'\\]"):
     text.check_or_save(text.Tokenizer(list(t.words) + ["green"]), str(tmp_path), True)

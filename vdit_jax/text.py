@@ -95,6 +95,9 @@ class Tokenizer:
   def __eq__(self, other) -> bool:
     return isinstance(other, Tokenizer) and other.words == self.words
 
+  def __hash__(self) -> int:  # equal vocabularies hash alike (__eq__ alone makes it unhashable)
+    return hash(self.words)
+
   def __repr__(self) -> str:
     return f"Tokenizer({len(self.words)} words)"
 
