@@ -44,6 +44,48 @@ def test_add_noise_endpoints_and_velocity_identities():
   assert np.array_equal(x_m[:, 1::2], np.asarray(eps)[:, 1::2])
 
 
+def test_velocity_from_clean_is_the_velocity_of_the_true_clean_video():
+  """The true x0 gives eps - x0 wherever t >= t_min; below it the division is held at t_min,
+  so t = 0 (given tokens, the last step) stays finite."""
+  rng = np.random.default_rng(1)
+  x0 = jnp.asarray(rng.standard_normal((2, 16, 5)), jnp.float32)
+  eps = jnp.asarray(rng.standard_normal((2, 16, 5)), jnp.float32)
+  t = jnp.asarray(rng.uniform(0.05, 1.0, size=(2, 16)), jnp.float32)
+  x_t = diffusion.add_noise(x0, eps, t)
+  np.testing.assert_allclose(diffusion.velocity_from_clean(x_t, x0, t, 0.05),
+                             diffusion.velocity_target(x0, eps), atol=1e-5)
+  wrong = x0 + 0.1
+  assert not np.allclose(diffusion.velocity_from_clean(x_t, wrong, t, 0.05),
+                         diffusion.velocity_target(x0, eps), atol=1e-3)
+  zero_t = jnp.zeros((2, 16))
+  v0 = diffusion.velocity_from_clean(x0, wrong, zero_t, 0.05)
+  np.testing.assert_allclose(v0, -0.1 / 0.05, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sigma_data", [0.5, 1.0])
+def test_velocity_from_edm_is_exact_at_every_t_and_finite_at_both_ends(sigma_data):
+  """The output that makes c_skip x_t + c_out out equal the true x0 gives eps - x0 at every t,
+  t = 0 and t = 1 included (at t = 0, where c_out is 0, the limit: out = -(v + x0))."""
+  rng = np.random.default_rng(2)
+  x0 = jnp.asarray(rng.standard_normal((1, 6, 4)), jnp.float32)
+  eps = jnp.asarray(rng.standard_normal((1, 6, 4)), jnp.float32)
+  v = diffusion.velocity_target(x0, eps)
+  s2 = sigma_data ** 2
+  for t_value in (0.0, 1e-3, 0.3, 0.8, 1.0):
+    t = jnp.full((1, 6), t_value, jnp.float32)
+    x_t = diffusion.add_noise(x0, eps, t)
+    d = (1 - t_value) ** 2 * s2 + t_value ** 2
+    if t_value == 0.0:
+      out = -(v + x0)
+    else:
+      c_skip, c_out = (1 - t_value) * s2 / d, sigma_data * t_value / np.sqrt(d)
+      out = (x0 - c_skip * x_t) / c_out
+    got = diffusion.velocity_from_edm(x_t, out, t, sigma_data)
+    np.testing.assert_allclose(got, v, atol=2e-4, err_msg=f"t={t_value}")
+    assert not np.allclose(diffusion.velocity_from_edm(x_t, out + 0.1, t, sigma_data), v,
+                           atol=1e-2)
+
+
 def test_uniform_share_of_training_t_reaches_the_low_noise_end():
   """A t_uniform share draws t uniformly (before the shift), so the last sampling steps near
   t = 0 get trained; share 0 is the plain logit-normal, draw for draw."""

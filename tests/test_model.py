@@ -12,6 +12,7 @@ from flax import nnx
 from tests import helpers
 from vdit_jax import attention as attn_lib
 from vdit_jax import backends as backends_lib
+from vdit_jax import diffusion
 from vdit_jax import model as model_lib
 from vdit_jax import schedule
 from vdit_jax import tokens as tok
@@ -124,6 +125,33 @@ def test_position_features_keep_videos_apart():
   no_pos = jax.tree.map(lambda x: x, params)
   no_pos["pos_embed"]["kernel"] = nnx.Param(jnp.zeros_like(params["pos_embed"]["kernel"][...]))
   assert not np.allclose(np.asarray(fwd(no_pos, alone)), out_alone, atol=1e-3)
+
+
+def test_other_predictions_are_the_same_network_read_as_x0():
+  """model.prediction=clean and edm: the same parameters give the velocity of the x0 that
+  their output stands for, each token at its own video's t, where the velocity model gives
+  the output itself."""
+  _, _, _, _, packed, _ = packed_case("full3d")
+  outs = {}
+  for prediction in ("velocity", "clean", "edm"):
+    config = helpers.tiny_config("full3d", **{"model.prediction": prediction,
+                                              "model.prediction_sigma_data": 0.7})
+    graphdef, params = nnx.split(model_lib.build_model(config, seed=0), nnx.Param)
+    params = helpers.random_params_like(params, seed=1, scale=0.1)
+    outs[prediction] = np.asarray(nnx.merge(graphdef, params)(
+        *(jnp.asarray(packed[k]) for k in ("tokens", "seg_t", "seg_label", "segment_ids",
+                                           "coords"))))
+  seg = jnp.asarray(packed["segment_ids"])
+  t_BL = tok.per_token(jnp.asarray(packed["seg_t"]), seg)
+  real = packed["segment_ids"] > 0
+  assert len(set(np.round(np.asarray(t_BL)[real], 4))) > 1  # videos at different t
+  x_t, out = jnp.asarray(packed["tokens"]), jnp.asarray(outs["velocity"])
+  want = {"clean": diffusion.velocity_from_clean(x_t, out, t_BL, 0.05),
+          "edm": diffusion.velocity_from_edm(x_t, out, t_BL, 0.7)}
+  for prediction, v in want.items():
+    np.testing.assert_allclose(outs[prediction][real], np.asarray(v)[real], rtol=1e-4,
+                               atol=1e-4, err_msg=prediction)
+    assert not np.allclose(outs[prediction][real], outs["velocity"][real], atol=1e-2)
 
 
 @pytest.mark.parametrize("block", ALL_BLOCKS)

@@ -220,6 +220,8 @@ def test_one_process_needs_no_distributed_setup(monkeypatch):
     ({"model.block": "causal3d", "model.causal_window": (2,)}, "model.causal_window"),
     ({"model.label_factors": (3, 5)}, "product is model.num_classes=18"),
     ({"model.frac_pos": -1}, "model.frac_pos=-1"),
+    ({"model.prediction": "eps"}, "model.prediction='eps' is unknown"),
+    ({"model.prediction": "clean", "model.prediction_t_min": 0.0}, "prediction_t_min=0.0"),
 ])
 def test_bad_config_fails_before_anything_is_compiled_or_written(tmp_path, monkeypatch, fields,
                                                                  message):

@@ -80,6 +80,18 @@ def get_base_config() -> ml_collections.ConfigDict:
   # k > 0: tokens also see where they sit in their video as a fraction of its extent (sin and
   # cos of pi * 1..k * fraction per axis); RoPE alone gives only relative positions
   m.frac_pos = 0
+  # What the last layer predicts; the model turns it into a velocity, so every caller (loss,
+  # guidance, samplers) sees one, and the loss stays the velocity's. velocity: v = eps - x0.
+  # clean: the clean video x0, v = (x_t - x0) / max(t, prediction_t_min); a video of flat
+  # shapes lies on a far smaller manifold than noise, and a network that outputs it need not
+  # carry the noise through, but its error is divided by t at low noise. edm: Karras et al.'s
+  # preconditioning, x0 = c_skip(t) x_t + c_out(t) out: the clean video near t = 1, the
+  # velocity near t = 0 (diffusion.velocity_from_edm).
+  m.prediction = "velocity"
+  m.prediction_t_min = 0.05  # clean: the least t the velocity divides by
+  # edm: the data's root mean square (about 1 for videos on black, near -1; 0.5 for natural
+  # images in [-1, 1])
+  m.prediction_sigma_data = 1.0
   # Captions, read by a cross-attention sublayer from each video's tokens to its own caption
   mc = m.caption = ml_collections.ConfigDict()
   # none | tokens (the source's caption text; a word tokenizer from the training captions, saved
@@ -241,6 +253,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if int(m.frac_pos) != m.frac_pos or m.frac_pos < 0:
     raise ValueError(f"model.frac_pos={m.frac_pos} must be a whole number of frequencies >= 0 "
                      "(0 = no fractional position features)")
+  if m.prediction not in PREDICTIONS:
+    raise ValueError(f"model.prediction={m.prediction!r} is unknown: use one of {PREDICTIONS}")
+  if not 0 < m.prediction_t_min < 1:
+    raise ValueError(f"model.prediction_t_min={m.prediction_t_min} must lie in (0, 1): the "
+                     "velocity of a clean prediction divides by max(t, prediction_t_min)")
+  if not m.prediction_sigma_data > 0:
+    raise ValueError(f"model.prediction_sigma_data={m.prediction_sigma_data} must be > 0: the "
+                     "root mean square of the data")
   if m.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"model.dtype={m.dtype!r}: use float32 or bfloat16")
   if m.remat_policy not in REMAT_POLICIES:
@@ -294,6 +314,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 CAPTION_MODES = ("none", "tokens", "embeddings")
+PREDICTIONS = ("velocity", "clean", "edm")  # model.prediction
 
 
 def _validate_caption(c: ml_collections.ConfigDict) -> None:

@@ -64,6 +64,33 @@ def velocity_target(x0_BLP: jax.Array, eps_BLP: jax.Array) -> jax.Array:
   return eps_BLP - x0_BLP
 
 
+def velocity_from_clean(x_t_BLP: jax.Array, x0_BLP: jax.Array, t_BL: jax.Array,
+                        t_min: float) -> jax.Array:
+  """The velocity ``(x_t - x0) / t`` of a predicted clean ``x0`` (``model.prediction=clean``).
+
+  ``x_t = (1 - t) x0 + t eps`` gives ``eps - x0 = (x_t - x0) / t`` exactly; t is held at
+  ``t_min`` or more so the last steps and given tokens (t = 0) stay finite.
+  """
+  return (x_t_BLP - x0_BLP) / jnp.maximum(t_BL, t_min)[..., None]
+
+
+def velocity_from_edm(x_t_BLP: jax.Array, out_BLP: jax.Array, t_BL: jax.Array,
+                      sigma_data: float) -> jax.Array:
+  """The velocity of ``x0 = c_skip(t) x_t + c_out(t) out`` (``model.prediction=edm``).
+
+  Karras et al.'s preconditioning on this path: with data of standard deviation ``s``,
+  ``var(x_t) = (1 - t)^2 s^2 + t^2 =: d``; ``c_skip = (1 - t) s^2 / d`` is the best linear guess
+  of x0 from x_t and ``c_out = s t / sqrt(d)`` scales the network's target to unit variance.
+  Near t = 1 the network predicts the clean video (x0 = s out), near t = 0 the velocity
+  (v = -x_t - out), so neither end amplifies its error. ``(x_t - x0) / t`` is written out so that
+  t = 0 divides nothing: ``v = x_t (t - (1 - t) s^2) / d - s out / sqrt(d)``.
+  """
+  t = t_BL[..., None]
+  s2 = sigma_data * sigma_data
+  d = (1.0 - t) ** 2 * s2 + t * t
+  return x_t_BLP * (t - (1.0 - t) * s2) / d - sigma_data * out_BLP * jax.lax.rsqrt(d)
+
+
 def masked_loss(err_BLP: jax.Array, segment_ids_BL: jax.Array, num_segments: int,
                 weighting: str = "video") -> jax.Array:
   """Mean squared error over real tokens.

@@ -32,6 +32,7 @@ from flax import nnx
 from vdit_jax import attention as attn_lib
 from vdit_jax import backends as backends_lib
 from vdit_jax import conditioning as cond_lib
+from vdit_jax import diffusion
 from vdit_jax import schedule
 from vdit_jax import tokens as tokens_lib
 from vdit_jax.sharding import ATTENTION_QKV, constrain
@@ -547,8 +548,16 @@ class VideoDiT(nnx.Module):
         x_BLD = run_block(block, x_BLD, ada, captions)
     final_mods = ada.per_token(self.final_ada, segment_ids_BL)
     shift, scale = jnp.split(final_mods.astype(x_BLD.dtype), 2, axis=-1)
-    out_BLP = self.final(layer_norm(x_BLD) * (1 + scale) + shift)
-    return out_BLP.astype(jnp.float32)
+    out_BLP = self.final(layer_norm(x_BLD) * (1 + scale) + shift).astype(jnp.float32)
+    if cfg.prediction == "velocity":
+      return out_BLP
+    t_BL = tokens_lib.per_token(t_BS.astype(jnp.float32), segment_ids_BL)
+    if given_BL is not None:
+      t_BL = jnp.where(given_BL, 0.0, t_BL)
+    x_t = tokens_BLP.astype(jnp.float32)
+    if cfg.prediction == "clean":
+      return diffusion.velocity_from_clean(x_t, out_BLP, t_BL, cfg.prediction_t_min)
+    return diffusion.velocity_from_edm(x_t, out_BLP, t_BL, cfg.prediction_sigma_data)
 
 
 _BLOCK = re.compile(r"\['blocks'\]\[(\d+)\]")
