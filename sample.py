@@ -1,6 +1,6 @@
 """Writes videos (mp4 + gif per video, + npy for latents) from any checkpoint of a run.
 
-  python sample.py --workdir runs/default --shapes 8x32x32,8x24x40 --labels 0,7 --cfg 3 \
+  python sample.py --workdir runs/default --shapes 8x32x32,8x24x40 --labels 0,7 --cfg 1.5 \
       --steps 30 --sampler euler --seed 0 --out runs/default/videos
 
 A run trained with captions (``model.caption.mode=tokens``) takes them as text,
@@ -11,6 +11,7 @@ all) or ``--prompts_file`` (one per line). A run trained with given frames
 ``--init_frames`` frames (default: one temporal patch; an image is repeated to fill it), which
 come back unchanged.
 
+Guidance and steps are the run's own (``sample.cfg``, ``sample.steps``) unless given.
 All requested shapes are packed into one call, which also writes one PNG contact sheet of every
 video (frames across, videos down) and a JSON file of the exact command and its resolved
 settings beside them. Labels are ids or the names the run's data source
@@ -33,11 +34,13 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "run directory to restore from",
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: newest)")
 _SHAPES = flags.DEFINE_string("shapes", "8x32x32", "comma-separated TxHxW of the videos")
 _LABELS = flags.DEFINE_string("labels", "", "comma-separated labels (ids or names), one per shape")
-_CFG = flags.DEFINE_float("cfg", 3.0, "classifier-free guidance scale (1 = none)")
+_CFG = flags.DEFINE_float("cfg", None, "classifier-free guidance scale (1 = none; default: the "
+                          "run's sample.cfg)")
 _CFG_CAPTION = flags.DEFINE_float("cfg_caption", None, "the caption's own guidance scale (runs "
                                   "with captions; --cfg then guides the label alone; default: "
                                   "one scale for both)")
-_STEPS = flags.DEFINE_integer("steps", 30, "integration steps")
+_STEPS = flags.DEFINE_integer("steps", None, "integration steps (default: the run's "
+                              "sample.steps)")
 _SAMPLER = flags.DEFINE_string("sampler", "euler", "euler (one model call per step) or heun "
                                "(two; closer to the exact flow at the same steps)")
 _CAPTIONS = flags.DEFINE_string("captions", "", "';'-separated captions, one per shape or one "
@@ -73,8 +76,11 @@ def main(argv):
     tokenizer = text.Tokenizer.load(_WORKDIR.value)
   captions = sampler.check_captions(config, len(shapes), captions, tokenizer)
   init_videos = _init_videos(len(shapes), int(config.model.patch[0]))  # checked by sample()
-  videos = sampler.sample(model, config, shapes, labels, cfg_scale=_CFG.value,
-                          num_steps=_STEPS.value, seed=_SEED.value, method=_SAMPLER.value,
+  # The run's own settings unless overridden: a recipe's guidance belongs to its training.
+  cfg = config.sample.cfg if _CFG.value is None else _CFG.value
+  steps = config.sample.steps if _STEPS.value is None else _STEPS.value
+  videos = sampler.sample(model, config, shapes, labels, cfg_scale=cfg,
+                          num_steps=steps, seed=_SEED.value, method=_SAMPLER.value,
                           captions=captions, tokenizer=tokenizer, init_videos=init_videos,
                           progress=True, caption_cfg=_CFG_CAPTION.value)
   out = _OUT.value or os.path.join(_WORKDIR.value, "videos")
@@ -92,7 +98,7 @@ def main(argv):
               "step": step, "shapes": [list(s) for s in shapes], "labels": labels,
               "captions": captions if config.model.caption.mode == "tokens" else None,
               "init_video": _INIT.value, "init_frames": _INIT_FRAMES.value,
-              "cfg": _CFG.value, "cfg_caption": _CFG_CAPTION.value, "steps": _STEPS.value,
+              "cfg": cfg, "cfg_caption": _CFG_CAPTION.value, "steps": steps,
               "sampler": _SAMPLER.value,
               "seed": _SEED.value, "fps": _FPS.value}
   path = os.path.join(out, f"step{step}_settings.json")

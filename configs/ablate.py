@@ -19,7 +19,8 @@ def get_config(arg: str | None = None):
   # The lr its README table was trained with (the default run's is 2e-3).
   run.optim.lr = 1e-3
   run.model.label_factors = ()  # one embedding per label, as its README table was trained
-  run.model.prediction = "velocity"  # as its README table was trained
+  run.model.prediction = "velocity"  # as its README table was trained, and its guidance:
+  run.sample.cfg = run.evals.temporal.cfg = run.evals.redraw.cfg = 3.0
   run.train.ckpt_every = 250
   run.train.progress = False
   run.sample.shapes = "8x32x32"  # one sample video per arm; the evaluators sample the rest

@@ -33,6 +33,7 @@ def get_config(arg: str | None = None):
   # direction word no more (caption_gap_direction 0.0002 against 0.0042) and its held-out loss
   # at t = 0.1 rose from 0.29 to 2.1; colour flicker and vanishing doubled (bench/README.md).
   c.model.prediction = "velocity"
+  c.sample.cfg = c.evals.temporal.cfg = c.evals.redraw.cfg = 3.0  # the velocity's guidance
   c.model.caption.mode = "tokens"
   c.model.caption.length = 5  # "a <colour> <shape> moving <direction>": one object per video
   c.model.caption.vocab = 32  # the source's 20 words and padding, with room

@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from tests import helpers
+from vdit_jax import config as config_lib
 from vdit_jax import sampler, video_io
 
 UPSCALE = 4  # video_io.write_video's default, which sample.py uses
@@ -22,18 +23,19 @@ def workdir(tmp_path_factory):
   return helpers.shared_runs(tmp_path_factory)["straight"]
 
 
-def run_sample(workdir, out, shapes, *extra):
+def run_sample(workdir, out, shapes, *extra, steps="2"):
   env = dict(os.environ, JAX_LOG_COMPILES="1")
   return subprocess.run(
-      [sys.executable, "sample.py", "--workdir", workdir, "--shapes", shapes, "--steps", "2",
-       "--out", str(out), *extra],
+      [sys.executable, "sample.py", "--workdir", workdir, "--shapes", shapes,
+       *(("--steps", steps) if steps else ()), "--out", str(out), *extra],
       cwd=helpers.ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_sample_script_writes_mp4_and_gif(workdir, tmp_path):
   out = tmp_path / "videos"
-  # Labels by the run's source's name (synthetic_shapes) and by id: 0 and 1.
-  proc = run_sample(workdir, out, "2x8x8,4x8x12", "--labels", "Red Circle,1")
+  # Labels by the run's source's name (synthetic_shapes) and by id: 0 and 1; the steps and
+  # guidance are the run's (fewer steps than the base config's).
+  proc = run_sample(workdir, out, "2x8x8,4x8x12", "--labels", "Red Circle,1", steps=None)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "_integrate" in proc.stderr  # the compile log works (see the bad-shape test)
   printed = proc.stdout.split()
@@ -43,8 +45,13 @@ def test_sample_script_writes_mp4_and_gif(workdir, tmp_path):
   with open(out / "step5_settings.json") as f:
     settings = json.load(f)
   assert settings["command"][1:] == ["sample.py", "--workdir", workdir, "--shapes",
-                                     "2x8x8,4x8x12", "--steps", "2", "--out", str(out),
+                                     "2x8x8,4x8x12", "--out", str(out),
                                      "--labels", "Red Circle,1"]
+  with open(os.path.join(workdir, "config.json")) as f:
+    run_sample_config = json.load(f)["sample"]
+  assert run_sample_config["steps"] != config_lib.get_base_config().sample.steps
+  assert (settings["steps"], settings["cfg"]) == (run_sample_config["steps"],
+                                                  run_sample_config["cfg"])
   assert (settings["labels"], settings["sampler"], settings["step"]) == ([0, 1], "euler", 5)
   for i, (t, h, w) in enumerate([(2, 8, 8), (4, 8, 12)]):
     stem = out / f"step5_{i:02d}_{t}x{h}x{w}_label{i}"
