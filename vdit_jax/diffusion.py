@@ -78,9 +78,9 @@ def velocity_from_edm(x_t_BLP: jax.Array, out_BLP: jax.Array, t_BL: jax.Array,
                       sigma_data: float) -> jax.Array:
   """The velocity of ``x0 = c_skip(t) x_t + c_out(t) out`` (``model.prediction=edm``).
 
-  Karras et al.'s preconditioning on this path: with data of standard deviation ``s``,
-  ``var(x_t) = (1 - t)^2 s^2 + t^2 =: d``; ``c_skip = (1 - t) s^2 / d`` is the best linear guess
-  of x0 from x_t and ``c_out = s t / sqrt(d)`` scales the network's target to unit variance.
+  Karras et al.'s preconditioning on this path: with data of root mean square ``s``,
+  ``E[x_t^2] = (1 - t)^2 s^2 + t^2 =: d``; ``c_skip = (1 - t) s^2 / d`` is the best linear guess
+  of x0 from x_t and ``c_out = s t / sqrt(d)`` scales the network's target to unit mean square.
   Near t = 1 the network predicts the clean video (x0 = s out), near t = 0 the velocity
   (v = -x_t - out), so neither end amplifies its error. ``(x_t - x0) / t`` is written out so that
   t = 0 divides nothing: ``v = x_t (t - (1 - t) s^2) / d - s out / sqrt(d)``.
