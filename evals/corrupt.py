@@ -146,6 +146,17 @@ def independent_positions(item: dict[str, Any], strength: float,
   return _redraw(item, item["gt_shapes"], centers_KT2)
 
 
+def slow_motion(item: dict[str, Any], strength: float,
+                rng: np.random.Generator) -> np.ndarray:
+  """Object 0's track drawn ``strength`` of the way back to its first position: its speed times
+  ``1 - strength`` (standing still at 1), its bounces shrunk the same way."""
+  del rng  # deterministic
+  strength = _check_strength(strength)
+  centers_KT2 = np.array(item["gt_centers"], np.float32)
+  centers_KT2[0] = centers_KT2[0, :1] + (1.0 - strength) * (centers_KT2[0] - centers_KT2[0, :1])
+  return _redraw(item, item["gt_shapes"], centers_KT2)
+
+
 def _on_video(corrupt: Callable[[np.ndarray, float, np.random.Generator], np.ndarray]) -> Corruption:
   def on_item(item: dict[str, Any], strength: float, rng: np.random.Generator) -> np.ndarray:
     return corrupt(item["video"], strength, rng)
@@ -161,4 +172,5 @@ CORRUPTIONS: dict[str, Corruption] = {
     "remove_object": remove_object,
     "swap_shape": swap_shape,
     "independent_positions": independent_positions,
+    "slow_motion": slow_motion,
 }

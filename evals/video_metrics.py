@@ -33,6 +33,7 @@ METRICS: dict[str, str] = {
     "area_variation": "lower",   # std / mean of the object's area over frames
     "vanish": "lower",           # fraction of frames where the object is missing or split
     "motion_jerk": "lower",      # mean |acceleration| of the centroid away from bounces
+    "stall": "lower",            # how far the centroid's step falls short of the slowest speed
     "label_ok": "higher",        # 1 if the video shows the requested colour and shape
 }
 
@@ -53,6 +54,12 @@ _EDGE_MARGIN = 2
 # (E[dx^2] E[dy^2]) is 1 for a square, whose coordinates are independent, and 2/3 for a circle
 # (1.00..1.03 and 0.66..0.69 real; 0.93 and 0.80 blurred and noisy). A box's fill ratio would
 # part circles from triangles on clean masks by only 0.67 against 0.66 and fails under blur.
+# The slowest speed the source draws (``config.data.speed``'s default minimum), as a fraction of
+# the short side per frame: every object of a real video moves at least this far between two
+# frames away from a bounce. Shape drift alone would reward a sampler that slows objects down
+# (a still object's mask never changes, while a moving one's outline is rasterised anew at each
+# sub-pixel offset), so ``stall`` measures the speed that drift is compared at.
+_SLOWEST_SPEED = 0.03
 _TRIANGLE_SKEW = -0.2
 _SQUARE_CROSS = 0.86
 _PALETTE_C3 = np.array(list(synthetic_shapes.COLORS.values()), np.float32)
@@ -211,10 +218,27 @@ def _vanish(f: _Frames) -> float:
   return float(1.0 - ok_T.mean())
 
 
-def _motion_jerk(f: _Frames, H: int, W: int) -> float:
+def _inside(f: _Frames, H: int, W: int) -> np.ndarray:
+  """Frames whose object's light keeps ``_EDGE_MARGIN`` pixels from every edge (no bounce)."""
   y0_T, x0_T, y1_T, x1_T = f.light_box_T4.T
-  inside_T = (f.present_T & (y0_T >= _EDGE_MARGIN) & (x0_T >= _EDGE_MARGIN)
-              & (y1_T <= H - 1 - _EDGE_MARGIN) & (x1_T <= W - 1 - _EDGE_MARGIN))
+  return (f.present_T & (y0_T >= _EDGE_MARGIN) & (x0_T >= _EDGE_MARGIN)
+          & (y1_T <= H - 1 - _EDGE_MARGIN) & (x1_T <= W - 1 - _EDGE_MARGIN))
+
+
+def _stall(f: _Frames, H: int, W: int) -> float:
+  # Per pair of frames away from the edges (a bounce turns the object round in between, so its
+  # step there can be short): max(0, 1 - step / slowest step), 0 at any speed the source draws
+  # and 1 for an object that stands still.
+  inside_T = _inside(f, H, W)
+  ok_T = inside_T[:-1] & inside_T[1:]
+  if not ok_T.any():
+    return float("nan")
+  step_T = np.linalg.norm(np.diff(f.center_T2, axis=0), axis=-1)[ok_T]
+  return float(np.maximum(0.0, 1.0 - step_T / (_SLOWEST_SPEED * min(H, W))).mean())
+
+
+def _motion_jerk(f: _Frames, H: int, W: int) -> float:
+  inside_T = _inside(f, H, W)
   # A bounce reverses the velocity between two frames, one of which is at the edge: the
   # acceleration at t qualifies only when frames t-1, t and t+1 are all away from the edges.
   ok_T = inside_T[:-2] & inside_T[1:-1] & inside_T[2:]
@@ -264,6 +288,7 @@ def score_video(video_THWC: np.ndarray, label: int | None = None) -> dict[str, f
       "area_variation": _area_variation(f),
       "vanish": _vanish(f),
       "motion_jerk": _motion_jerk(f, H, W),
+      "stall": _stall(f, H, W),
       "label_ok": float("nan") if label is None else _label_ok(f, label),
   }
 

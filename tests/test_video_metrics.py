@@ -26,6 +26,9 @@ CAUGHT_BY = {
     "remove_object": ("vanish", "area_variation", "shape_drift"),
     "swap_shape": ("shape_drift", "label_ok"),
     "independent_positions": ("motion_jerk", "vbench_flicker"),
+    # Slowing the object improves VBench's flicker score and leaves shape drift near real
+    # (fewer sub-pixel offsets to rasterise): stall is what sees it.
+    "slow_motion": ("stall",),
 }
 # Corruption -> metrics it must leave as they were (up to a pixel flipping on a rounding), so a
 # metric measures its own failure and not the others'.
@@ -33,6 +36,7 @@ LEAVES = {
     "shuffle_frames": ("colour_flicker", "area_variation", "vanish", "label_ok"),
     "colour_jitter": ("shape_drift", "area_variation", "vanish", "motion_jerk"),
     "independent_positions": ("colour_flicker", "vanish", "label_ok"),
+    "slow_motion": ("colour_flicker", "vanish", "label_ok"),
 }
 
 
@@ -95,6 +99,10 @@ def test_real_videos_score_near_ideal(real):
   jerk = real["motion_jerk"][~np.isnan(real["motion_jerk"])]
   assert len(jerk) >= NUM_ITEMS // 2  # the others spend every frame near a bounce
   assert np.all(jerk < 0.005)
+  # Every object moves at the source's slowest speed or faster; the centroid's error of a
+  # fraction of a pixel may make the slowest fall short by a little.
+  stall = real["stall"][~np.isnan(real["stall"])]
+  assert len(stall) >= NUM_ITEMS // 2 and np.all(stall < 0.1) and stall.mean() < 0.02
 
 
 @pytest.mark.parametrize("name, metric", [(c, m) for c, ms in CAUGHT_BY.items() for m in ms])
@@ -127,7 +135,8 @@ def test_a_square_at_constant_velocity_scores_ideally():
   video = square_video()
   s = score_video(video, label=SHAPES.index("square") * len(COLORS) + list(COLORS).index("green"))
   assert s == {"colour_flicker": 0.0, "vbench_flicker": s["vbench_flicker"], "shape_drift": 0.0,
-               "area_variation": 0.0, "vanish": 0.0, "motion_jerk": 0.0, "label_ok": 1.0}
+               "area_variation": 0.0, "vanish": 0.0, "motion_jerk": 0.0, "stall": 0.0,
+               "label_ok": 1.0}
   # Each step uncovers 15 and covers 15 pixels of 1024, each by |colour - black| summed over
   # channels: green changes one channel by 2 (255 levels).
   assert s["vbench_flicker"] == pytest.approx(1 - 30 * 255 / 3 / 1024 / 255)
@@ -148,6 +157,16 @@ def test_metric_values_follow_their_definitions():
     video[t, 10:18, x:x + 4] = COLORS["red"]
   jerk = score_video(video)["motion_jerk"]
   assert jerk == pytest.approx(1 / 32)
+  # The slowest speed at 32x32 is 0.03 * 32 = 0.96 pixels per frame: a still square falls
+  # short by all of it in every pair, one that moves a pixel every other frame in the 4 pairs
+  # of 7 where it stands, and one moving a pixel a frame never.
+  assert score_video(square_video(step=(0, 0)))["stall"] == 1.0
+  video = square_video(step=(0, 0))
+  for t in range(8):
+    video[t] = square_video(T=1, step=(0, 0))[0]
+    video[t] = np.roll(video[t], t // 2, axis=1)
+  assert score_video(video)["stall"] == pytest.approx(4 / 7)
+  assert score_video(square_video(step=(0, 1)))["stall"] == 0.0
   # A square that grows by half its side in one frame: IoU 8*8/(12*12) once in 7 pairs (aligned
   # on the centroid, by a whole pixel here), and its area varies.
   video = square_video(step=(0, 0))
@@ -165,7 +184,8 @@ def test_empty_frames_count_as_vanished_without_warnings():
     warnings.simplefilter("error")
     s = score_video(np.full((8, 32, 32, 3), -1.0, np.float32), label=0)
     assert (s["vanish"], s["shape_drift"], s["label_ok"]) == (1.0, 1.0, 0.0)
-    assert all(np.isnan(s[m]) for m in ("colour_flicker", "area_variation", "motion_jerk"))
+    assert all(np.isnan(s[m]) for m in (
+        "colour_flicker", "area_variation", "motion_jerk", "stall"))
     video = square_video()
     video[3] = -1.0
     s = score_video(video)
