@@ -22,6 +22,8 @@ _EVALS = flags.DEFINE_string("evals", None, "comma list of evaluators (default: 
 _SAMPLER = flags.DEFINE_string("sampler", None, "temporal: euler or heun (default: the run's)")
 _STEPS = flags.DEFINE_integer("steps", None, "temporal: sampling steps (default: the run's)")
 _CFG = flags.DEFINE_float("cfg", None, "temporal: guidance scale (default: the run's)")
+_ETA = flags.DEFINE_float("eta", None, "temporal: the stochastic sampler's noise (default: the "
+                          "run's)")
 _VIDEOS = flags.DEFINE_integer("videos", None, "temporal: videos sampled (default: the run's)")
 _LABEL_T = flags.DEFINE_float("label_t", None, "heldout: also the loss with each part of the "
                               "label changed, at this t (default: the run's)")
@@ -35,7 +37,7 @@ def main(argv):
   from evals import rescore
 
   path, scalars = rescore.rescore(_WORKDIR.value, _STEP.value, _EVALS.value, _OUT.value,
-                                  sampler=_SAMPLER.value, steps=_STEPS.value, cfg=_CFG.value,
+                                  sampler=_SAMPLER.value, steps=_STEPS.value, cfg=_CFG.value, eta=_ETA.value,
                                   videos=_VIDEOS.value, label_t=_LABEL_T.value)
   for name, value in sorted(scalars.items()):
     print(f"{name:40s} {value:.4g}")

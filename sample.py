@@ -41,8 +41,11 @@ _CFG_CAPTION = flags.DEFINE_float("cfg_caption", None, "the caption's own guidan
                                   "one scale for both)")
 _STEPS = flags.DEFINE_integer("steps", None, "integration steps (default: the run's "
                               "sample.steps)")
-_SAMPLER = flags.DEFINE_string("sampler", "euler", "euler (one model call per step) or heun "
-                               "(two; closer to the exact flow at the same steps)")
+_SAMPLER = flags.DEFINE_string("sampler", None, "euler (one model call per step), heun (two; "
+                               "closer to the exact flow at the same steps) or stochastic (one, "
+                               "with fresh noise per step); default: the run's sample.sampler")
+_ETA = flags.DEFINE_float("eta", None, "stochastic: fresh noise per step in units of DDPM's (0 = "
+                          "Euler); default: the run's sample.eta")
 _CAPTIONS = flags.DEFINE_string("captions", "", "';'-separated captions, one per shape or one "
                                 "for all (runs trained with captions)")
 _PROMPTS = flags.DEFINE_string("prompts_file", "", "text file of captions, one per line")
@@ -66,7 +69,10 @@ def main(argv):
   model, config, step = sampler.load_model(_WORKDIR.value, _STEP.value)
   # Everything below is checked before anything compiles.
   sampler.check_shapes(shapes, tuple(config.model.patch))
-  diffusion.check_sampler(_SAMPLER.value)
+  # The run's own settings unless overridden: a recipe's guidance and sampler belong to it.
+  method = config.sample.get("sampler", "euler") if _SAMPLER.value is None else _SAMPLER.value
+  eta = float(config.sample.get("eta", 1.0)) if _ETA.value is None else _ETA.value
+  diffusion.check_sampler(method, eta)
   # Names are the data source's that trained the run (data.labels).
   labels = sampler.parse_labels(_LABELS.value, len(shapes), config.model.num_classes,
                                 parse=labels_lib.label_set(config).parse)
@@ -76,11 +82,10 @@ def main(argv):
     tokenizer = text.Tokenizer.load(_WORKDIR.value)
   captions = sampler.check_captions(config, len(shapes), captions, tokenizer)
   init_videos = _init_videos(len(shapes), int(config.model.patch[0]))  # checked by sample()
-  # The run's own settings unless overridden: a recipe's guidance belongs to its training.
   cfg = config.sample.cfg if _CFG.value is None else _CFG.value
   steps = config.sample.steps if _STEPS.value is None else _STEPS.value
   videos = sampler.sample(model, config, shapes, labels, cfg_scale=cfg,
-                          num_steps=steps, seed=_SEED.value, method=_SAMPLER.value,
+                          num_steps=steps, seed=_SEED.value, method=method, eta=eta,
                           captions=captions, tokenizer=tokenizer, init_videos=init_videos,
                           progress=True, caption_cfg=_CFG_CAPTION.value)
   out = _OUT.value or os.path.join(_WORKDIR.value, "videos")
@@ -99,7 +104,7 @@ def main(argv):
               "captions": captions if config.model.caption.mode == "tokens" else None,
               "init_video": _INIT.value, "init_frames": _INIT_FRAMES.value,
               "cfg": cfg, "cfg_caption": _CFG_CAPTION.value, "steps": steps,
-              "sampler": _SAMPLER.value,
+              "sampler": method, "eta": eta,
               "seed": _SEED.value, "fps": _FPS.value}
   path = os.path.join(out, f"step{step}_settings.json")
   with open(path, "w") as f:

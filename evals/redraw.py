@@ -40,6 +40,7 @@ class Redraw:
       videos = sampler.redraw(model, self.config, real.videos, real.labels, t,
                               cfg_scale=float(cfg.cfg), num_steps=int(cfg.steps),
                               seed=int(self.config.seed), method=cfg.sampler,
+                              eta=float(cfg.get("eta", 1.0)),
                               captions=real.captions, tokenizer=real.tokenizer)
       for name, values in video_metrics.score_videos(videos, real.labels).items():
         mean, half = video_metrics.summarize(values)

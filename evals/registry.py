@@ -99,7 +99,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for n in ("temporal", "redraw"):
     if n not in chosen:
       continue
-    diffusion.check_sampler(config.evals[n].get("sampler", "euler"))
+    diffusion.check_sampler(config.evals[n].get("sampler", "euler"),
+                            float(config.evals[n].get("eta", 1.0)))
     if config.data.source != "synthetic_shapes":
       raise ValueError(f"the {n} evaluator scores synthetic_shapes videos (their colours "
                        f"and shapes), not data.source={config.data.source!r}: drop it from "

@@ -22,7 +22,8 @@ from vdit_jax import trainer
 
 # ``rescore``'s keyword -> the evaluator and the field of its ``config.evals.<name>`` it sets.
 FIELDS = {"sampler": ("temporal", "sampler"), "steps": ("temporal", "steps"),
-          "cfg": ("temporal", "cfg"), "videos": ("temporal", "videos"),
+          "cfg": ("temporal", "cfg"), "eta": ("temporal", "eta"),
+          "videos": ("temporal", "videos"),
           "label_t": ("heldout", "label_t")}
 
 
@@ -35,7 +36,7 @@ def settings_name(names: str, **settings: Any) -> str:
 def rescore(workdir: str, step: int | None = None, names: str | None = None,
             out: str | None = None, **settings: Any) -> tuple[str, dict[str, float]]:
   """Runs the evaluators ``names`` (default: the run's ``evals.names``) on checkpoint ``step``
-  (default: the newest) of ``workdir``; ``settings``: ``sampler``, ``steps``, ``cfg``,
+  (default: the newest) of ``workdir``; ``settings``: ``sampler``, ``steps``, ``cfg``, ``eta``,
   ``videos`` for ``temporal``, ``label_t`` for ``heldout`` (None keeps the run's). Returns the
   result file's path and its scalars. Bad settings fail before anything is restored or
   compiled."""

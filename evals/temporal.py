@@ -95,7 +95,7 @@ class TemporalConsistency:
     cfg = self.config.evals.temporal
     return sampler.sample(model, self.config, self.shapes, self.labels, cfg_scale=float(cfg.cfg),
                           num_steps=int(cfg.steps), seed=int(self.config.seed),
-                          method=cfg.get("sampler", "euler"),
+                          method=cfg.get("sampler", "euler"), eta=float(cfg.get("eta", 1.0)),
                           captions=self.captions, tokenizer=self.tokenizer)
 
   def _directions(self, videos: list[np.ndarray]) -> np.ndarray:

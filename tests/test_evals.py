@@ -124,6 +124,8 @@ def test_held_out_loss_is_a_fixed_function_of_the_model(evaluated_run):
      "synthetic_shapes"),
     ({"evals.names": "temporal", "evals.temporal.videos": 4, "evals.temporal.sampler": "rk4"},
      "sampler 'rk4' is unknown"),
+    ({"evals.names": "redraw", "evals.redraw.videos": 4, "evals.redraw.eta": -0.5},
+     r"eta=-0.5 must be in \[0, 1\]"),
     ({"evals.heldout.label_t": 1.5}, "label_t=1.5"),
 ])
 def test_bad_evaluator_settings_fail_before_anything_is_compiled(tmp_path, fields, message):

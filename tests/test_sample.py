@@ -102,6 +102,17 @@ def test_heun_samples_a_video_deterministically(workdir):
   assert not np.allclose(one[0], euler[0])  # the corrector changes the path
 
 
+def test_stochastic_sampler_is_seeded_and_euler_without_noise(workdir):
+  model, config, _ = sampler.load_model(workdir)
+  draw = lambda seed, eta: sampler.sample(model, config, [(2, 8, 8)], [3], num_steps=3, seed=seed,
+                                          method="stochastic", eta=eta)[0]
+  euler = sampler.sample(model, config, [(2, 8, 8)], [3], num_steps=3, seed=7)[0]
+  one, two, other = draw(7, 1.0), draw(7, 1.0), draw(8, 1.0)
+  assert np.isfinite(one).all() and np.array_equal(one, two)
+  assert not np.allclose(one, other) and not np.allclose(one, euler)
+  np.testing.assert_allclose(draw(7, 0.0), euler, atol=1e-4)
+
+
 def test_load_model_restores_the_ema_params(workdir):
   state = helpers.restore_state(workdir, 5)
   model, config, step = sampler.load_model(workdir)

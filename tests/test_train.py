@@ -221,6 +221,8 @@ def test_one_process_needs_no_distributed_setup(monkeypatch):
     ({"model.label_factors": (3, 5)}, "product is model.num_classes=18"),
     ({"model.frac_pos": -1}, "model.frac_pos=-1"),
     ({"model.prediction": "eps"}, "model.prediction='eps' is unknown"),
+    ({"sample.sampler": "rk4"}, "sampler 'rk4' is unknown"),
+    ({"sample.sampler": "stochastic", "sample.eta": 2.0}, r"eta=2.0 must be in \[0, 1\]"),
     ({"model.prediction": "clean", "model.prediction_t_min": 0.0}, "prediction_t_min=0.0"),
 ])
 def test_bad_config_fails_before_anything_is_compiled_or_written(tmp_path, monkeypatch, fields,

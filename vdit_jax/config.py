@@ -10,7 +10,7 @@ import os
 
 import ml_collections
 
-from vdit_jax import backends, schedule, tokens
+from vdit_jax import backends, diffusion, schedule, tokens
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -189,8 +189,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # captioned runs: ";"-separated captions, one per shape or one for all (empty = the captions
   # of the source's first videos)
   s.captions = ""
-  s.steps = 30  # Euler steps
+  s.steps = 30  # integration steps
   s.cfg = 3.0  # classifier-free guidance scale (1 = no guidance)
+  s.sampler = "euler"  # euler | heun | stochastic (diffusion.SAMPLERS)
+  s.eta = 1.0  # stochastic: fresh noise per step, in units of DDPM's (0 = Euler)
   s.fps = 8  # frames per second of written videos
 
   # ---- evaluation (evals/): evaluators run during and after training, process 0 writes ----
@@ -210,7 +212,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   e.temporal.videos = 36  # videos sampled, with the sizes and labels of as many held-out ones
   e.temporal.steps = 30  # sampling steps
   e.temporal.cfg = 3.0  # guidance scale
-  e.temporal.sampler = "euler"  # euler | heun (diffusion.SAMPLERS)
+  e.temporal.sampler = "euler"  # euler | heun | stochastic (diffusion.SAMPLERS)
+  e.temporal.eta = 1.0  # stochastic: fresh noise per step, in units of DDPM's
   e.temporal.fd = True  # also the Frechet distance to real videos (evals.features' network)
   # held-out real videos noised to each t and denoised back, scored like temporal's samples:
   # at which noise levels the model breaks outlines, colours or objects it is given
@@ -220,7 +223,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   e.redraw.t_values = (0.25, 0.5, 0.75, 1.0)  # t the videos are noised to (1: plain sampling)
   e.redraw.steps = 30  # sampling steps of the whole grid from t = 1 (those below t are taken)
   e.redraw.cfg = 3.0  # guidance scale
-  e.redraw.sampler = "euler"  # euler | heun (diffusion.SAMPLERS)
+  e.redraw.sampler = "euler"  # euler | heun | stochastic (diffusion.SAMPLERS)
+  e.redraw.eta = 1.0  # stochastic: fresh noise per step, in units of DDPM's
 
   return c
 
@@ -237,6 +241,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   ``trainer.validate``.
   """
   m, d = config.model, config.data
+  diffusion.check_sampler(config.sample.sampler, float(config.sample.eta))
   schedule.layer_patterns(m)  # block types, per-layer schedule, window and sparse heads
   backends.check_name(m.attention_backend)
   if m.attention_block and d.seq_len % m.attention_block:

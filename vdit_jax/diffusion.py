@@ -119,13 +119,17 @@ def masked_loss_terms(err_BLP: jax.Array, segment_ids_BL: jax.Array, num_segment
   return jnp.sum(jnp.where(present_BS, means_BS, 0.0)), jnp.sum(present_BS).astype(jnp.float32)
 
 
-SAMPLERS = ("euler", "heun")
+SAMPLERS = ("euler", "heun", "stochastic")
 
 
-def check_sampler(method: str) -> str:
-  """Raises (naming the choices) unless ``method`` is one of ``SAMPLERS``."""
+def check_sampler(method: str, eta: float = 1.0) -> str:
+  """Raises (naming the choices) unless ``method`` is one of ``SAMPLERS`` and ``eta`` is in
+  [0, 1]."""
   if method not in SAMPLERS:
     raise ValueError(f"sampler {method!r} is unknown: use one of {SAMPLERS}")
+  if not 0.0 <= eta <= 1.0:
+    raise ValueError(f"sampler eta={eta} must be in [0, 1]: 0 adds no noise (Euler), 1 adds "
+                     "DDPM's")
   return method
 
 
@@ -139,7 +143,8 @@ def integrate(velocity: Callable[[jax.Array, jax.Array], jax.Array], noise_BLP: 
               segment_ids_BL: jax.Array, shift_BS: jax.Array, num_steps: int,
               method: str = "euler", given_BL: jax.Array | None = None,
               on_step: Callable[[jax.Array], None] | None = None,
-              start_BS: jax.Array | None = None) -> jax.Array:
+              start_BS: jax.Array | None = None, eta: float = 1.0,
+              key: jax.Array | None = None) -> jax.Array:
   """Integrates ``dx/dt = v(x, t)`` from t = 1 (noise) to t = 0 in ``num_steps`` steps.
 
   Every video follows the uniform grid shifted by its own ``shift`` (the schedule training
@@ -147,6 +152,14 @@ def integrate(velocity: Callable[[jax.Array, jax.Array], jax.Array], noise_BLP: 
   step, error O(1/n). ``heun``: Euler's prediction corrected by the velocity at its end (the
   trapezoid rule), error O(1/n^2), two calls per step, the last one's at t = 0 too (the flow's
   velocity is defined there; skipping that correction leaves a first-order error).
+  ``stochastic``: one call per step, which gives the clean video ``x0 = x - t v`` and the noise
+  ``eps = x + (1 - t) v`` the model sees in ``x``; the step to t' lands on
+  ``(1 - t') x0 + sqrt(t'^2 - s^2) eps + s z`` with fresh noise z of ``s = eta * s_ddpm``, where
+  ``s_ddpm`` is the spread of DDPM's posterior q(x_t' | x_t, x0) on this path (DDIM's family:
+  ``eta = 0`` is Euler exactly, 1 DDPM's ancestral sampler; every eta in [0, 1] keeps the
+  marginals of the exact flow as the steps grow, while drawing all of t' fresh does not: it
+  narrows the videos towards their mean). The fresh noise lets later steps undo what earlier
+  ones got wrong, which an ODE cannot; ``key`` draws it (required).
   A ``fori_loop``, so the compile cost does not grow with ``num_steps``.
 
   ``given_BL``: tokens that are given (clean conditioning frames, already in ``noise_BLP``):
@@ -155,7 +168,9 @@ def integrate(velocity: Callable[[jax.Array, jax.Array], jax.Array], noise_BLP: 
   ``start_BS``: where on the unshifted grid each video starts (``unshift_t`` of its t; None: 1,
   pure noise), for ``noise_BLP`` already noised to that t; the steps then cover the rest.
   """
-  check_sampler(method)
+  check_sampler(method, eta)
+  if method == "stochastic" and key is None:
+    raise ValueError("the stochastic sampler draws noise: pass key=jax.random.key(seed)")
   if given_BL is not None:
     inner = velocity
     velocity = lambda x, t: jnp.where(given_BL[..., None], 0.0, inner(x, t))
@@ -168,8 +183,15 @@ def integrate(velocity: Callable[[jax.Array, jax.Array], jax.Array], noise_BLP: 
   def body(i, x_BLP):
     t_now, t_next = t_at(i), t_at(i + 1)
     v_BLP = velocity(x_BLP, t_now)
-    dt_BL = tokens.per_token(t_next - t_now, segment_ids_BL)[..., None]
-    x_next = x_BLP + dt_BL * v_BLP
+    if method == "stochastic":
+      x_next = _stochastic_step(x_BLP, v_BLP, tokens.per_token(t_now, segment_ids_BL)[..., None],
+                                tokens.per_token(t_next, segment_ids_BL)[..., None], eta,
+                                jax.random.fold_in(key, i))
+      if given_BL is not None:
+        x_next = jnp.where(given_BL[..., None], x_BLP, x_next)
+    else:
+      dt_BL = tokens.per_token(t_next - t_now, segment_ids_BL)[..., None]
+      x_next = x_BLP + dt_BL * v_BLP
     if method == "heun":
       x_next = x_BLP + dt_BL * 0.5 * (v_BLP + velocity(x_next, t_next))
     if on_step is not None:
@@ -177,6 +199,20 @@ def integrate(velocity: Callable[[jax.Array, jax.Array], jax.Array], noise_BLP: 
     return x_next
 
   return jax.lax.fori_loop(0, num_steps, body, noise_BLP)
+
+
+def _stochastic_step(x: jax.Array, v: jax.Array, t: jax.Array, t_next: jax.Array, eta: float,
+                     key: jax.Array) -> jax.Array:
+  """One step of ``integrate``'s ``stochastic`` sampler from t to t_next (< t), per token."""
+  x0 = x - t * v
+  eps = x + (1.0 - t) * v
+  # x_t = a x_t' + noise of variance t^2 - a^2 t'^2 given x_t', with a = (1 - t) / (1 - t');
+  # DDPM's posterior spread of x_t' given x_t and x0 is t' sqrt(that) / t.
+  a = (1.0 - t) / jnp.maximum(1.0 - t_next, 1e-6)
+  var_up = jnp.maximum(t * t - a * a * t_next * t_next, 0.0)
+  s = eta * t_next * jnp.sqrt(var_up) / jnp.maximum(t, 1e-6)
+  z = jax.random.normal(key, x.shape, x.dtype)
+  return (1.0 - t_next) * x0 + jnp.sqrt(jnp.maximum(t_next * t_next - s * s, 0.0)) * eps + s * z
 
 
 def guided(model_fn: Callable[..., jax.Array], cond: Any, segment_ids_BL: jax.Array,

@@ -180,7 +180,8 @@ def sample(model: model_lib.VideoDiT, config: ml_collections.ConfigDict,
            shapes: list[tuple[int, int, int]], labels: list[int], cfg_scale: float = 3.0,
            num_steps: int = 30, seed: int = 0, method: str = "euler", captions=None,
            tokenizer: text.Tokenizer | None = None, init_videos=None,
-           progress: bool = False, caption_cfg: float | None = None) -> list[np.ndarray]:
+           progress: bool = False, caption_cfg: float | None = None,
+           eta: float = 1.0) -> list[np.ndarray]:
   """Videos ``[T, H, W, C]`` in [-1, 1], one per requested shape, from one packed call,
   integrated with ``method`` (``diffusion.SAMPLERS``).
 
@@ -188,9 +189,10 @@ def sample(model: model_lib.VideoDiT, config: ml_collections.ConfigDict,
   video None or its first frames ``[T0, H, W, C]`` in [-1, 1] (image-to-video, continuation),
   which come back unchanged. ``caption_cfg``: the caption's own guidance scale, ``cfg_scale``
   then guiding the label alone (``diffusion.guided``). ``progress``: a bar over the steps on
-  stderr. Deterministic for a fixed ``seed``.
+  stderr. ``eta``: the noise of the ``stochastic`` sampler (``diffusion.integrate``).
+  Deterministic for a fixed ``seed``.
   """
-  diffusion.check_sampler(method)  # before anything compiles
+  diffusion.check_sampler(method, eta)  # before anything compiles
   if caption_cfg is not None and config.model.caption.mode == "none":
     raise ValueError("a caption guidance scale (--cfg_caption) needs a run trained with captions "
                      "(model.caption.mode): use --cfg alone")
@@ -199,7 +201,8 @@ def sample(model: model_lib.VideoDiT, config: ml_collections.ConfigDict,
     out = _integrate(model, row.noise, row.segment_ids, row.coords, row.cond, row.shift,
                      row.layouts, config.model.num_classes, float(cfg_scale), int(num_steps),
                      method, bool(progress),
-                     None if caption_cfg is None else float(caption_cfg))
+                     None if caption_cfg is None else float(caption_cfg), float(eta),
+                     jax.random.key(seed))
     return row.videos(out, config)  # waits for the last step while the bar is open
 
 
@@ -286,26 +289,27 @@ def _progress_bar(total: int, show: bool):
     bar.close()
 
 
-@nnx.jit(static_argnums=(7, 8, 9, 10, 11, 12))
+@nnx.jit(static_argnums=(7, 8, 9, 10, 11, 12, 13))
 def _integrate(model, noise, segment_ids, coords, cond, shift, layouts, null_label, cfg_scale,
-               num_steps, method, progress, caption_cfg, start=None):
+               num_steps, method, progress, caption_cfg, eta, key, start=None):
   velocity = diffusion.guided(model, cond, segment_ids, coords, null_label, cfg_scale,
                               layouts=layouts, caption_scale=caption_cfg)
   given = cond_lib.given_tokens(cond, segment_ids, coords)
   return diffusion.integrate(velocity, noise, segment_ids, shift, num_steps, method, given,
-                             on_step=_tick if progress else None, start_BS=start)
+                             on_step=_tick if progress else None, start_BS=start, eta=eta,
+                             key=key)
 
 
 def redraw(model: model_lib.VideoDiT, config: ml_collections.ConfigDict,
            videos: list[np.ndarray], labels: list[int], t: float, cfg_scale: float = 3.0,
            num_steps: int = 30, seed: int = 0, method: str = "euler", captions=None,
-           tokenizer: text.Tokenizer | None = None) -> list[np.ndarray]:
+           tokenizer: text.Tokenizer | None = None, eta: float = 1.0) -> list[np.ndarray]:
   """``videos`` ``[T, H, W, C]`` in [-1, 1] noised to ``t`` (the same noise ``sample`` draws for
   their shapes and ``seed``) and denoised back by the model: the part of ``sample``'s path below
   ``t``, started from real videos. ``t = 1`` is ``sample`` itself; a small ``t`` gives the videos
   back nearly unchanged. The row takes as many of ``num_steps`` as ``sample``'s shifted grid
   has below ``t`` (for its largest video; at least one)."""
-  diffusion.check_sampler(method)
+  diffusion.check_sampler(method, eta)
   if not 0.0 < t <= 1.0:
     raise ValueError(f"redraw t={t} must be in (0, 1]")
   shapes = [tuple(int(d) for d in v.shape[:3]) for v in videos]
@@ -321,7 +325,7 @@ def redraw(model: model_lib.VideoDiT, config: ml_collections.ConfigDict,
   x_t = (1.0 - t) * jnp.asarray(x0) + t * row.noise
   out = _integrate(model, x_t, row.segment_ids, row.coords, row.cond, row.shift, row.layouts,
                    config.model.num_classes, float(cfg_scale), steps, method, False, None,
-                   start)
+                   float(eta), jax.random.key(seed), start)
   return row.videos(out, config)
 
 
