@@ -19,7 +19,8 @@ from absl import app, flags, logging  # noqa: E402
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory to restore from", required=True)
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: newest)")
 _EVALS = flags.DEFINE_string("evals", None, "comma list of evaluators (default: the run's)")
-_SAMPLER = flags.DEFINE_string("sampler", None, "temporal: euler or heun (default: the run's)")
+_SAMPLER = flags.DEFINE_string("sampler", None, "temporal: euler, heun or stochastic (default: "
+                               "the run's)")
 _STEPS = flags.DEFINE_integer("steps", None, "temporal: sampling steps (default: the run's)")
 _CFG = flags.DEFINE_float("cfg", None, "temporal: guidance scale (default: the run's)")
 _ETA = flags.DEFINE_float("eta", None, "temporal: the stochastic sampler's noise (default: the "
@@ -37,8 +38,8 @@ def main(argv):
   from evals import rescore
 
   path, scalars = rescore.rescore(_WORKDIR.value, _STEP.value, _EVALS.value, _OUT.value,
-                                  sampler=_SAMPLER.value, steps=_STEPS.value, cfg=_CFG.value, eta=_ETA.value,
-                                  videos=_VIDEOS.value, label_t=_LABEL_T.value)
+                                  sampler=_SAMPLER.value, steps=_STEPS.value, cfg=_CFG.value,
+                                  eta=_ETA.value, videos=_VIDEOS.value, label_t=_LABEL_T.value)
   for name, value in sorted(scalars.items()):
     print(f"{name:40s} {value:.4g}")
   print(path)

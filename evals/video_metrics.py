@@ -46,6 +46,12 @@ _VANISH_BAND = (0.5, 1.5)  # an area outside this times the video's median area 
 # edge: at the fastest configured speed (0.08 of the side per frame, 2.6 pixels at 32) one of the
 # two frames around a bounce is within half a step of the edge, plus a pixel of rasterisation.
 _EDGE_MARGIN = 2
+# The slowest speed the source draws (``config.data.speed``'s default minimum), as a fraction of
+# the short side per frame: every object of a real video moves at least this far between two
+# frames away from a bounce. Shape drift alone would reward a sampler that slows objects down
+# (a still object's mask never changes, while a moving one's outline is rasterised anew at each
+# sub-pixel offset), so ``stall`` measures the speed that drift is compared at.
+_SLOWEST_SPEED = 0.03
 # Shape from the object's light (brightness over its grown mask), through two normalised moments
 # about its centroid, both unchanged by a symmetric blur of the shape's outline to first order.
 # The vertical skewness is -0.57 for a triangle (always point up in this source; y grows down)
@@ -54,12 +60,6 @@ _EDGE_MARGIN = 2
 # (E[dx^2] E[dy^2]) is 1 for a square, whose coordinates are independent, and 2/3 for a circle
 # (1.00..1.03 and 0.66..0.69 real; 0.93 and 0.80 blurred and noisy). A box's fill ratio would
 # part circles from triangles on clean masks by only 0.67 against 0.66 and fails under blur.
-# The slowest speed the source draws (``config.data.speed``'s default minimum), as a fraction of
-# the short side per frame: every object of a real video moves at least this far between two
-# frames away from a bounce. Shape drift alone would reward a sampler that slows objects down
-# (a still object's mask never changes, while a moving one's outline is rasterised anew at each
-# sub-pixel offset), so ``stall`` measures the speed that drift is compared at.
-_SLOWEST_SPEED = 0.03
 _TRIANGLE_SKEW = -0.2
 _SQUARE_CROSS = 0.86
 _PALETTE_C3 = np.array(list(synthetic_shapes.COLORS.values()), np.float32)

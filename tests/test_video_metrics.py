@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from data.synthetic_shapes import COLORS, SHAPES, SyntheticShapes
-from evals import corrupt
+from evals import corrupt, video_metrics
 from evals.video_metrics import METRICS, score_video, score_videos, summarize
+from vdit_jax import config as config_lib
 
 # As configs/default.py draws them: 8 frames of 32x32, 28x36 or 36x28, one object.
 SOURCE = SyntheticShapes(frames=(8, 8), side=(32, 32), aspect_ratios=(0.75, 1.0, 1.33),
@@ -167,6 +168,8 @@ def test_metric_values_follow_their_definitions():
     video[t] = np.roll(video[t], t // 2, axis=1)
   assert score_video(video)["stall"] == pytest.approx(4 / 7)
   assert score_video(square_video(step=(0, 1)))["stall"] == 0.0
+  # The metric's slowest speed is the source's (its default config's) lower bound.
+  assert video_metrics._SLOWEST_SPEED == config_lib.get_base_config().data.speed[0]
   # A square that grows by half its side in one frame: IoU 8*8/(12*12) once in 7 pairs (aligned
   # on the centroid, by a whole pixel here), and its area varies.
   video = square_video(step=(0, 0))
