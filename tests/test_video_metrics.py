@@ -162,10 +162,8 @@ def test_metric_values_follow_their_definitions():
   # short by all of it in every pair, one that moves a pixel every other frame in the 4 pairs
   # of 7 where it stands, and one moving a pixel a frame never.
   assert score_video(square_video(step=(0, 0)))["stall"] == 1.0
-  video = square_video(step=(0, 0))
-  for t in range(8):
-    video[t] = square_video(T=1, step=(0, 0))[0]
-    video[t] = np.roll(video[t], t // 2, axis=1)
+  still = square_video(T=1, step=(0, 0))[0]
+  video = np.stack([np.roll(still, t // 2, axis=1) for t in range(8)])
   assert score_video(video)["stall"] == pytest.approx(4 / 7)
   assert score_video(square_video(step=(0, 1)))["stall"] == 0.0
   # The metric's slowest speed is the source's (its default config's) lower bound.
