@@ -21,6 +21,9 @@ def get_config(arg: str | None = None):
   run.model.label_factors = ()  # one embedding per label, as its README table was trained
   run.model.prediction = "velocity"  # as its README table was trained, and its guidance:
   run.sample.cfg = run.evals.temporal.cfg = run.evals.redraw.cfg = 3.0
+  # Euler's 30 steps, as its README table was sampled (the default's sampler differs)
+  run.sample.sampler = run.evals.temporal.sampler = run.evals.redraw.sampler = "euler"
+  run.sample.steps = run.evals.temporal.steps = run.evals.redraw.steps = 30
   run.train.ckpt_every = 250
   run.train.progress = False
   run.sample.shapes = "8x32x32"  # one sample video per arm; the evaluators sample the rest
