@@ -88,6 +88,18 @@ def test_lr_schedule_of_the_first_three_steps_does_not_depend_on_train_steps():
 # ----------------------------------------------------------------------------- train/resume
 
 
+def test_ema_decay_is_capped_by_its_warm_up():
+  """The decay is min(ema_decay, (1 + s) / (10 + s)): the configured decay applies only from
+  the step where the warm-up reaches it (8990 for 0.999), as config.optim.ema_decay says."""
+  at = lambda s, d: float(trainer.ema_decay_at(jnp.asarray(s, jnp.int32), d))
+  assert at(0, 0.999) == pytest.approx(0.1)
+  assert at(2500, 0.999) == pytest.approx(2501 / 2510) == at(2500, 0.9999)
+  assert at(8989, 0.999) < 0.999
+  assert at(8991, 0.999) == pytest.approx(0.999)
+  assert at(100_000, 0.999) == pytest.approx(0.999)
+  assert at(100_000, 0.9999) == pytest.approx(0.9999)
+
+
 def test_resumed_run_equals_uninterrupted_run(runs):
   resumed = helpers.restore_state(runs["resumed"], 5)
   straight = helpers.restore_state(runs["straight"], 5)

@@ -136,7 +136,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   o.b1 = 0.9
   o.b2 = 0.99
   o.grad_clip = 1.0  # global-norm clipping (0 = off)
-  o.ema_decay = 0.999  # EMA of params, used for sampling (0 = EMA equals params)
+  # EMA of params, used for sampling (0 = EMA equals params). The decay at step s is
+  # min(ema_decay, (1 + s) / (10 + s)) (trainer.ema_decay_at): until that reaches ema_decay
+  # (step 8990 for 0.999) the average spans about the last ninth of the steps so far, and
+  # ema_decay itself changes nothing.
+  o.ema_decay = 0.999
 
   # ---- the run ----
   t = c.train = ml_collections.ConfigDict()

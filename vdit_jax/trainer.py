@@ -89,7 +89,10 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 
 def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
-  """EMA decay with warm-up: the average forgets its random init within the first steps."""
+  """EMA decay with warm-up: the average forgets its random init within the first steps.
+
+  ``(1 + s) / (10 + s)`` caps the decay until it reaches ``decay`` (at step 8990 for 0.999):
+  before that the EMA averages about the last ninth of the steps taken, whatever ``decay`` is."""
   s = step.astype(jnp.float32)
   return jnp.minimum(decay, (1.0 + s) / (10.0 + s))
 
