@@ -99,7 +99,9 @@ class TemporalConsistency:
                           captions=self.captions, tokenizer=self.tokenizer)
 
   def _directions(self, videos: list[np.ndarray]) -> np.ndarray:
-    return np.array([np.nan if d is None else video_metrics.direction_ok(v, d)
+    # Two temporal patches at least, however deep the model's patches are (DIRECTION_FRAMES).
+    frames = max(video_metrics.DIRECTION_FRAMES, 2 * int(self.config.model.patch[0]))
+    return np.array([np.nan if d is None else video_metrics.direction_ok(v, d, frames)
                      for v, d in zip(videos, self.directions)])
 
   def __call__(self, state: dict[str, Any], step: int) -> EvalResult:
