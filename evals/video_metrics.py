@@ -295,10 +295,10 @@ def score_video(video_THWC: np.ndarray, label: int | None = None) -> dict[str, f
 
 # Frames over which the direction an object sets off in is measured: four, so that at least two
 # temporal patches of the default model (2 frames each) take part. Within one patch a model can
-# move the object the right way while its patches land at unrelated places (a path of guesses,
-# not a motion), which two frames would score as following the caption. More frames see more
-# bounces: 300 real videos of 8 to 16 frames at the default sizes and speeds score 0.95 over two
-# frames, 0.84 over four, 0.78 over five. ``temporal`` passes two patches' worth when a model's patches are deeper.
+# move the object the caption's way while the next patches carry it elsewhere, which two frames
+# would score as following the caption. More frames see more bounces: 300 real videos of 8 to 16
+# frames at the default sizes and speeds score 0.95 over two frames, 0.84 over four, 0.78 over
+# five. ``temporal`` passes two patches' worth when a model's patches are deeper.
 DIRECTION_FRAMES = 4
 _DIRECTION_TOLERANCE = math.pi / 4  # a direction names a 45-degree sector: its half plus margin
 
