@@ -314,7 +314,7 @@ def direction_ok(video_THWC: np.ndarray, direction: str, frames: int = DIRECTION
     raise ValueError(f"direction_ok(frames={frames}): a motion needs frames >= 2")
   f = _measure(_check_video(video_THWC))
   n = min(frames, len(f.area_T))
-  if n < 2 or not f.present_T[:n].all():
+  if not f.present_T[:n].all():  # n >= 2: frames >= 2 and _check_video's T >= 2
     return 0.0
   # The slope of a line through the centroids: every frame counts, so a jump between two
   # frames cannot stand for the whole start of the path.
